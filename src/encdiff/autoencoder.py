@@ -1,0 +1,313 @@
+"""The KL autoencoder of latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with
+Latent Diffusion Models", section 3.1 and appendix G): an encoder to a diagonal Gaussian posterior over
+a small latent, and a mirrored decoder back to pixels.
+
+The autoencoder owns the latent normalisation (`scaling_factor`, `shift_factor`): `encode` returns
+model-ready latents (z - shift) * scale and `decode` undoes it, so callers never see raw latents.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import Pretrained, check_field, refuse_unsupported
+from .errors import EncdiffError
+from .layers import Downsample, Level, MidBlock, ResnetBlock, SelfAttention, Upsample, run_block
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    in_channels: int = 3  # image channels in
+    out_channels: int = 3  # image channels out
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # channels per level; each level after the first halves H, W
+    attention_levels: tuple[bool, ...] = (False, False, False, False)  # self-attention after every ResNet block at these levels
+    layers_per_block: int = 2  # ResNet blocks per level in the encoder (the decoder has one more)
+    latent_channels: int = 4  # channels of the latent z
+    norm_num_groups: int = 32  # GroupNorm groups; must divide every channel count
+    mid_attention: bool = True  # self-attention in the mid blocks
+    use_quant_conv: bool = True  # 1x1 conv on (mean, logvar) after the encoder
+    use_post_quant_conv: bool = True  # 1x1 conv on z before the decoder
+    scaling_factor: float = 1.0  # latents = (z - shift) * scaling_factor: brings latents to unit variance
+    shift_factor: tuple[float, ...] | None = None  # per-channel mean of z (None: zero), measured on the data
+    sample_size: int = 32  # training image size in pixels (informational)
+
+    def __post_init__(self):
+        levels = len(self.block_out_channels)
+        check_field(levels >= 1 and all(isinstance(c, int) and c > 0 for c in self.block_out_channels),
+                    "block_out_channels", self.block_out_channels, "a non-empty list of positive integers")
+        check_field(len(self.attention_levels) == levels, "attention_levels", self.attention_levels,
+                    f"one true/false per level ({levels})")
+        check_field(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "norm_num_groups",
+                    self.norm_num_groups, f"a divisor of every block_out_channels value {self.block_out_channels}")
+        for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels"):
+            value = getattr(self, name)
+            check_field(isinstance(value, int) and value >= 1, name, value, "a positive integer")
+        check_field(isinstance(self.scaling_factor, (int, float)) and math.isfinite(self.scaling_factor)
+                    and self.scaling_factor > 0, "scaling_factor", self.scaling_factor, "a positive finite number")
+        if self.shift_factor is not None:
+            check_field(len(self.shift_factor) == self.latent_channels
+                        and all(isinstance(s, (int, float)) and math.isfinite(s) for s in self.shift_factor),
+                        "shift_factor", self.shift_factor, f"{self.latent_channels} finite numbers or null")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+class DiagonalGaussian:
+    """The encoder's posterior q(z | x) = N(mean, diag(exp(logvar)))."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        # Clamped as in LDM: exp() of a wild log-variance early in training would overflow.
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per image, summed over latent elements (Kingma & Welling 2014, appendix B)."""
+        return 0.5 * (self.mean.square() + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        c = config
+        block = dict(groups=c.norm_num_groups, eps=1e-6)
+        self.conv_in = nn.Conv2d(c.in_channels, c.block_out_channels[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        channels = c.block_out_channels[0]
+        for i, (out_channels, attention) in enumerate(zip(c.block_out_channels, c.attention_levels)):
+            resnets = [ResnetBlock(channels if j == 0 else out_channels, out_channels, **block)
+                       for j in range(c.layers_per_block)]
+            attentions = [SelfAttention(out_channels, **block) for _ in resnets] if attention else []
+            last = i == len(c.block_out_channels) - 1
+            self.down_blocks.append(Level(resnets, attentions, downsample=None if last else Downsample(out_channels, padding=0)))
+            channels = out_channels
+        self.mid_block = MidBlock(channels, attention=c.mid_attention, **block)
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels, eps=1e-6)
+        self.conv_out = nn.Conv2d(channels, 2 * c.latent_channels, 3, padding=1)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ckpt = self.gradient_checkpointing
+        h = self.conv_in(x)
+        for level in self.down_blocks:
+            for j, resnet in enumerate(level.resnets):
+                h = run_block(resnet, h, checkpointing=ckpt)
+                if level.attentions:
+                    h = run_block(level.attentions[j], h, checkpointing=ckpt)
+            if level.resample is not None:
+                h = level.resample(h)  # B, C, H/2, W/2
+        h = self.mid_block(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # B, 2 * latent_channels, h, w
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        c = config
+        block = dict(groups=c.norm_num_groups, eps=1e-6)
+        channels = c.block_out_channels[-1]
+        self.conv_in = nn.Conv2d(c.latent_channels, channels, 3, padding=1)
+        self.mid_block = MidBlock(channels, attention=c.mid_attention, **block)
+        self.up_blocks = nn.ModuleList()
+        levels = list(zip(c.block_out_channels, c.attention_levels))[::-1]
+        for i, (out_channels, attention) in enumerate(levels):
+            resnets = [ResnetBlock(channels if j == 0 else out_channels, out_channels, **block)
+                       for j in range(c.layers_per_block + 1)]
+            attentions = [SelfAttention(out_channels, **block) for _ in resnets] if attention else []
+            last = i == len(levels) - 1
+            self.up_blocks.append(Level(resnets, attentions, upsample=None if last else Upsample(out_channels)))
+            channels = out_channels
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels, eps=1e-6)
+        self.conv_out = nn.Conv2d(channels, c.out_channels, 3, padding=1)
+        self.gradient_checkpointing = False
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        ckpt = self.gradient_checkpointing
+        h = self.mid_block(self.conv_in(z))
+        for level in self.up_blocks:
+            for j, resnet in enumerate(level.resnets):
+                h = run_block(resnet, h, checkpointing=ckpt)
+                if level.attentions:
+                    h = run_block(level.attentions[j], h, checkpointing=ckpt)
+            if level.resample is not None:
+                h = level.resample(h)  # B, C, 2H, 2W
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+class Autoencoder(Pretrained, nn.Module):
+    """KL autoencoder. `encode` / `decode` speak normalised latents; `posterior` and `decode_raw`
+    expose the raw latent space for training."""
+
+    config_class = AutoencoderConfig
+    diffusers_class_name = "AutoencoderKL"
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        z2 = 2 * config.latent_channels
+        self.quant_conv = nn.Conv2d(z2, z2, 1) if config.use_quant_conv else None
+        self.post_quant_conv = (nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+                                if config.use_post_quant_conv else None)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        for module in (self.encoder, self.decoder, self.encoder.mid_block, self.decoder.mid_block):
+            module.gradient_checkpointing = enabled
+
+    def posterior(self, images: torch.Tensor) -> DiagonalGaussian:
+        """q(z | x) for images in [-1, 1], B x in_channels x H x W, H and W divisible by the downsample factor."""
+        self._check_images(images)
+        moments = self.encoder(images)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian(moments)
+
+    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents z -> model-ready latents (z - shift) * scale."""
+        if self.config.shift_factor is not None:
+            z = z - z.new_tensor(self.config.shift_factor)[:, None, None]
+        return z * self.config.scaling_factor
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents / self.config.scaling_factor
+        if self.config.shift_factor is not None:
+            z = z + z.new_tensor(self.config.shift_factor)[:, None, None]
+        return z
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> normalised latents (the posterior mean: deterministic)."""
+        return self.normalize(self.posterior(images).mode())
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> images (nominally in [-1, 1]; not clamped)."""
+        if latents.ndim != 4 or latents.shape[1] != self.config.latent_channels:
+            raise EncdiffError(f"latents of shape {tuple(latents.shape)}: expected B x {self.config.latent_channels} x h x w")
+        return self.decode_raw(self.denormalize(latents))
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """Training pass: reconstruction from a posterior sample (or its mode), and the posterior."""
+        posterior = self.posterior(images)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode_raw(z), posterior
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        f = self.config.downsample_factor
+        if images.ndim != 4 or images.shape[1] != self.config.in_channels or images.shape[2] % f or images.shape[3] % f:
+            raise EncdiffError(f"images of shape {tuple(images.shape)}: expected B x {self.config.in_channels} x H x W "
+                               f"with H and W divisible by {f}")
+
+    # diffusers' AutoencoderKL config <-> ours
+    _DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(64,), layers_per_block=1, act_fn="silu", latent_channels=4, norm_num_groups=32,
+        sample_size=32, scaling_factor=0.18215, shift_factor=None, latents_mean=None, latents_std=None,
+        force_upcast=True, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
+    )
+
+    @classmethod
+    def config_from_diffusers(cls, values: dict[str, Any]) -> AutoencoderConfig:
+        v = refuse_unsupported(values, cls._DIFFUSERS_DEFAULTS, "AutoencoderKL config")
+        down = _block_attention(v["down_block_types"], "down_block_types",
+                                {"DownEncoderBlock2D": False, "AttnDownEncoderBlock2D": True})
+        up = _block_attention(v["up_block_types"], "up_block_types",
+                              {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True})
+        check_field(v["act_fn"] == "silu", "act_fn", v["act_fn"], '"silu"')
+        check_field(up == down[::-1], "up_block_types", v["up_block_types"],
+                    "the mirror of down_block_types (attention at the same levels)")
+        levels = len(v["block_out_channels"])
+        check_field(len(down) == levels, "down_block_types", v["down_block_types"], f"{levels} entries, one per level")
+        shift = v["shift_factor"]
+        scale = v["scaling_factor"]
+        if v["latents_mean"] is not None or v["latents_std"] is not None:
+            # Per-channel statistics (as SDXL-style pipelines use them): (z - mean) * scale / std.
+            check_field(shift is None, "shift_factor", shift, "null when latents_mean is given")
+            std = v["latents_std"] or [1.0] * v["latent_channels"]
+            check_field(len(set(std)) == 1, "latents_std", v["latents_std"], "one value repeated (a per-channel "
+                        "scale is not supported)")
+            scale = scale / std[0]
+            shift = tuple(v["latents_mean"]) if v["latents_mean"] is not None else None
+        elif shift is not None:
+            shift = (float(shift),) * v["latent_channels"]
+        sample_size = v["sample_size"]
+        if isinstance(sample_size, (list, tuple)):
+            sample_size = sample_size[0]
+        return AutoencoderConfig(
+            in_channels=v["in_channels"], out_channels=v["out_channels"],
+            block_out_channels=tuple(v["block_out_channels"]), attention_levels=tuple(down),
+            layers_per_block=v["layers_per_block"], latent_channels=v["latent_channels"],
+            norm_num_groups=v["norm_num_groups"], mid_attention=v["mid_block_add_attention"],
+            use_quant_conv=v["use_quant_conv"], use_post_quant_conv=v["use_post_quant_conv"],
+            scaling_factor=float(scale), shift_factor=shift, sample_size=sample_size,
+        )
+
+    @staticmethod
+    def config_to_diffusers(config: AutoencoderConfig) -> dict[str, Any]:
+        shift, mean = None, None
+        if config.shift_factor is not None and len(set(config.shift_factor)) == 1:
+            shift = config.shift_factor[0]
+        elif config.shift_factor is not None:
+            mean = list(config.shift_factor)
+        return dict(
+            in_channels=config.in_channels, out_channels=config.out_channels,
+            down_block_types=["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in config.attention_levels],
+            up_block_types=["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in config.attention_levels[::-1]],
+            block_out_channels=list(config.block_out_channels), layers_per_block=config.layers_per_block,
+            act_fn="silu", latent_channels=config.latent_channels, norm_num_groups=config.norm_num_groups,
+            sample_size=config.sample_size, scaling_factor=config.scaling_factor, shift_factor=shift,
+            latents_mean=mean, latents_std=None if mean is None else [1.0] * config.latent_channels,
+            force_upcast=True, use_quant_conv=config.use_quant_conv, use_post_quant_conv=config.use_post_quant_conv,
+            mid_block_add_attention=config.mid_attention,
+        )
+
+
+def _block_attention(types: Any, field: str, known: dict[str, bool]) -> list[bool]:
+    """diffusers block type names -> attention on/off per level; an unknown name is refused."""
+    check_field(isinstance(types, (list, tuple)) and len(types) > 0, field, types, "a non-empty list of block types")
+    for t in types:
+        check_field(t in known, field, types, f"block types among {sorted(known)}")
+    return [known[t] for t in types]
+
+
+class IdentityAutoencoder(nn.Module):
+    """The autoencoder interface for pixel-space diffusion: latents are the images themselves."""
+
+    def __init__(self, channels: int = 3):
+        super().__init__()
+        self.latent_channels = channels
+        self.downsample_factor = 1
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents

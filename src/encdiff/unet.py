@@ -1,0 +1,237 @@
+"""The denoising U-Net of DDPM (Ho et al. 2020, appendix B) with the refinements of improved DDPM and
+ADM (Nichol & Dhariwal 2021; Dhariwal & Nichol 2021): multi-head attention, scale-shift noise
+conditioning, class embeddings with a null class for classifier-free guidance (Ho & Salimans 2022).
+
+F(x, noise_labels, class_labels) -> tensor. It knows nothing of schedules: what the noise labels mean
+(a DDPM timestep, EDM's ln(sigma) / 4) is the Denoiser's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .autoencoder import _block_attention
+from .checkpoint import Pretrained, check_field, refuse_unsupported
+from .errors import EncdiffError
+from .layers import (Downsample, Level, MidBlock, NoiseEmbedding, ResnetBlock, SelfAttention, Upsample, run_block,
+                     sinusoidal_embedding, zero_init)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 3  # channels of x (image or latent)
+    out_channels: int = 3  # channels of the prediction
+    sample_size: int = 32  # training resolution of x in pixels/latent cells (informational)
+    block_out_channels: tuple[int, ...] = (128, 256, 256, 256)  # channels per level; each level after the first halves H, W
+    attention_levels: tuple[bool, ...] = (False, True, False, False)  # self-attention after each ResNet block at these levels
+    layers_per_block: int = 2  # ResNet blocks per level on the way down (one more on the way up)
+    attention_head_dim: int | None = None  # channels per attention head; None: a single head
+    mid_attention: bool = True  # self-attention in the mid block
+    mid_attention_norm: bool = True  # GroupNorm before the mid attention (diffusers omits it with scale_shift)
+    norm_num_groups: int = 32  # GroupNorm groups; must divide every channel count
+    norm_eps: float = 1e-6  # GroupNorm epsilon
+    emb_channels: int | None = None  # noise-embedding width; None: 4 * block_out_channels[0]
+    scale_shift: bool = False  # embedding as scale-and-shift after norm2 (ADM) instead of added before it
+    flip_sin_to_cos: bool = False  # sinusoidal features ordered [cos, sin] instead of [sin, cos]
+    freq_shift: float = 1.0  # frequencies exp(-ln(10000) * i / (dim/2 - freq_shift)); DDPM used 1
+    downsample_padding: int = 1  # 1: symmetric padding; 0: LDM's asymmetric (0, 1, 0, 1) pad
+    dropout: float = 0.0  # dropout inside every ResNet block
+    num_classes: int = 0  # class-conditional when > 0: labels 0 .. num_classes - 1
+    null_class: bool = True  # with classes: label num_classes means "no class" (classifier-free guidance)
+
+    def __post_init__(self):
+        levels = len(self.block_out_channels)
+        check_field(levels >= 1 and all(isinstance(c, int) and c > 0 for c in self.block_out_channels),
+                    "block_out_channels", self.block_out_channels, "a non-empty list of positive integers")
+        check_field(len(self.attention_levels) == levels, "attention_levels", self.attention_levels,
+                    f"one true/false per level ({levels})")
+        check_field(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "norm_num_groups",
+                    self.norm_num_groups, f"a divisor of every block_out_channels value {self.block_out_channels}")
+        if self.attention_head_dim is not None:
+            attended = [c for c, a in zip(self.block_out_channels, self.attention_levels) if a]
+            attended += [self.block_out_channels[-1]] if self.mid_attention else []
+            check_field(all(c % self.attention_head_dim == 0 for c in attended), "attention_head_dim",
+                        self.attention_head_dim, "a divisor of the channels of every attention level")
+        for name in ("in_channels", "out_channels", "layers_per_block"):
+            value = getattr(self, name)
+            check_field(isinstance(value, int) and value >= 1, name, value, "a positive integer")
+        check_field(isinstance(self.num_classes, int) and self.num_classes >= 0, "num_classes", self.num_classes,
+                    "a non-negative integer (0: unconditional)")
+        check_field(self.downsample_padding in (0, 1), "downsample_padding", self.downsample_padding, "0 or 1")
+        check_field(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a probability in [0, 1)")
+
+    @property
+    def class_embeddings(self) -> int:
+        """Rows of the class-embedding table: the classes, plus the null class if any."""
+        return self.num_classes + (1 if self.num_classes and self.null_class else 0)
+
+
+class UNet(Pretrained, nn.Module):
+    config_class = UNetConfig
+    diffusers_class_name = "UNet2DModel"
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        c = config
+        self.config = config
+        ch0 = c.block_out_channels[0]
+        emb_channels = c.emb_channels or 4 * ch0
+        block = dict(emb_channels=emb_channels, scale_shift=c.scale_shift, groups=c.norm_num_groups, eps=c.norm_eps,
+                     dropout=c.dropout)
+        attention = dict(head_dim=c.attention_head_dim, groups=c.norm_num_groups, eps=c.norm_eps)
+
+        self.time_embedding = NoiseEmbedding(ch0, emb_channels)
+        self.class_embedding = nn.Embedding(c.class_embeddings, emb_channels) if c.num_classes else None
+        self.conv_in = nn.Conv2d(c.in_channels, ch0, 3, padding=1)
+
+        self.down_blocks = nn.ModuleList()
+        channels = ch0
+        skip_channels = [ch0]
+        for i, (out_channels, attn) in enumerate(zip(c.block_out_channels, c.attention_levels)):
+            resnets = [ResnetBlock(channels if j == 0 else out_channels, out_channels, **block)
+                       for j in range(c.layers_per_block)]
+            attentions = [SelfAttention(out_channels, **attention) for _ in resnets] if attn else []
+            skip_channels += [out_channels] * len(resnets)
+            last = i == len(c.block_out_channels) - 1
+            downsample = None if last else Downsample(out_channels, padding=c.downsample_padding)
+            skip_channels += [] if last else [out_channels]
+            self.down_blocks.append(Level(resnets, attentions, downsample=downsample))
+            channels = out_channels
+
+        self.mid_block = MidBlock(channels, attention=c.mid_attention, attention_norm=c.mid_attention_norm,
+                                  head_dim=c.attention_head_dim, **block)
+
+        self.up_blocks = nn.ModuleList()
+        levels = list(zip(c.block_out_channels, c.attention_levels))[::-1]
+        for i, (out_channels, attn) in enumerate(levels):
+            resnets = [ResnetBlock((channels if j == 0 else out_channels) + skip_channels.pop(), out_channels, **block)
+                       for j in range(c.layers_per_block + 1)]
+            attentions = [SelfAttention(out_channels, **attention) for _ in resnets] if attn else []
+            last = i == len(levels) - 1
+            self.up_blocks.append(Level(resnets, attentions, upsample=None if last else Upsample(out_channels)))
+            channels = out_channels
+
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels, eps=c.norm_eps)
+        self.conv_out = zero_init(nn.Conv2d(channels, c.out_channels, 3, padding=1))
+        self.gradient_checkpointing = False
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+        self.mid_block.gradient_checkpointing = enabled
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor | float,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        B = x.shape[0]
+        c = self.config
+        noise_labels = torch.as_tensor(noise_labels, device=x.device).reshape(-1).expand(B)
+        features = sinusoidal_embedding(noise_labels, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
+                                        freq_shift=c.freq_shift)
+        emb = self.time_embedding(features.to(x.dtype))  # B, emb_channels
+        if self.class_embedding is not None:
+            if class_labels is None:
+                if not (c.null_class and c.num_classes):
+                    raise EncdiffError("class_labels is None, but this class-conditional U-Net has no null class")
+                class_labels = torch.full((B,), c.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.class_embedding(class_labels).to(emb.dtype)
+        elif class_labels is not None:
+            raise EncdiffError("class_labels given, but this U-Net is unconditional (num_classes = 0)")
+
+        ckpt = self.gradient_checkpointing
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down_blocks:
+            for j, resnet in enumerate(level.resnets):
+                h = run_block(resnet, h, emb, checkpointing=ckpt)
+                if level.attentions:
+                    h = run_block(level.attentions[j], h, checkpointing=ckpt)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)  # B, C, H/2, W/2
+                skips.append(h)
+        h = self.mid_block(h, emb)
+        for level in self.up_blocks:
+            for j, resnet in enumerate(level.resnets):
+                h = run_block(resnet, torch.cat([h, skips.pop()], dim=1), emb, checkpointing=ckpt)
+                if level.attentions:
+                    h = run_block(level.attentions[j], h, checkpointing=ckpt)
+            if level.resample is not None:
+                h = level.resample(h)  # B, C, 2H, 2W
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    # diffusers' UNet2DModel config <-> ours
+    _DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
+        sample_size=None, in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
+        time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2D",
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1, downsample_padding=1,
+        downsample_type="conv", upsample_type="conv", dropout=0.0, act_fn="silu", attention_head_dim=8,
+        norm_num_groups=32, attn_norm_num_groups=None, norm_eps=1e-5, resnet_time_scale_shift="default",
+        add_attention=True, class_embed_type=None, num_class_embeds=None, num_train_timesteps=None,
+    )
+
+    @classmethod
+    def config_from_diffusers(cls, values: dict[str, Any]) -> UNetConfig:
+        v = refuse_unsupported(values, cls._DIFFUSERS_DEFAULTS, "UNet2DModel config")
+        fixed = dict(center_input_sample=False, time_embedding_type="positional", mid_block_type="UNetMidBlock2D",
+                     mid_block_scale_factor=1, downsample_type="conv", upsample_type="conv", act_fn="silu",
+                     class_embed_type=None)
+        for field, value in fixed.items():
+            check_field(v[field] == value, field, v[field], f"{value!r} (the only value encdiff supports)")
+        check_field(v["resnet_time_scale_shift"] in ("default", "scale_shift"), "resnet_time_scale_shift",
+                    v["resnet_time_scale_shift"], '"default" or "scale_shift"')
+        check_field(v["attn_norm_num_groups"] in (None, v["norm_num_groups"]), "attn_norm_num_groups",
+                    v["attn_norm_num_groups"], f"null or equal to norm_num_groups ({v['norm_num_groups']})")
+        down = _block_attention(v["down_block_types"], "down_block_types", {"DownBlock2D": False, "AttnDownBlock2D": True})
+        up = _block_attention(v["up_block_types"], "up_block_types", {"UpBlock2D": False, "AttnUpBlock2D": True})
+        check_field(up == down[::-1], "up_block_types", v["up_block_types"],
+                    "the mirror of down_block_types (attention at the same levels)")
+        levels = len(v["block_out_channels"])
+        check_field(len(down) == levels, "down_block_types", v["down_block_types"], f"{levels} entries, one per level")
+        scale_shift = v["resnet_time_scale_shift"] == "scale_shift"
+        sample_size = v["sample_size"]
+        if isinstance(sample_size, (list, tuple)):
+            sample_size = sample_size[0]
+        classes = v["num_class_embeds"] or 0
+        return UNetConfig(
+            in_channels=v["in_channels"], out_channels=v["out_channels"], sample_size=sample_size or 32,
+            block_out_channels=tuple(v["block_out_channels"]), attention_levels=tuple(down),
+            layers_per_block=v["layers_per_block"], attention_head_dim=v["attention_head_dim"],
+            mid_attention=v["add_attention"],
+            # diffusers' mid block normalises its attention only for "default" blocks, unless told the groups.
+            mid_attention_norm=not scale_shift or v["attn_norm_num_groups"] is not None,
+            norm_num_groups=v["norm_num_groups"], norm_eps=v["norm_eps"], emb_channels=v["time_embedding_dim"],
+            scale_shift=scale_shift, flip_sin_to_cos=v["flip_sin_to_cos"], freq_shift=v["freq_shift"],
+            downsample_padding=v["downsample_padding"], dropout=v["dropout"],
+            # A diffusers table has no reserved row unless we wrote it: then its last row is the null class.
+            num_classes=classes - 1 if classes and values.get("_encdiff_null_class") else classes,
+            null_class=bool(classes and values.get("_encdiff_null_class")),
+        )
+
+    @staticmethod
+    def config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
+        if not (config.mid_attention_norm or config.scale_shift):
+            raise EncdiffError("mid_attention_norm = False needs scale_shift = True to be expressed in diffusers' format")
+        return dict(
+            _encdiff_null_class=bool(config.num_classes and config.null_class),
+            sample_size=config.sample_size, in_channels=config.in_channels, out_channels=config.out_channels,
+            center_input_sample=False, time_embedding_type="positional", time_embedding_dim=config.emb_channels,
+            freq_shift=config.freq_shift, flip_sin_to_cos=config.flip_sin_to_cos,
+            down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels],
+            mid_block_type="UNetMidBlock2D",
+            up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in config.attention_levels[::-1]],
+            block_out_channels=list(config.block_out_channels), layers_per_block=config.layers_per_block,
+            mid_block_scale_factor=1, downsample_padding=config.downsample_padding, downsample_type="conv",
+            upsample_type="conv", dropout=config.dropout, act_fn="silu", attention_head_dim=config.attention_head_dim,
+            norm_num_groups=config.norm_num_groups,
+            attn_norm_num_groups=config.norm_num_groups if config.scale_shift and config.mid_attention_norm else None,
+            norm_eps=config.norm_eps, resnet_time_scale_shift="scale_shift" if config.scale_shift else "default",
+            add_attention=config.mid_attention, class_embed_type=None,
+            num_class_embeds=config.class_embeddings or None, num_train_timesteps=None,
+        )
