@@ -1,0 +1,62 @@
+"""Shared helpers for the network and model-folder tests.
+
+Our initialisation zeroes the last layer of every residual branch and the U-Net's output conv, so
+comparisons made with freshly built models would be trivially true: tests that compare two models
+(or two code paths of one model) first randomise every parameter with `randomize_`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from encdiff import AutoencoderConfig, UNetConfig
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Overwrite every parameter of `module` with seeded noise (biases and norm weights around 0.1,
+    matrices scaled by 1/sqrt(fan-in) so activations stay O(1)); deterministic for a given seed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            fan_in = p[0].numel() if p.ndim > 1 else 1
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            p.copy_(noise * 0.5 / fan_in**0.5 + (0.1 if p.ndim == 1 else 0.0))
+    return module
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_state_dicts_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Same keys, shapes, dtypes and bit-identical values."""
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+# Small configs: a few thousand to a few hundred thousand parameters, fast on two CPU cores.
+TINY_UNET = UNetConfig(block_out_channels=(8, 16), attention_levels=(False, True), layers_per_block=1,
+                       norm_num_groups=4, sample_size=16)
+# Class-conditional with a null class, scale-shift conditioning and two attention heads per level.
+TINY_UNET_CLASSES = UNetConfig(block_out_channels=(8, 16), attention_levels=(True, True), layers_per_block=1,
+                               norm_num_groups=4, attention_head_dim=8, scale_shift=True, num_classes=5,
+                               flip_sin_to_cos=True, freq_shift=0.0, sample_size=16)
+# Three levels: 32x32x3 images -> 8x8x4 latents.
+TINY_AE = AutoencoderConfig(block_out_channels=(8, 16, 16), attention_levels=(False, False, True),
+                            layers_per_block=1, latent_channels=4, norm_num_groups=4, scaling_factor=0.5,
+                            shift_factor=(0.1, -0.2, 0.3, 0.0), sample_size=32)
+
+
+@pytest.fixture
+def randomize():
+    """The seeded `randomize_(module, seed)` helper."""
+    return randomize_
+
+
+@pytest.fixture
+def seeded():
+    """A factory of seeded CPU generators: `seeded(3)`."""
+    return lambda seed: torch.Generator().manual_seed(seed)
