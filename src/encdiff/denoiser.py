@@ -1,0 +1,364 @@
+"""The denoiser D(x; sigma): a backbone network plus its parameterisation, and the training objective.
+
+Notation (EDM, Karras et al. 2022, Table 1; used throughout this module and samplers.py):
+
+    x0           clean data (pixels or latents)
+    eps          standard normal noise
+    sigma        noise level; the noisy input is x = x0 + sigma * eps (variance-exploding form)
+    alpha_bar    VP signal fraction; x_t = sqrt(alpha_bar) * (x0 + sigma * eps), alpha_bar = 1 / (1 + sigma^2)
+    t            discrete training timestep 0 .. T-1 of a VP model, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)
+    F            the raw backbone network, F(c_in * x, c_noise)
+    c_skip, c_out, c_in, c_noise
+                 preconditioning: D(x; sigma) = c_skip * x + c_out * F(c_in * x, c_noise)   (EDM eq. 7)
+    denoised     D(x; sigma), the estimate of x0
+    lambda_      loss weight lambda(sigma) of the x0-space loss   (EDM eq. 8)
+    sigma_data   standard deviation of the data (EDM: 0.5)
+
+The backbone knows nothing of schedules: it receives the scaled input and c_noise (the timestep t for
+a VP model, ln(sigma)/4 for EDM) and returns a tensor of the input's shape. Samplers and losses only
+ever call ``denoiser(x, sigma, class_labels)``.
+"""
+
+import inspect
+import math
+
+import torch
+
+from encdiff.errors import EncdiffError
+from encdiff.schedules import vp_sigmas
+
+
+def _as_batch(sigma, x):
+    """sigma as a float64 (B,) tensor on x's device: a scalar applies to the whole batch."""
+    B = x.shape[0]
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+    if sigma.ndim == 0:
+        return sigma.expand(B)
+    if sigma.shape != (B,):
+        raise EncdiffError(f"sigma must be a scalar or have shape ({B},), got shape {tuple(sigma.shape)}")
+    return sigma
+
+
+def _per_image(c, x):
+    """A (B,) coefficient reshaped to broadcast over an NCHW x, in x's dtype."""
+    return c.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class Denoiser(torch.nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (EDM eq. 7) around any backbone F.
+
+    Subclasses define the preconditioning (``scalings``, ``c_noise``) and the noise range
+    (``sigma_min``, ``sigma_max``). The class-label contract of the backbone is read from
+    ``net.config.num_classes`` and ``net.config.null_class`` (absent config: unconditional).
+    """
+
+    sigma_min: float
+    sigma_max: float
+    num_train_timesteps = None  # continuous models have no discrete grid
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        config = getattr(net, "config", None)
+        self.num_classes = int(getattr(config, "num_classes", 0) or 0)
+        self.null_class = bool(getattr(config, "null_class", False)) and self.num_classes > 0
+
+    def scalings(self, sigma):
+        """(c_skip, c_out, c_in) as float64 tensors of sigma's shape."""
+        raise NotImplementedError
+
+    def c_noise(self, sigma):
+        """The noise label the backbone was trained with."""
+        raise NotImplementedError
+
+    def check_class_labels(self, class_labels, B):
+        """Validate labels against the backbone; the null class (index num_classes) is allowed if it has one."""
+        if class_labels is None:
+            if self.num_classes > 0 and not self.null_class:
+                raise EncdiffError(
+                    f"class_labels are required: the model is conditional on {self.num_classes} classes "
+                    "and has no null class"
+                )
+            return None
+        if self.num_classes == 0:
+            raise EncdiffError("class_labels were given, but the model is unconditional (num_classes = 0)")
+        class_labels = torch.as_tensor(class_labels)
+        if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
+            raise EncdiffError(f"class_labels must be integer indices, got dtype {class_labels.dtype}")
+        if class_labels.shape != (B,):
+            raise EncdiffError(f"class_labels must have shape ({B},), got {tuple(class_labels.shape)}")
+        highest = self.num_classes if self.null_class else self.num_classes - 1
+        if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() > highest):
+            raise EncdiffError(
+                f"class_labels out of range: got values in [{int(class_labels.min())}, {int(class_labels.max())}], "
+                f"valid 0..{highest}" + (f" ({self.num_classes} = no class)" if self.null_class else "")
+            )
+        return class_labels
+
+    def forward(self, x, sigma, class_labels=None):
+        B = x.shape[0]
+        sigma = _as_batch(sigma, x)
+        class_labels = self.check_class_labels(class_labels, B)
+        c_skip, c_out, c_in = self.scalings(sigma)
+        # The only cast to the network's precision; the sampler's x and the sigma grid stay as they are.
+        params = self.net.parameters() if isinstance(self.net, torch.nn.Module) else ()
+        net_dtype = next((p.dtype for p in params), x.dtype)
+        F = self.net((_per_image(c_in, x) * x).to(net_dtype), self.c_noise(sigma).to(net_dtype), class_labels)
+        if not torch.isfinite(F).all():
+            raise EncdiffError(
+                f"model output contains NaN or inf at sigma in [{sigma.min().item():.4g}, {sigma.max().item():.4g}]"
+            )
+        return _per_image(c_skip, x) * x + _per_image(c_out, x) * F.to(x.dtype)
+
+
+class VPDenoiser(Denoiser):
+    """A discrete variance-preserving (DDPM) model with eps-, v- or x0-prediction, in sigma space.
+
+    The backbone sees the VP-scaled input x_t = x / sqrt(1 + sigma^2) and the timestep t (EDM Table 1,
+    "VP" column). sigma -> t interpolates linearly in log(sigma) between the training levels, so any
+    sigma in [sigma_min, sigma_max] maps to a (fractional) timestep and grid sigmas to integers;
+    ``quantize=True`` rounds t to the nearest training step (for models only trained on integer t).
+    """
+
+    PREDICTIONS = ("epsilon", "v", "x0")
+
+    def __init__(self, net, alpha_bars, prediction="epsilon", quantize=False):
+        super().__init__(net)
+        if prediction not in self.PREDICTIONS:
+            raise EncdiffError(f"unknown prediction {prediction!r}; valid: {', '.join(self.PREDICTIONS)}")
+        self.prediction = prediction
+        self.quantize = quantize
+        alpha_bars = torch.as_tensor(alpha_bars, dtype=torch.float64)
+        if alpha_bars.ndim != 1 or len(alpha_bars) < 2 or not ((alpha_bars > 0) & (alpha_bars < 1)).all():
+            raise EncdiffError("alpha_bars must be a 1-D schedule of at least 2 values strictly inside (0, 1)")
+        if not (alpha_bars[1:] < alpha_bars[:-1]).all():
+            raise EncdiffError("alpha_bars must decrease strictly with the timestep")
+        self.register_buffer("train_sigmas", vp_sigmas(alpha_bars), persistent=False)
+        self.num_train_timesteps = len(alpha_bars)
+        self.sigma_min = self.train_sigmas[0].item()
+        self.sigma_max = self.train_sigmas[-1].item()
+
+    def t_to_sigma(self, t):
+        """sigma(t), linear in log(sigma) between integer timesteps (exact on the training grid)."""
+        t = torch.as_tensor(t, dtype=torch.float64, device=self.train_sigmas.device).clamp(0, self.num_train_timesteps - 1)
+        low = t.floor().long().clamp(max=self.num_train_timesteps - 2)
+        w = t - low
+        log_sigmas = self.train_sigmas.log()
+        return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()
+
+    def sigma_to_t(self, sigma):
+        """The inverse of ``t_to_sigma``; sigma outside the training range clamps to t = 0 or T-1."""
+        log_sigmas = self.train_sigmas.to(torch.as_tensor(sigma).device).log()
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float64, device=log_sigmas.device).log()
+        low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, self.num_train_timesteps - 2)
+        w = ((log_sigma - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])).clamp(0, 1)
+        t = low + w
+        return t.round() if self.quantize else t
+
+    def scalings(self, sigma):
+        c_in = 1 / (sigma**2 + 1).sqrt()
+        if self.prediction == "epsilon":
+            # x0 = x - sigma * eps  (DDPM eq. 15 divided by sqrt(alpha_bar))
+            return torch.ones_like(sigma), -sigma, c_in
+        if self.prediction == "v":
+            # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0  (Salimans & Ho 2022, sec. 4), solved for x0
+            return 1 / (sigma**2 + 1), -sigma * c_in, c_in
+        return torch.zeros_like(sigma), torch.ones_like(sigma), c_in
+
+    def c_noise(self, sigma):
+        return self.sigma_to_t(sigma)
+
+
+class EDMDenoiser(Denoiser):
+    """EDM preconditioning (Karras et al. 2022, Table 1 and eqs. 7, 114-117) for a continuous-sigma backbone."""
+
+    def __init__(self, net, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0):
+        super().__init__(net)
+        if not 0 < sigma_min < sigma_max:
+            raise EncdiffError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
+
+    def scalings(self, sigma):
+        # Unit-variance input and training target at every sigma (EDM Appendix B.6).
+        sigma_data = self.sigma_data
+        c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+        c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+        c_in = 1 / (sigma_data**2 + sigma**2).sqrt()
+        return c_skip, c_out, c_in
+
+    def c_noise(self, sigma):
+        return sigma.log() / 4
+
+
+class GuidedDenoiser:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6), in one batched forward pass:
+
+        D_guided = D(x; sigma, null) + w * (D(x; sigma, c) - D(x; sigma, null))
+
+    w = 1 is the conditional model, w = 0 the unconditional one. Any other attribute (sigma range,
+    training grid) is the wrapped denoiser's, so samplers and schedules treat it as a denoiser.
+    """
+
+    def __init__(self, denoiser, guidance_scale):
+        if denoiser.num_classes == 0:
+            raise EncdiffError("guidance needs a class-conditional model, but this model is unconditional (num_classes = 0)")
+        if not denoiser.null_class:
+            raise EncdiffError("guidance needs a model trained with a null class (config.null_class), this one has none")
+        if not math.isfinite(guidance_scale):
+            raise EncdiffError(f"guidance_scale must be finite, got {guidance_scale}")
+        self.denoiser = denoiser
+        self.guidance_scale = guidance_scale
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["denoiser"], name)
+
+    def __call__(self, x, sigma, class_labels=None):
+        B = x.shape[0]
+        if class_labels is None:
+            raise EncdiffError("guidance needs class_labels (the class to guide towards)")
+        class_labels = torch.as_tensor(class_labels, device=x.device)
+        null = torch.full_like(class_labels, self.denoiser.num_classes)
+        sigma = _as_batch(sigma, x)
+        denoised_cond, denoised_uncond = self.denoiser(
+            torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([class_labels, null])
+        ).split(B)
+        return denoised_uncond + self.guidance_scale * (denoised_cond - denoised_uncond)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training objective: denoising score matching in x0 space (EDM eq. 8 / eq. 2 of Vincent 2011)
+#   L = E_{sigma, x0, eps} lambda(sigma) || D(x0 + sigma * eps; sigma) - x0 ||^2
+# Every classic loss is this with a particular lambda(sigma) and p(sigma).
+# ---------------------------------------------------------------------------------------------
+
+
+def loss_weight_epsilon(sigma):
+    """lambda = 1/sigma^2: the "simple" eps-MSE of DDPM (Ho et al. 2020, eq. 14), since D - x0 = -sigma (eps_hat - eps)."""
+    return 1 / sigma**2
+
+
+def loss_weight_v(sigma):
+    """lambda = 1 + 1/sigma^2: the v-MSE (Salimans & Ho 2022, sec. 4), since ||v_hat - v||^2 = (1 + SNR) ||D - x0||^2."""
+    return 1 + 1 / sigma**2
+
+
+def loss_weight_min_snr(sigma, gamma=5.0):
+    """lambda = min(SNR, gamma) with SNR = 1/sigma^2 (Min-SNR-gamma, Hang et al. 2023, eq. 8).
+
+    In x0 space this is the same weight whatever the parameterisation: the paper's min(SNR, gamma)/SNR
+    for eps-MSE and min(SNR, gamma)/(SNR + 1) for v-MSE both equal it.
+    """
+    return (1 / sigma**2).clamp(max=gamma)
+
+
+def loss_weight_edm(sigma, sigma_data=0.5):
+    """lambda = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2 = 1/c_out^2 (EDM Table 1)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+LOSS_WEIGHTS = {
+    "epsilon": loss_weight_epsilon,
+    "v": loss_weight_v,
+    "min_snr": loss_weight_min_snr,
+    "edm": loss_weight_edm,
+}
+
+
+def noise_levels_uniform_t(denoiser, batch_size, generator):
+    """t ~ U{0, .., T-1}, sigma = sigma_t (DDPM Algorithm 1, line 3)."""
+    if denoiser.num_train_timesteps is None:
+        raise EncdiffError("noise level 'uniform_t' needs a discrete (VP) model; use 'lognormal' for continuous ones")
+    t = torch.randint(0, denoiser.num_train_timesteps, (batch_size,), generator=generator, device=generator.device)
+    return denoiser.train_sigmas[t.to(denoiser.train_sigmas.device)]
+
+
+def noise_levels_lognormal(denoiser, batch_size, generator, p_mean=-1.2, p_std=1.2):
+    """ln(sigma) ~ N(P_mean, P_std^2) (EDM sec. 5, Table 1)."""
+    log_sigma = p_mean + p_std * torch.randn(batch_size, generator=generator, device=generator.device, dtype=torch.float64)
+    return log_sigma.exp()
+
+
+NOISE_LEVELS = {
+    "uniform_t": noise_levels_uniform_t,
+    "lognormal": noise_levels_lognormal,
+}
+
+
+def _lookup(registry, name, what):
+    if name not in registry:
+        raise EncdiffError(f"unknown {what} {name!r}; valid: {', '.join(registry)}")
+    return registry[name]
+
+
+def denoising_loss(denoiser, x0, sigma, eps, class_labels=None, weighting="epsilon", **weighting_options):
+    """Per-image loss lambda(sigma) * mean || D(x0 + sigma eps; sigma) - x0 ||^2 (EDM eq. 8), shape (B,).
+
+    Deterministic given (sigma, eps); ``training_loss`` draws them. Works for pixels and latents alike.
+    """
+    lambda_fn = _lookup(LOSS_WEIGHTS, weighting, "loss weighting")
+    sigma = _as_batch(sigma, x0)
+    x = x0 + _per_image(sigma, x0) * eps
+    denoised = denoiser(x, sigma, class_labels)
+    lambda_ = lambda_fn(sigma, **weighting_options).to(x0.dtype)
+    return lambda_ * (denoised - x0).square().flatten(1).mean(1)
+
+
+def drop_labels(class_labels, p, null_label, generator):
+    """Replace each label by the null class with probability p, to train for guidance (Ho & Salimans 2022, Alg. 1)."""
+    drop = torch.rand(class_labels.shape, generator=generator, device=generator.device) < p
+    return torch.where(drop.to(class_labels.device), torch.full_like(class_labels, null_label), class_labels)
+
+
+def training_loss(
+    denoiser, x0, generator, class_labels=None, noise_level="uniform_t", weighting="epsilon", label_dropout=0.0, **options
+):
+    """Draw sigma, eps (and label dropout) from ``generator`` and return the mean ``denoising_loss``.
+
+    ``options`` go to the noise-level sampler or the weighting, by name (e.g. ``gamma``, ``p_mean``).
+    """
+    sample_sigma = _lookup(NOISE_LEVELS, noise_level, "noise level")
+    lambda_fn = _lookup(LOSS_WEIGHTS, weighting, "loss weighting")
+    if label_dropout:
+        if class_labels is None or not denoiser.null_class:
+            raise EncdiffError("label_dropout needs class_labels and a model with a null class (config.null_class)")
+        class_labels = drop_labels(torch.as_tensor(class_labels), label_dropout, denoiser.num_classes, generator)
+    level_options = {k: v for k, v in options.items() if k in inspect.signature(sample_sigma).parameters}
+    weight_options = {k: v for k, v in options.items() if k in inspect.signature(lambda_fn).parameters}
+    if weighting == "edm" and "sigma_data" not in weight_options and hasattr(denoiser, "sigma_data"):
+        weight_options["sigma_data"] = denoiser.sigma_data  # the weight must match the preconditioning
+    unknown = set(options) - set(level_options) - set(weight_options)
+    if unknown:
+        raise EncdiffError(f"unknown loss option(s) {sorted(unknown)} for noise level {noise_level!r} and weighting {weighting!r}")
+    B = x0.shape[0]
+    sigma = sample_sigma(denoiser, B, generator, **level_options)
+    eps = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=torch.float32).to(x0)
+    return denoising_loss(denoiser, x0, sigma, eps, class_labels, weighting, **weight_options).mean()
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """The exact denoiser of Gaussian data x0 ~ N(mu, s^2 I): a reference for testing samplers and losses.
+
+    D(x; sigma) = E[x0 | x] = mu + s^2 / (s^2 + sigma^2) (x - mu), and the probability-flow ODE
+    dx/dsigma = (x - D) / sigma = sigma (x - mu) / (s^2 + sigma^2) has the closed-form solution
+    x(sigma') = mu + (x(sigma) - mu) sqrt((s^2 + sigma'^2) / (s^2 + sigma^2)). mu and s may be tensors
+    broadcasting against one image (per-pixel mean and std).
+    """
+
+    num_train_timesteps = None
+    num_classes = 0
+    null_class = False
+
+    def __init__(self, mu=0.0, s=0.5, sigma_min=0.002, sigma_max=80.0):
+        super().__init__()
+        self.mu, self.s = torch.as_tensor(mu, dtype=torch.float64), torch.as_tensor(s, dtype=torch.float64)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def forward(self, x, sigma, class_labels=None):
+        sigma = _per_image(_as_batch(sigma, x), x)
+        mu, s = self.mu.to(x), self.s.to(x)
+        return mu + s**2 / (s**2 + sigma**2) * (x - mu)
+
+    def ode_solution(self, x, sigma, sigma_next):
+        """The exact probability-flow ODE solution from noise level sigma to sigma_next."""
+        mu, s = self.mu.to(x), self.s.to(x)
+        return mu + (x - mu) * ((s**2 + sigma_next**2) / (s**2 + sigma**2)).sqrt()

@@ -1,0 +1,235 @@
+"""Samplers: from noise at sigmas[0] to an image at sigmas[-1], one pure function per method.
+
+Notation (as in denoiser.py; EDM, Karras et al. 2022, and k-diffusion):
+
+    x            current state, x = x0 + sigma * eps (variance-exploding form; a VP model's x_t is x * sqrt(alpha_bar))
+    sigmas       float64 grid sigma_0 > sigma_1 > ... > sigma_N >= 0, walked in N steps (schedules.get_sigmas)
+    sigma, sigma_next
+                 sigmas[i], sigmas[i+1]
+    denoised     D(x; sigma), the denoiser's estimate of x0
+    d            dx/dsigma = (x - denoised) / sigma, the probability-flow ODE (EDM eq. 3 with sigma(t) = t)
+    eps          (x - denoised) / sigma, the implied noise
+    sigma_up, sigma_down
+                 an ancestral step goes deterministically to sigma_down, then adds fresh noise of std sigma_up,
+                 with sigma_down^2 + sigma_up^2 = sigma_next^2
+    lambda_      log-SNR of DPM-Solver, lambda = -log(sigma); h = lambda_next - lambda
+
+Every sampler has the signature
+
+    sample_xxx(denoiser, x, sigmas, class_labels=None, generator=None, callback=None, **method_options) -> x
+
+x is the initial noise already scaled to sigmas[0] (e.g. ``noise * sigmas[0]``, see ``generate``); the
+result is at sigmas[-1] (the image when it is 0). Arithmetic happens in x's dtype with coefficients from
+the float64 grid: pass float64 x for ODE-accurate work, the denoiser casts to the network's dtype.
+Fresh noise comes only from ``generator``: one ``torch.Generator``, or a list of one per image so a batch
+equals its images made one by one. ``callback(i, sigma, x, denoised)`` runs after step i, x then at sigmas[i+1].
+"""
+
+import math
+
+import torch
+
+from encdiff.denoiser import GuidedDenoiser
+from encdiff.errors import EncdiffError
+from encdiff.schedules import get_sigmas
+
+
+def noise(shape, generator, dtype=torch.float32, device=None):
+    """Standard normal noise from an explicit generator (or one generator per image along dim 0).
+
+    Always drawn in float32 on the generator's device, then converted, so a seed gives the same image
+    whatever the sampling precision, and the same numbers as diffusers' ``randn_tensor``.
+    """
+    shape = tuple(shape)
+    if generator is None:
+        raise EncdiffError("generator is required: randomness only comes from an explicit torch.Generator")
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise EncdiffError(f"generator list has {len(generator)} generators for a batch of {shape[0]} images")
+        z = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device).to(device) for g in generator])
+    else:
+        z = torch.randn(shape, generator=generator, device=generator.device).to(device)
+    return z.to(dtype)
+
+
+def _check_sigmas(sigmas, x):
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise EncdiffError(f"sigmas must be a 1-D grid of at least 2 noise levels, got shape {tuple(sigmas.shape)}")
+    if not (sigmas[1:] < sigmas[:-1]).all() or sigmas[-1] < 0 or not torch.isfinite(sigmas).all():
+        raise EncdiffError("sigmas must be finite, strictly decreasing and non-negative")
+    if not x.dtype.is_floating_point:
+        raise EncdiffError(f"x must be a floating-point tensor, got {x.dtype}")
+    return sigmas.tolist()
+
+
+def ancestral_step(sigma, sigma_next, eta=1.0):
+    """(sigma_down, sigma_up) of DDIM eq. 16 (Song et al. 2021a) rewritten in sigma space.
+
+    The DDPM posterior variance (Ho et al. 2020, eq. 7) is sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2
+    at eta = 1; eta scales its std; sigma_down keeps the marginal variance at sigma_next^2.
+    """
+    sigma_up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
+    return sigma_down, sigma_up
+
+
+def sample_euler(denoiser, x, sigmas, class_labels=None, generator=None, callback=None):
+    """Euler's method on the probability-flow ODE (EDM, Karras et al. 2022, Alg. 1 / eq. 3); order 1."""
+    sigmas = _check_sigmas(sigmas, x)
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised = denoiser(x, sigma, class_labels)
+        d = (x - denoised) / sigma  # EDM eq. 3: dx/dsigma = (x - D(x; sigma)) / sigma
+        x = x + (sigma_next - sigma) * d
+        if callback is not None:
+            callback(i, sigma, x, denoised)
+    return x
+
+
+def sample_heun(
+    denoiser, x, sigmas, class_labels=None, generator=None, callback=None,
+    s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
+):
+    """EDM's 2nd-order Heun sampler with optional churn (Karras et al. 2022, Alg. 2).
+
+    2N-1 model evaluations for N steps ending at sigma = 0: the last step is Euler (Alg. 2, line 9),
+    which is why diffusers' HeunDiscreteScheduler lists every inner timestep twice.
+    """
+    sigmas = _check_sigmas(sigmas, x)
+    N = len(sigmas) - 1
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        # Alg. 2 lines 4-6: raise the noise level to sigma_hat = sigma (1 + gamma) by adding fresh noise.
+        gamma = min(s_churn / N, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (1 + gamma)
+        if gamma > 0:
+            x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * noise(x.shape, generator, x.dtype, x.device)
+        # Lines 7-8: Euler step from sigma_hat to sigma_next.
+        denoised = denoiser(x, sigma_hat, class_labels)
+        d = (x - denoised) / sigma_hat
+        x_next = x + (sigma_next - sigma_hat) * d
+        # Lines 9-11: trapezoidal correction with the slope at sigma_next (skipped at sigma_next = 0).
+        if sigma_next != 0:
+            denoised_next = denoiser(x_next, sigma_next, class_labels)
+            d_next = (x_next - denoised_next) / sigma_next
+            x_next = x + (sigma_next - sigma_hat) * (d + d_next) / 2
+        x = x_next
+        if callback is not None:
+            callback(i, sigma, x, denoised)
+    return x
+
+
+def sample_ddim(denoiser, x, sigmas, class_labels=None, generator=None, callback=None, eta=0.0):
+    """DDIM (Song et al. 2021a, eq. 12 with sigma_t(eta) of eq. 16), in sigma space.
+
+    eta = 0 is deterministic (and the same update as Euler); eta = 1 is DDPM ancestral sampling.
+    On a VP model's integer-timestep grid this reproduces diffusers' DDIMScheduler step for step.
+    """
+    sigmas = _check_sigmas(sigmas, x)
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised = denoiser(x, sigma, class_labels)
+        eps = (x - denoised) / sigma
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        # Eq. 12 divided by sqrt(alpha_bar_next): "predicted x0" + "direction pointing to x_t" + "random noise".
+        x = denoised + sigma_down * eps
+        if sigma_up > 0:
+            x = x + sigma_up * noise(x.shape, generator, x.dtype, x.device)
+        if callback is not None:
+            callback(i, sigma, x, denoised)
+    return x
+
+
+def sample_ddpm(denoiser, x, sigmas, class_labels=None, generator=None, callback=None):
+    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2, posterior variance beta-tilde): DDIM with eta = 1 (Song et al. 2021a, sec. 4.1)."""
+    return sample_ddim(denoiser, x, sigmas, class_labels, generator, callback, eta=1.0)
+
+
+def sample_euler_ancestral(denoiser, x, sigmas, class_labels=None, generator=None, callback=None, eta=1.0):
+    """Euler ancestral (k-diffusion): an Euler step to sigma_down plus noise sigma_up; the DDIM(eta) update on any grid."""
+    return sample_ddim(denoiser, x, sigmas, class_labels, generator, callback, eta=eta)
+
+
+def _dpmpp_multistep(denoiser, x, sigmas, class_labels, callback, order):
+    """DPM-Solver++ multistep in data prediction (Lu et al. 2022b, Alg. 2 for order 2, sec. 3.3 / App. B for 3).
+
+    The order ramps up as model outputs accumulate, and the step into sigma = 0 (lambda = inf) is first
+    order, as in DPM-Solver++ and diffusers (``final_sigmas_type="zero"``).
+    """
+    sigmas = _check_sigmas(sigmas, x)
+    denoised_history, h_history = [], []  # D and h of the previous steps, newest last
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised = denoiser(x, sigma, class_labels)
+        if sigma_next == 0:
+            x = denoised  # lambda_next = inf: the exact first-order step lands on D
+        else:
+            h = math.log(sigma / sigma_next)  # h = lambda_next - lambda, lambda = -log(sigma)
+            phi_1 = math.expm1(-h)  # e^{-h} - 1
+            # First order (DPM-Solver++(1) = DDIM): x_next = (sigma_next/sigma) x - (e^{-h} - 1) D.
+            x_next = (sigma_next / sigma) * x - phi_1 * denoised
+            k = min(order, len(denoised_history) + 1)
+            if k >= 2:
+                # Backward differences D1 ~ h dD/dlambda (and D2 ~ h^2/2 d2D/dlambda2), r = h_prev / h.
+                r0 = h_history[-1] / h
+                D1_0 = (denoised - denoised_history[-1]) / r0
+                if k == 2:
+                    # Alg. 2: D = (1 + 1/(2 r)) D_i - 1/(2 r) D_{i-1}, i.e. extra term -(e^{-h}-1) D1_0 / 2.
+                    x_next = x_next - phi_1 / 2 * D1_0
+                else:
+                    r1 = h_history[-2] / h
+                    D1_1 = (denoised_history[-1] - denoised_history[-2]) / r1
+                    D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
+                    D2 = (D1_0 - D1_1) / (r0 + r1)
+                    # Exponential-integrator weights of the 1st and 2nd lambda-derivatives of D (Taylor terms).
+                    weight_d1 = phi_1 / h + 1  # (e^{-h} - 1)/h + 1
+                    weight_d2 = (phi_1 + h) / h**2 - 0.5  # (e^{-h} - 1 + h)/h^2 - 1/2
+                    x_next = x_next + weight_d1 * D1 - weight_d2 * D2
+            x = x_next
+            denoised_history = (denoised_history + [denoised])[-2:]
+            h_history = (h_history + [h])[-2:]
+        if callback is not None:
+            callback(i, sigma, x, denoised)
+    return x
+
+
+def sample_dpmpp_2m(denoiser, x, sigmas, class_labels=None, generator=None, callback=None):
+    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2): second-order multistep, one model evaluation per step."""
+    return _dpmpp_multistep(denoiser, x, sigmas, class_labels, callback, order=2)
+
+
+def sample_dpmpp_3m(denoiser, x, sigmas, class_labels=None, generator=None, callback=None):
+    """DPM-Solver++(3M) (Lu et al. 2022b, sec. 3.3; DPM-Solver App. B): third-order multistep, one evaluation per step."""
+    return _dpmpp_multistep(denoiser, x, sigmas, class_labels, callback, order=3)
+
+
+SAMPLERS = {
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_3m": sample_dpmpp_3m,
+    "ddim": sample_ddim,
+    "ddpm": sample_ddpm,
+    "euler_ancestral": sample_euler_ancestral,
+}
+
+
+def get_sampler(name):
+    """The sampler function registered as ``name`` in ``SAMPLERS``."""
+    if name not in SAMPLERS:
+        raise EncdiffError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def generate(
+    denoiser, shape, generator, sampler="dpmpp_2m", steps=20, schedule="karras", class_labels=None,
+    guidance_scale=None, callback=None, dtype=torch.float32, device=None, **sampler_options,
+):
+    """Noise -> images: x = noise * sigmas[0] (EDM Alg. 1, line 2), then the named sampler over ``steps`` steps.
+
+    With a list of generators (one per image) every image depends only on its own seed. ``guidance_scale``
+    turns on classifier-free guidance towards ``class_labels``.
+    """
+    sample_fn = get_sampler(sampler)
+    sigmas = get_sigmas(schedule, steps, denoiser)
+    if guidance_scale is not None:
+        denoiser = GuidedDenoiser(denoiser, guidance_scale)
+    x = noise(shape, generator, dtype, device) * sigmas[0].item()
+    return sample_fn(denoiser, x, sigmas, class_labels, generator, callback, **sampler_options)
