@@ -119,6 +119,8 @@ def sigmas_leading(n, denoiser, steps_offset=0):
     """Timesteps k * (T // n) + steps_offset, k = n-1 .. 0 (Lin et al. 2024, Table 2, "leading")."""
     T, t_to_sigma = _training_grid(denoiser, "leading")
     timesteps = torch.arange(n - 1, -1, -1, dtype=torch.float64) * (T // n) + steps_offset
+    if timesteps[0] > T - 1:
+        raise EncdiffError(f"steps_offset={steps_offset} puts the first timestep at {int(timesteps[0])}, past the last one ({T - 1})")
     return t_to_sigma(timesteps)
 
 
