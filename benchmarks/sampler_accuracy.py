@@ -90,7 +90,8 @@ def cases(names):
     if "gaussian-edm" in names:
         exact = gaussian_data()
         x_T = x_unit * exact.sigma_max
-        yield "Gaussian data, EDM (sigma 0.002..80), Karras rho=7", exact, "karras", x_T, exact.ode_solution(x_T, exact.sigma_max, 0.0)
+        reference = exact.ode_solution(x_T, exact.sigma_max, 0.0)
+        yield "Gaussian data, EDM (sigma 0.002..80), Karras rho=7", exact, "karras", x_T, reference
     if "gaussian-vp" in names:
         exact = gaussian_data()
         net = VPEpsOf(exact)
@@ -99,7 +100,8 @@ def cases(names):
         for schedule in ("karras", "linspace"):
             x_T = x_unit * vp.sigma_max
             reference = exact.ode_solution(x_T, vp.sigma_max, 0.0)
-            yield f"Gaussian data, VP eps-prediction (scaled-linear, sigma 0.029..14.6), {schedule}", vp, schedule, x_T, reference
+            title = f"Gaussian data, VP eps-prediction (scaled-linear, sigma 0.029..14.6), {schedule}"
+            yield title, vp, schedule, x_T, reference
     if "random-net" in names:
         denoiser = EDMDenoiser(random_net())
         x_T = x_unit * denoiser.sigma_max
@@ -130,7 +132,8 @@ def main():
                     x = SAMPLERS[sampler](denoiser, x_T, get_sigmas(schedule, steps, denoiser))
                 error = rms(x - reference)
                 actual = nfe_of(sampler, steps)
-                cells.append(f"{error:.2e}" + (f" ({actual})" if actual != nfe else "") if math.isfinite(error) else "diverged")
+                cell = f"{error:.2e}" if math.isfinite(error) else "diverged"
+                cells.append(cell + (f" ({actual})" if actual != nfe else ""))
             print(f"| {sampler} | " + " | ".join(cells) + " |")
         print()
 

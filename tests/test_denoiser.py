@@ -39,7 +39,8 @@ class Recorder(torch.nn.Module):
 
 def x_and_sigma(B=3, dtype=torch.float64):
     g = torch.Generator().manual_seed(0)
-    return torch.randn((B, 2, 4, 4), generator=g, dtype=dtype) * 3, torch.tensor([0.05, 1.0, 12.0], dtype=torch.float64)[:B]
+    sigma = torch.tensor([0.05, 1.0, 12.0], dtype=torch.float64)[:B]
+    return torch.randn((B, 2, 4, 4), generator=g, dtype=dtype) * 3, sigma
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v", "x0"])
@@ -137,10 +138,13 @@ def test_sigma_to_t_matches_diffusers_interpolation():
     """diffusers' Euler/Heun/DPM-Solver map Karras sigmas to timesteps by the same log-sigma interpolation."""
     from diffusers import EulerDiscreteScheduler
 
-    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, use_karras_sigmas=True)
+    scheduler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, use_karras_sigmas=True
+    )
     scheduler.set_timesteps(13)
     denoiser = VPDenoiser(Recorder(), scheduler.alphas_cumprod)
-    torch.testing.assert_close(denoiser.sigma_to_t(scheduler.sigmas[:-1].double()).float(), scheduler.timesteps, rtol=0, atol=2e-3)
+    ours = denoiser.sigma_to_t(scheduler.sigmas[:-1].double()).float()
+    torch.testing.assert_close(ours, scheduler.timesteps, rtol=0, atol=2e-3)
 
 
 @pytest.mark.parametrize(
@@ -314,7 +318,9 @@ def test_min_snr_clamps_at_gamma():
     assert loss_weight_min_snr(sigma, gamma=5.0).tolist() == pytest.approx([5.0, 1.0, 0.01])
 
 
-@pytest.mark.parametrize("noise_level, weighting", [("uniform_t", "epsilon"), ("uniform_t", "min_snr"), ("lognormal", "edm")])
+@pytest.mark.parametrize(
+    "noise_level, weighting", [("uniform_t", "epsilon"), ("uniform_t", "min_snr"), ("lognormal", "edm")]
+)
 def test_training_loss_reproduces_with_the_seed_for_latents_and_labels(noise_level, weighting):
     net = Recorder(10, True)
     denoiser = VPDenoiser(net, alpha_bars_scaled_linear(), "v") if noise_level == "uniform_t" else EDMDenoiser(net)
@@ -322,13 +328,15 @@ def test_training_loss_reproduces_with_the_seed_for_latents_and_labels(noise_lev
     labels = torch.tensor([0, 3, 9, 2])
 
     def loss(seed, **kw):
-        return training_loss(denoiser, latents, torch.Generator().manual_seed(seed), labels, noise_level, weighting, **kw)
+        g = torch.Generator().manual_seed(seed)
+        return training_loss(denoiser, latents, g, labels, noise_level, weighting, **kw)
 
     assert loss(1) == loss(1) and loss(1) != loss(2) and loss(1).ndim == 0 and torch.isfinite(loss(1))
     unconditional = Recorder()
     denoiser.net = unconditional
     denoiser.num_classes, denoiser.null_class = 0, False
-    assert torch.isfinite(training_loss(denoiser, latents, torch.Generator().manual_seed(1), None, noise_level, weighting))
+    g = torch.Generator().manual_seed(1)
+    assert torch.isfinite(training_loss(denoiser, latents, g, None, noise_level, weighting))
 
 
 def test_noise_level_distributions():

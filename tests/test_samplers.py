@@ -30,7 +30,7 @@ def gaussian(C=3, H=4, W=4):
 
 
 def ode_error(name, denoiser, n):
-    """Max error at sigma_min after n-1 steps on the Karras grid (no final jump to 0: it is the ODE, not the grid, we test)."""
+    """Max error at sigma_min after n-1 Karras steps (no final jump to 0: we test the ODE solver, not the grid)."""
     sigmas = sigmas_karras(n, denoiser)
     x = noise((2, *denoiser.mu.shape), torch.Generator().manual_seed(0), torch.float64) * sigmas[0].item()
     exact = denoiser.ode_solution(x, sigmas[0].item(), sigmas[-1].item())
@@ -89,7 +89,10 @@ class StandIn(torch.nn.Module):
 
 
 SCHEDULE_CONFIGS = {
-    "scaled_linear": (dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), alpha_bars_scaled_linear),
+    "scaled_linear": (
+        dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        alpha_bars_scaled_linear,
+    ),
     "linear": (dict(beta_schedule="linear"), alpha_bars_linear),
     "cosine": (dict(beta_schedule="squaredcos_cap_v2"), alpha_bars_cosine),
 }
@@ -227,7 +230,8 @@ def test_dpmpp_2m_matches_diffusers(n, schedule, prediction, karras):
 def test_dpmpp_3m_matches_diffusers_from_15_steps(karras):
     """diffusers drops to 2nd order on the second-to-last step below 15 steps; from 15 on both are plain 3M."""
     config, model, denoiser = equivalence_case("scaled_linear", "epsilon", quantize=karras)
-    theirs = run_diffusers(DPMSolverMultistepScheduler(**config, use_karras_sigmas=karras, solver_order=3), model, 16, seed=8)
+    scheduler = DPMSolverMultistepScheduler(**config, use_karras_sigmas=karras, solver_order=3)
+    theirs = run_diffusers(scheduler, model, 16, seed=8)
     if karras:
         sigmas = get_sigmas("karras", 16, denoiser)
     else:
@@ -285,7 +289,8 @@ def test_per_image_seeds_make_a_batch_equal_images_made_one_by_one(sampler, opti
     denoiser = EDMDenoiser(fixed_conv_net())
     seeds = [11, 12, 13]
     with torch.no_grad():
-        batch = generate(denoiser, (3, 3, 4, 4), [torch.Generator().manual_seed(s) for s in seeds], sampler=sampler, steps=5, **options)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        batch = generate(denoiser, (3, 3, 4, 4), generators, sampler=sampler, steps=5, **options)
         singles = [
             generate(denoiser, (1, 3, 4, 4), [torch.Generator().manual_seed(s)], sampler=sampler, steps=5, **options)
             for s in seeds
@@ -297,7 +302,10 @@ def test_per_image_seeds_make_a_batch_equal_images_made_one_by_one(sampler, opti
 def test_same_seed_same_image_and_stochastic_samplers_use_the_noise():
     denoiser = EDMDenoiser(fixed_conv_net())
     with torch.no_grad():
-        a, b, c = (generate(denoiser, (1, 3, 4, 4), torch.Generator().manual_seed(s), sampler="ddpm", steps=5) for s in (1, 1, 2))
+        a, b, c = (
+            generate(denoiser, (1, 3, 4, 4), torch.Generator().manual_seed(seed), sampler="ddpm", steps=5)
+            for seed in (1, 1, 2)
+        )
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 

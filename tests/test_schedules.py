@@ -39,7 +39,9 @@ def test_training_schedules_match_diffusers(name, diffusers_config):
 
 
 def test_cosine_schedule_definition():
-    """alpha_bar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2) (Nichol & Dhariwal 2021, eq. 17), until the beta clip."""
+    """alpha_bar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2) (Nichol & Dhariwal 2021, eq. 17).
+
+    Checked up to t = 900: past it the beta clip at 0.999 takes over."""
     T, s = 1000, 0.008
     f = [math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2 for t in range(T + 1)]
     alpha_bars = get_alpha_bars("cosine")
@@ -84,7 +86,8 @@ def test_timestep_spacings_match_diffusers(n, spacing, offset):
     torch.testing.assert_close(denoiser.sigma_to_t(sigmas[:-1]).float(), scheduler.timesteps, rtol=0, atol=1e-3)
     assert sigmas[-1] == 0 and (sigmas[1:] < sigmas[:-1]).all()
     if spacing == "trailing":
-        assert sigmas[0].item() == pytest.approx(denoiser.sigma_max, rel=1e-14)  # trailing always starts from pure noise
+        # trailing always starts from pure noise
+        assert sigmas[0].item() == pytest.approx(denoiser.sigma_max, rel=1e-14)
 
 
 def test_final_sigma():
@@ -93,7 +96,8 @@ def test_final_sigma():
 
 
 def test_unknown_schedule_lists_valid_names():
-    with pytest.raises(EncdiffError, match="unknown schedule 'karas'; valid: karras, exponential, linspace, leading, trailing"):
+    valid = "karras, exponential, linspace, leading, trailing"
+    with pytest.raises(EncdiffError, match=f"unknown schedule 'karas'; valid: {valid}"):
         get_sigmas("karas", 10, vp_denoiser())
     with pytest.raises(EncdiffError, match="unknown training schedule 'cos'; valid: cosine, linear, scaled_linear"):
         get_alpha_bars("cos")

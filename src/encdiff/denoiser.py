@@ -11,7 +11,7 @@ Notation (EDM, Karras et al. 2022, Table 1; used throughout this module and samp
     c_skip, c_out, c_in, c_noise
                  preconditioning: D(x; sigma) = c_skip * x + c_out * F(c_in * x, c_noise)   (EDM eq. 7)
     denoised     D(x; sigma), the estimate of x0
-    lambda_      loss weight lambda(sigma) of the x0-space loss   (EDM eq. 8)
+    lambda_      loss weight lambda(sigma) of the x0-space loss   (EDM Table 1, eq. 8)
     sigma_data   standard deviation of the data (EDM: 0.5)
 
 The backbone knows nothing of schedules: it receives the scaled input and c_noise (the timestep t for
@@ -87,6 +87,7 @@ class Denoiser(torch.nn.Module):
             raise EncdiffError(f"class_labels must be integer indices, got dtype {class_labels.dtype}")
         if class_labels.shape != (B,):
             raise EncdiffError(f"class_labels must have shape ({B},), got {tuple(class_labels.shape)}")
+        # Checked here so the message names the valid range, not an index error (or CUDA assert) in the embedding.
         highest = self.num_classes if self.null_class else self.num_classes - 1
         if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() > highest):
             raise EncdiffError(
@@ -104,6 +105,7 @@ class Denoiser(torch.nn.Module):
         params = self.net.parameters() if isinstance(self.net, torch.nn.Module) else ()
         net_dtype = next((p.dtype for p in params), x.dtype)
         F = self.net((_per_image(c_in, x) * x).to(net_dtype), self.c_noise(sigma).to(net_dtype), class_labels)
+        # A NaN here would otherwise propagate through every later step into a silently black image.
         if not torch.isfinite(F).all():
             raise EncdiffError(
                 f"model output contains NaN or inf at sigma in [{sigma.min().item():.4g}, {sigma.max().item():.4g}]"
@@ -140,7 +142,10 @@ class VPDenoiser(Denoiser):
 
     def t_to_sigma(self, t):
         """sigma(t), linear in log(sigma) between integer timesteps (exact on the training grid)."""
-        t = torch.as_tensor(t, dtype=torch.float64, device=self.train_sigmas.device).clamp(0, self.num_train_timesteps - 1)
+        t = torch.as_tensor(t, dtype=torch.float64, device=self.train_sigmas.device)
+        t = t.clamp(0, self.num_train_timesteps - 1)
+        # Interpolating log(sigma), not sigma, makes this the exact inverse of diffusers' _sigma_to_t, so a
+        # Karras sigma maps to the same fractional timestep; clamping `low` keeps t = T-1 inside the table.
         low = t.floor().long().clamp(max=self.num_train_timesteps - 2)
         w = t - low
         log_sigmas = self.train_sigmas.log()
@@ -150,6 +155,7 @@ class VPDenoiser(Denoiser):
         """The inverse of ``t_to_sigma``; sigma outside the training range clamps to t = 0 or T-1."""
         log_sigmas = self.train_sigmas.to(torch.as_tensor(sigma).device).log()
         log_sigma = torch.as_tensor(sigma, dtype=torch.float64, device=log_sigmas.device).log()
+        # train_sigmas increase with t, so searchsorted finds the interval [low, low + 1] holding sigma.
         low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, self.num_train_timesteps - 2)
         w = ((log_sigma - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])).clamp(0, 1)
         t = low + w
@@ -170,7 +176,7 @@ class VPDenoiser(Denoiser):
 
 
 class EDMDenoiser(Denoiser):
-    """EDM preconditioning (Karras et al. 2022, Table 1 and eqs. 7, 114-117) for a continuous-sigma backbone."""
+    """EDM preconditioning (Karras et al. 2022, eq. 7, Table 1, App. B.6) for a continuous-sigma backbone."""
 
     def __init__(self, net, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0):
         super().__init__(net)
@@ -191,7 +197,7 @@ class EDMDenoiser(Denoiser):
 
 
 class GuidedDenoiser:
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6), in one batched forward pass:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6 with guidance_scale = 1 + w), in one batched forward pass:
 
         D_guided = D(x; sigma, null) + w * (D(x; sigma, c) - D(x; sigma, null))
 
@@ -201,9 +207,9 @@ class GuidedDenoiser:
 
     def __init__(self, denoiser, guidance_scale):
         if denoiser.num_classes == 0:
-            raise EncdiffError("guidance needs a class-conditional model, but this model is unconditional (num_classes = 0)")
+            raise EncdiffError("guidance needs a class-conditional model; this one is unconditional (num_classes = 0)")
         if not denoiser.null_class:
-            raise EncdiffError("guidance needs a model trained with a null class (config.null_class), this one has none")
+            raise EncdiffError("guidance needs a model trained with a null class (config.null_class); this has none")
         if not math.isfinite(guidance_scale):
             raise EncdiffError(f"guidance_scale must be finite, got {guidance_scale}")
         self.denoiser = denoiser
@@ -219,6 +225,7 @@ class GuidedDenoiser:
         class_labels = torch.as_tensor(class_labels, device=x.device)
         null = torch.full_like(class_labels, self.denoiser.num_classes)
         sigma = _as_batch(sigma, x)
+        # One forward over [conditional; unconditional] halves the passes and keeps both halves' numerics identical.
         denoised_cond, denoised_uncond = self.denoiser(
             torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([class_labels, null])
         ).split(B)
@@ -226,24 +233,24 @@ class GuidedDenoiser:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training objective: denoising score matching in x0 space (EDM eq. 8 / eq. 2 of Vincent 2011)
+# Training objective: denoising score matching in x0 space (EDM eq. 2 weighted by lambda(sigma), i.e. eq. 8)
 #   L = E_{sigma, x0, eps} lambda(sigma) || D(x0 + sigma * eps; sigma) - x0 ||^2
 # Every classic loss is this with a particular lambda(sigma) and p(sigma).
 # ---------------------------------------------------------------------------------------------
 
 
 def loss_weight_epsilon(sigma):
-    """lambda = 1/sigma^2: the "simple" eps-MSE of DDPM (Ho et al. 2020, eq. 14), since D - x0 = -sigma (eps_hat - eps)."""
+    """lambda = 1/sigma^2: DDPM's "simple" eps-MSE (Ho et al. 2020, eq. 14), as D - x0 = -sigma (eps_hat - eps)."""
     return 1 / sigma**2
 
 
 def loss_weight_v(sigma):
-    """lambda = 1 + 1/sigma^2: the v-MSE (Salimans & Ho 2022, sec. 4), since ||v_hat - v||^2 = (1 + SNR) ||D - x0||^2."""
+    """lambda = 1 + 1/sigma^2: the v-MSE (Salimans & Ho 2022, sec. 4), as ||v_hat - v||^2 = (1 + SNR) ||D - x0||^2."""
     return 1 + 1 / sigma**2
 
 
 def loss_weight_min_snr(sigma, gamma=5.0):
-    """lambda = min(SNR, gamma) with SNR = 1/sigma^2 (Min-SNR-gamma, Hang et al. 2023, eq. 8).
+    """lambda = min(SNR, gamma) with SNR = 1/sigma^2 (Min-SNR-gamma weighting, Hang et al. 2023).
 
     In x0 space this is the same weight whatever the parameterisation: the paper's min(SNR, gamma)/SNR
     for eps-MSE and min(SNR, gamma)/(SNR + 1) for v-MSE both equal it.
@@ -274,7 +281,8 @@ def noise_levels_uniform_t(denoiser, batch_size, generator):
 
 def noise_levels_lognormal(denoiser, batch_size, generator, p_mean=-1.2, p_std=1.2):
     """ln(sigma) ~ N(P_mean, P_std^2) (EDM sec. 5, Table 1)."""
-    log_sigma = p_mean + p_std * torch.randn(batch_size, generator=generator, device=generator.device, dtype=torch.float64)
+    z = torch.randn(batch_size, generator=generator, device=generator.device, dtype=torch.float64)
+    log_sigma = p_mean + p_std * z
     return log_sigma.exp()
 
 
@@ -291,12 +299,13 @@ def _lookup(registry, name, what):
 
 
 def denoising_loss(denoiser, x0, sigma, eps, class_labels=None, weighting="epsilon", **weighting_options):
-    """Per-image loss lambda(sigma) * mean || D(x0 + sigma eps; sigma) - x0 ||^2 (EDM eq. 8), shape (B,).
+    """Per-image loss lambda(sigma) * mean || D(x0 + sigma eps; sigma) - x0 ||^2 (EDM eqs. 2 and 8), shape (B,).
 
     Deterministic given (sigma, eps); ``training_loss`` draws them. Works for pixels and latents alike.
     """
     lambda_fn = _lookup(LOSS_WEIGHTS, weighting, "loss weighting")
     sigma = _as_batch(sigma, x0)
+    # The forward process in sigma space (EDM eq. 2 with s(t) = 1); VP scaling happens inside the denoiser.
     x = x0 + _per_image(sigma, x0) * eps
     denoised = denoiser(x, sigma, class_labels)
     lambda_ = lambda_fn(sigma, **weighting_options).to(x0.dtype)
@@ -310,7 +319,8 @@ def drop_labels(class_labels, p, null_label, generator):
 
 
 def training_loss(
-    denoiser, x0, generator, class_labels=None, noise_level="uniform_t", weighting="epsilon", label_dropout=0.0, **options
+    denoiser, x0, generator, class_labels=None, noise_level="uniform_t", weighting="epsilon", label_dropout=0.0,
+    **options,
 ):
     """Draw sigma, eps (and label dropout) from ``generator`` and return the mean ``denoising_loss``.
 
@@ -322,15 +332,19 @@ def training_loss(
         if class_labels is None or not denoiser.null_class:
             raise EncdiffError("label_dropout needs class_labels and a model with a null class (config.null_class)")
         class_labels = drop_labels(torch.as_tensor(class_labels), label_dropout, denoiser.num_classes, generator)
+    # Route each option to whichever of the two functions declares it, and refuse typos.
     level_options = {k: v for k, v in options.items() if k in inspect.signature(sample_sigma).parameters}
     weight_options = {k: v for k, v in options.items() if k in inspect.signature(lambda_fn).parameters}
     if weighting == "edm" and "sigma_data" not in weight_options and hasattr(denoiser, "sigma_data"):
         weight_options["sigma_data"] = denoiser.sigma_data  # the weight must match the preconditioning
     unknown = set(options) - set(level_options) - set(weight_options)
     if unknown:
-        raise EncdiffError(f"unknown loss option(s) {sorted(unknown)} for noise level {noise_level!r} and weighting {weighting!r}")
+        raise EncdiffError(
+            f"unknown loss option(s) {sorted(unknown)} for noise level {noise_level!r} and weighting {weighting!r}"
+        )
     B = x0.shape[0]
     sigma = sample_sigma(denoiser, B, generator, **level_options)
+    # Drawn in float32 like the samplers' noise, so a seed gives the same batch in any training precision.
     eps = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=torch.float32).to(x0)
     return denoising_loss(denoiser, x0, sigma, eps, class_labels, weighting, **weight_options).mean()
 

@@ -7,7 +7,7 @@ Notation (as in denoiser.py; EDM, Karras et al. 2022, and k-diffusion):
     sigma, sigma_next
                  sigmas[i], sigmas[i+1]
     denoised     D(x; sigma), the denoiser's estimate of x0
-    d            dx/dsigma = (x - denoised) / sigma, the probability-flow ODE (EDM eq. 3 with sigma(t) = t)
+    d            dx/dsigma = (x - denoised) / sigma, the probability-flow ODE (EDM eqs. 1 and 3, sigma(t) = t)
     eps          (x - denoised) / sigma, the implied noise
     sigma_up, sigma_down
                  an ancestral step goes deterministically to sigma_down, then adds fresh noise of std sigma_up,
@@ -46,6 +46,7 @@ def noise(shape, generator, dtype=torch.float32, device=None):
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise EncdiffError(f"generator list has {len(generator)} generators for a batch of {shape[0]} images")
+        # Each image draws from its own stream, so it does not depend on its position or batch size.
         z = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device).to(device) for g in generator])
     else:
         z = torch.randn(shape, generator=generator, device=generator.device).to(device)
@@ -53,6 +54,7 @@ def noise(shape, generator, dtype=torch.float32, device=None):
 
 
 def _check_sigmas(sigmas, x):
+    # The grid lives on the CPU as Python floats: step coefficients are scalars, computed in float64.
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise EncdiffError(f"sigmas must be a 1-D grid of at least 2 noise levels, got shape {tuple(sigmas.shape)}")
@@ -75,11 +77,11 @@ def ancestral_step(sigma, sigma_next, eta=1.0):
 
 
 def sample_euler(denoiser, x, sigmas, class_labels=None, generator=None, callback=None):
-    """Euler's method on the probability-flow ODE (EDM, Karras et al. 2022, Alg. 1 / eq. 3); order 1."""
+    """Euler's method on the probability-flow ODE (EDM, Karras et al. 2022, Alg. 1 without its correction); order 1."""
     sigmas = _check_sigmas(sigmas, x)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         denoised = denoiser(x, sigma, class_labels)
-        d = (x - denoised) / sigma  # EDM eq. 3: dx/dsigma = (x - D(x; sigma)) / sigma
+        d = (x - denoised) / sigma  # EDM eqs. 1, 3: dx/dsigma = (x - D(x; sigma)) / sigma
         x = x + (sigma_next - sigma) * d
         if callback is not None:
             callback(i, sigma, x, denoised)
@@ -131,6 +133,7 @@ def sample_ddim(denoiser, x, sigmas, class_labels=None, generator=None, callback
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         # Eq. 12 divided by sqrt(alpha_bar_next): "predicted x0" + "direction pointing to x_t" + "random noise".
         x = denoised + sigma_down * eps
+        # No draw when sigma_up = 0 (eta = 0, or the last step into sigma = 0), so deterministic runs need no generator.
         if sigma_up > 0:
             x = x + sigma_up * noise(x.shape, generator, x.dtype, x.device)
         if callback is not None:
@@ -139,17 +142,20 @@ def sample_ddim(denoiser, x, sigmas, class_labels=None, generator=None, callback
 
 
 def sample_ddpm(denoiser, x, sigmas, class_labels=None, generator=None, callback=None):
-    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2, posterior variance beta-tilde): DDIM with eta = 1 (Song et al. 2021a, sec. 4.1)."""
+    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2; posterior variance beta-tilde) = DDIM with eta = 1.
+
+    (Song et al. 2021a, sec. 4.1.) diffusers' DDPMScheduler with variance_type="fixed_small" matches it.
+    """
     return sample_ddim(denoiser, x, sigmas, class_labels, generator, callback, eta=1.0)
 
 
 def sample_euler_ancestral(denoiser, x, sigmas, class_labels=None, generator=None, callback=None, eta=1.0):
-    """Euler ancestral (k-diffusion): an Euler step to sigma_down plus noise sigma_up; the DDIM(eta) update on any grid."""
+    """Euler ancestral (k-diffusion): an Euler step to sigma_down plus noise sigma_up, i.e. the DDIM(eta) update."""
     return sample_ddim(denoiser, x, sigmas, class_labels, generator, callback, eta=eta)
 
 
 def _dpmpp_multistep(denoiser, x, sigmas, class_labels, callback, order):
-    """DPM-Solver++ multistep in data prediction (Lu et al. 2022b, Alg. 2 for order 2, sec. 3.3 / App. B for 3).
+    """DPM-Solver++ multistep in data prediction (Lu et al. 2022b: Alg. 2 for order 2; order 3 as in diffusers).
 
     The order ramps up as model outputs accumulate, and the step into sigma = 0 (lambda = inf) is first
     order, as in DPM-Solver++ and diffusers (``final_sigmas_type="zero"``).
@@ -196,7 +202,10 @@ def sample_dpmpp_2m(denoiser, x, sigmas, class_labels=None, generator=None, call
 
 
 def sample_dpmpp_3m(denoiser, x, sigmas, class_labels=None, generator=None, callback=None):
-    """DPM-Solver++(3M) (Lu et al. 2022b, sec. 3.3; DPM-Solver App. B): third-order multistep, one evaluation per step."""
+    """DPM-Solver++(3M) (Lu et al. 2022b): third-order multistep in data prediction, one evaluation per step.
+
+    More accurate than 2M from ~20 model evaluations, less at 5-10 (benchmarks/sampler_accuracy.md).
+    """
     return _dpmpp_multistep(denoiser, x, sigmas, class_labels, callback, order=3)
 
 

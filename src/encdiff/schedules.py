@@ -3,7 +3,7 @@
 Everything is expressed through the noise level sigma of the variance-exploding form
 x = x0 + sigma * eps (EDM, Karras et al. 2022, sec. 2). A discrete variance-preserving (DDPM) model
 with x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * eps is the same process rescaled by
-sqrt(alpha_bar_t), with sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) (EDM eq. 11 / Table 1).
+sqrt(alpha_bar_t), with sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) (EDM Table 1: s = 1/sqrt(1 + sigma^2)).
 
 Two families of small pure functions, all float64:
 
@@ -71,7 +71,7 @@ def get_alpha_bars(name, num_train_timesteps=1000, **options):
 
 
 def vp_sigmas(alpha_bars):
-    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t): the VE noise level of a VP timestep (EDM eq. 11)."""
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t): the VE noise level of a VP timestep (EDM Table 1)."""
     alpha_bars = torch.as_tensor(alpha_bars, dtype=torch.float64)
     return ((1 - alpha_bars) / alpha_bars).sqrt()
 
@@ -92,7 +92,7 @@ def sigmas_karras(n, denoiser, rho=7.0, sigma_min=None, sigma_max=None):
 
 
 def sigmas_exponential(n, denoiser, sigma_min=None, sigma_max=None):
-    """Equal steps in log(sigma), i.e. in the log-SNR lambda = -log(sigma) (DPM-Solver, Lu et al. 2022, sec. 3.3)."""
+    """Equal steps in log(sigma), i.e. in the log-SNR lambda = -log(sigma) (DPM-Solver, Lu et al. 2022a)."""
     sigma_min = denoiser.sigma_min if sigma_min is None else sigma_min
     sigma_max = denoiser.sigma_max if sigma_max is None else sigma_max
     return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
@@ -120,7 +120,9 @@ def sigmas_leading(n, denoiser, steps_offset=0):
     T, t_to_sigma = _training_grid(denoiser, "leading")
     timesteps = torch.arange(n - 1, -1, -1, dtype=torch.float64) * (T // n) + steps_offset
     if timesteps[0] > T - 1:
-        raise EncdiffError(f"steps_offset={steps_offset} puts the first timestep at {int(timesteps[0])}, past the last one ({T - 1})")
+        raise EncdiffError(
+            f"steps_offset={steps_offset} puts the first timestep at {int(timesteps[0])}, past the last one ({T - 1})"
+        )
     return t_to_sigma(timesteps)
 
 
@@ -152,6 +154,8 @@ def get_sigmas(schedule, n, denoiser, final_sigma=0.0, **options):
         raise EncdiffError(f"number of steps must be an integer >= 1, got {n!r}")
     T = getattr(denoiser, "num_train_timesteps", None)
     if T is not None and schedule in ("linspace", "leading", "trailing") and n > T:
-        raise EncdiffError(f"number of steps {n} exceeds the {T} training timesteps of this model (schedule {schedule!r})")
+        raise EncdiffError(
+            f"number of steps {n} exceeds the {T} training timesteps of this model (schedule {schedule!r})"
+        )
     sigmas = SCHEDULES[schedule](n, denoiser, **options)
     return torch.cat([sigmas, sigmas.new_tensor([final_sigma])])
