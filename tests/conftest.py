@@ -20,7 +20,7 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     with torch.no_grad():
         for p in module.parameters():
             fan_in = p[0].numel() if p.ndim > 1 else 1
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            noise = torch.randn(p.shape, generator=g)
             p.copy_(noise * 0.5 / fan_in**0.5 + (0.1 if p.ndim == 1 else 0.0))
     return module
 
