@@ -173,7 +173,7 @@ def _dpmpp_multistep(denoiser, x, sigmas, class_labels, callback, order):
             x_next = (sigma_next / sigma) * x - phi_1 * denoised
             k = min(order, len(denoised_history) + 1)
             if k >= 2:
-                # Backward differences in lambda: D1_0 ~ h dD/dlambda, and for order 3 a second difference D2; r = h_prev / h.
+                # Backward differences in lambda (r = h_prev / h): D1_0 ~ h dD/dlambda; order 3 adds D2.
                 r0 = h_history[-1] / h
                 D1_0 = (denoised - denoised_history[-1]) / r0
                 if k == 2:
