@@ -276,3 +276,25 @@ def test_identity_autoencoder_has_the_same_interface_and_is_the_identity():
     assert torch.equal(ae.decode(x), x)
     assert torch.equal(ae.decode(ae.encode(x)), x)
     assert IdentityAutoencoder().latent_channels == 3
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_encode_and_decode_leave_their_inputs_untouched(grad):
+    ae = make_ae()
+    x = images()
+    latents = torch.randn(2, 4, 8, 8)
+    copies = x.clone(), latents.clone()
+    with torch.set_grad_enabled(grad):
+        ae.encode(x)
+        ae.decode(latents)
+        ae(x)
+    assert torch.equal(x, copies[0]) and torch.equal(latents, copies[1])
+
+
+def test_outputs_are_the_same_with_and_without_autograd():
+    ae = make_ae()
+    x = images()
+    with torch.no_grad():
+        latents, decoded = ae.encode(x), ae.decode_raw(ae.posterior(x).mean)
+    assert max_abs_diff(ae.encode(x).detach(), latents) < 1e-6
+    assert max_abs_diff(ae.decode_raw(ae.posterior(x).mean).detach(), decoded) < 1e-6

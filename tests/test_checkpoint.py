@@ -357,7 +357,7 @@ def test_folder_of_the_other_network_is_refused(tmp_path):
         UNet.from_pretrained(tmp_path / "theirs")
 
 
-# A diffusers config field or value encdiff cannot honour is refused, never silently ignored.
+# A diffusers config field or value encdiff cannot honour (or that is invalid) is refused, never silently ignored.
 UNSUPPORTED_UNET = [
     ("time_embedding_type", "fourier"),
     ("resnet_time_scale_shift", "spatial"),
@@ -375,6 +375,8 @@ UNSUPPORTED_UNET = [
     ("upsample_type", "resnet"),
     ("attn_norm_num_groups", 2),
     ("cross_attention_dim", 768),  # unknown to UNet2DModel
+    ("attention_head_dim", [8, 8]),  # a per-level list (UNet2DConditionModel style)
+    ("freq_shift", None),
 ]
 UNSUPPORTED_AE = [
     ("act_fn", "relu"),
@@ -383,13 +385,16 @@ UNSUPPORTED_AE = [
     ("latents_std", [1.0, 2.0, 1.0, 1.0]),
     ("shift_factor", 0.1),  # together with latents_mean
     ("use_tiling", True),
+    ("latents_mean", [0.1, 0.2]),  # 2 values for 4 latent channels
+    ("latents_std", [0.0] * 4),
+    ("scaling_factor", None),
 ]
 
 
 @pytest.mark.parametrize("model, field, value",
                          [("unet", f, v) for f, v in UNSUPPORTED_UNET] + [("autoencoder", f, v) for f, v in UNSUPPORTED_AE],
                          ids=[f"unet-{f}={v}" for f, v in UNSUPPORTED_UNET] + [f"ae-{f}={v}" for f, v in UNSUPPORTED_AE])
-def test_unsupported_diffusers_config_is_refused_naming_field_and_value(tmp_path, model, field, value):
+def test_unsupported_or_invalid_diffusers_config_is_refused_naming_field_and_value(tmp_path, model, field, value):
     net = MODELS[model]()
     net.save_pretrained(tmp_path, diffusers=True)
     edit_config(tmp_path, lambda c: c.update({field: value}))

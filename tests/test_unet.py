@@ -240,6 +240,10 @@ INVALID = [
     # Zero divisors must be refused like any other bad value, not crash with ZeroDivisionError.
     (dict(norm_num_groups=0), "norm_num_groups"),
     (dict(attention_head_dim=0), "attention_head_dim"),
+    # Fields the constructor used to take on trust: a bad value must fail here, not at the first forward.
+    (dict(freq_shift=None), "freq_shift"),
+    (dict(norm_eps=-1.0), "norm_eps"),
+    (dict(emb_channels=-8), "emb_channels"),
 ]
 
 
@@ -256,3 +260,23 @@ def test_attention_head_dim_is_checked_against_the_mid_block_too():
                    attention_head_dim=16)
     UNetConfig(block_out_channels=(16, 24), attention_levels=(True, False), norm_num_groups=8,
                attention_head_dim=16, mid_attention=False)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_forward_leaves_its_inputs_untouched(grad):
+    unet = make_unet(TINY_UNET_CLASSES)
+    x, t = inputs(TINY_UNET_CLASSES)
+    labels = torch.tensor([1, 2])
+    copies = x.clone(), t.clone(), labels.clone()
+    with torch.set_grad_enabled(grad):
+        unet(x, t, labels)
+    assert all(torch.equal(a, b) for a, b in zip((x, t, labels), copies))
+
+
+def test_outputs_are_the_same_with_and_without_autograd():
+    """Inference-only shortcuts (e.g. in-place activations without a graph) must not change the result."""
+    unet = make_unet(TINY_UNET_CLASSES)
+    x, t = inputs(TINY_UNET_CLASSES)
+    with torch.no_grad():
+        expected = unet(x, t)
+    assert max_abs_diff(unet(x, t).detach(), expected) < 1e-6
