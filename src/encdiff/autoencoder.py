@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import Pretrained, check_field, refuse_unsupported
 from .errors import EncdiffError
-from .layers import Downsample, Level, MidBlock, ResnetBlock, SelfAttention, Upsample, run_block
+from .layers import CHANNELS_LAST, Downsample, Level, MidBlock, ResnetBlock, SelfAttention, Upsample, norm_silu, run_block
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ckpt = self.gradient_checkpointing
-        h = self.conv_in(x)
+        h = self.conv_in(x.contiguous(memory_format=CHANNELS_LAST))
         for level in self.down_blocks:
             for j, resnet in enumerate(level.resnets):
                 h = run_block(resnet, h, checkpointing=ckpt)
@@ -112,7 +111,7 @@ class Encoder(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)  # B, C, H/2, W/2
         h = self.mid_block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))  # B, 2 * latent_channels, h, w
+        return self.conv_out(norm_silu(self.conv_norm_out, h))  # B, 2 * latent_channels, h, w
 
 
 class Decoder(nn.Module):
@@ -138,7 +137,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         ckpt = self.gradient_checkpointing
-        h = self.mid_block(self.conv_in(z))
+        h = self.mid_block(self.conv_in(z.contiguous(memory_format=CHANNELS_LAST)))
         for level in self.up_blocks:
             for j, resnet in enumerate(level.resnets):
                 h = run_block(resnet, h, checkpointing=ckpt)
@@ -146,7 +145,7 @@ class Decoder(nn.Module):
                     h = run_block(level.attentions[j], h, checkpointing=ckpt)
             if level.resample is not None:
                 h = level.resample(h)  # B, C, 2H, 2W
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(norm_silu(self.conv_norm_out, h))
 
 
 class Autoencoder(Pretrained, nn.Module):

@@ -15,6 +15,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+# Activations run channels_last: oneDNN (CPU) and cuDNN convolutions are fastest in NHWC, and the
+# attention's (B, HW, C) view of an NHWC map needs no copy.
+CHANNELS_LAST = torch.channels_last
+
+
 def zero_init(module: nn.Module) -> nn.Module:
     """Zero a layer's weights and bias so the residual branch it ends starts as the identity."""
     for p in module.parameters():
@@ -27,6 +32,12 @@ def run_block(block: nn.Module, *args: torch.Tensor | None, checkpointing: bool 
     if checkpointing and torch.is_grad_enabled():
         return checkpoint(block, *args, use_reentrant=False)
     return block(*args)
+
+
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """SiLU(GroupNorm(x)); in place when no graph is recorded, saving a full-size allocation."""
+    h = norm(x)
+    return F.silu(h, inplace=not torch.is_grad_enabled())
 
 
 class ResnetBlock(nn.Module):
@@ -57,18 +68,19 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(norm_silu(self.norm1, x))
+        # In-place adds below are safe under autograd: a conv's backward never reads its output.
         if self.time_emb_proj is None:
-            h = self.norm2(h)
+            h = norm_silu(self.norm2, h)
         else:
             e = self.time_emb_proj(F.silu(emb))[:, :, None, None]  # B, C or 2C, 1, 1
             if self.scale_shift:
                 scale, shift = e.chunk(2, dim=1)
-                h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+                h = F.silu(torch.addcmul(shift, self.norm2(h), 1 + scale))
             else:
-                h = self.norm2(h + e)
-        h = self.conv2(self.dropout(F.silu(h)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+                h = norm_silu(self.norm2, h.add_(e))
+        h = self.conv2(self.dropout(h))
+        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
 class SelfAttention(nn.Module):

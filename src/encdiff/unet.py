@@ -12,14 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .autoencoder import _block_attention
 from .checkpoint import Pretrained, check_field, refuse_unsupported
 from .errors import EncdiffError
-from .layers import (Downsample, Level, MidBlock, NoiseEmbedding, ResnetBlock, SelfAttention, Upsample, run_block,
-                     sinusoidal_embedding, zero_init)
+from .layers import (CHANNELS_LAST, Downsample, Level, MidBlock, NoiseEmbedding, ResnetBlock, SelfAttention, Upsample, run_block,
+                     norm_silu, sinusoidal_embedding, zero_init)
 
 
 @dataclass(frozen=True)
@@ -142,7 +141,7 @@ class UNet(Pretrained, nn.Module):
             raise EncdiffError("class_labels given, but this U-Net is unconditional (num_classes = 0)")
 
         ckpt = self.gradient_checkpointing
-        h = self.conv_in(x)
+        h = self.conv_in(x.contiguous(memory_format=CHANNELS_LAST))
         skips = [h]
         for level in self.down_blocks:
             for j, resnet in enumerate(level.resnets):
@@ -161,7 +160,7 @@ class UNet(Pretrained, nn.Module):
                     h = run_block(level.attentions[j], h, checkpointing=ckpt)
             if level.resample is not None:
                 h = level.resample(h)  # B, C, 2H, 2W
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(norm_silu(self.conv_norm_out, h))
 
     # diffusers' UNet2DModel config <-> ours
     _DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
