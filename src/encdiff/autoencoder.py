@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import Pretrained, check_field, refuse_unsupported
+from .checkpoint import (Pretrained, check_bool, check_field, check_int, check_number, check_tuple, is_finite_number,
+                         is_flag, is_positive_int, refuse_unsupported)
 from .errors import EncdiffError
 from .layers import CHANNELS_LAST, Downsample, Level, MidBlock, ResnetBlock, SelfAttention, Upsample, norm_silu, run_block
 
@@ -37,22 +38,18 @@ class AutoencoderConfig:
     sample_size: int = 32  # training image size in pixels (informational)
 
     def __post_init__(self):
-        levels = len(self.block_out_channels)
-        check_field(levels >= 1 and all(isinstance(c, int) and c > 0 for c in self.block_out_channels),
-                    "block_out_channels", self.block_out_channels, "a non-empty list of positive integers")
-        check_field(len(self.attention_levels) == levels, "attention_levels", self.attention_levels,
-                    f"one true/false per level ({levels})")
+        check_tuple(self.block_out_channels, "block_out_channels", None, is_positive_int)
+        check_tuple(self.attention_levels, "attention_levels", len(self.block_out_channels), is_flag)
+        for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
+                     "sample_size"):
+            check_int(getattr(self, name), name)
         check_field(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "norm_num_groups",
                     self.norm_num_groups, f"a divisor of every block_out_channels value {self.block_out_channels}")
-        for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels"):
-            value = getattr(self, name)
-            check_field(isinstance(value, int) and value >= 1, name, value, "a positive integer")
-        check_field(isinstance(self.scaling_factor, (int, float)) and math.isfinite(self.scaling_factor)
-                    and self.scaling_factor > 0, "scaling_factor", self.scaling_factor, "a positive finite number")
+        for name in ("mid_attention", "use_quant_conv", "use_post_quant_conv"):
+            check_bool(getattr(self, name), name)
+        check_number(self.scaling_factor, "scaling_factor", positive=True)
         if self.shift_factor is not None:
-            check_field(len(self.shift_factor) == self.latent_channels
-                        and all(isinstance(s, (int, float)) and math.isfinite(s) for s in self.shift_factor),
-                        "shift_factor", self.shift_factor, f"{self.latent_channels} finite numbers or null")
+            check_tuple(self.shift_factor, "shift_factor", self.latent_channels, is_finite_number)
 
     @property
     def downsample_factor(self) -> int:
@@ -241,22 +238,28 @@ class Autoencoder(Pretrained, nn.Module):
         up = _block_attention(v["up_block_types"], "up_block_types",
                               {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True})
         check_field(v["act_fn"] == "silu", "act_fn", v["act_fn"], '"silu"')
-        check_field(up == down[::-1], "up_block_types", v["up_block_types"],
-                    "the mirror of down_block_types (attention at the same levels)")
+        check_tuple(v["block_out_channels"], "block_out_channels", None, is_positive_int)
         levels = len(v["block_out_channels"])
         check_field(len(down) == levels, "down_block_types", v["down_block_types"], f"{levels} entries, one per level")
-        shift = v["shift_factor"]
-        scale = v["scaling_factor"]
+        check_field(up == down[::-1], "up_block_types", v["up_block_types"],
+                    "the mirror of down_block_types (attention at the same levels)")
+        check_int(v["latent_channels"], "latent_channels")
+        check_number(v["scaling_factor"], "scaling_factor", positive=True)
+        channels, shift, scale = v["latent_channels"], v["shift_factor"], v["scaling_factor"]
         if v["latents_mean"] is not None or v["latents_std"] is not None:
             # Per-channel statistics (as SDXL-style pipelines use them): (z - mean) * scale / std.
             check_field(shift is None, "shift_factor", shift, "null when latents_mean is given")
-            std = v["latents_std"] or [1.0] * v["latent_channels"]
+            if v["latents_mean"] is not None:
+                check_tuple(v["latents_mean"], "latents_mean", channels, is_finite_number)
+            std = v["latents_std"] or [1.0] * channels
+            check_tuple(std, "latents_std", channels, lambda s: is_finite_number(s) and s > 0)
             check_field(len(set(std)) == 1, "latents_std", v["latents_std"], "one value repeated (a per-channel "
                         "scale is not supported)")
             scale = scale / std[0]
             shift = tuple(v["latents_mean"]) if v["latents_mean"] is not None else None
         elif shift is not None:
-            shift = (float(shift),) * v["latent_channels"]
+            check_number(shift, "shift_factor")
+            shift = (float(shift),) * channels
         sample_size = v["sample_size"]
         if isinstance(sample_size, (list, tuple)):
             sample_size = sample_size[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -112,6 +113,43 @@ def check_field(ok: bool, field: str, value: Any, expected: str) -> None:
         raise EncdiffError(f"config field {field!r} = {value!r}: expected {expected}")
 
 
+def check_int(value: Any, field: str, minimum: int = 1) -> None:
+    check_field(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, field, value,
+                f"an integer >= {minimum}")
+
+
+def check_number(value: Any, field: str, *, positive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    check_field(ok and (value > 0 or not positive), field, value, "a positive finite number" if positive else
+                "a finite number")
+
+
+def check_bool(value: Any, field: str) -> None:
+    check_field(isinstance(value, bool), field, value, "true or false")
+
+
+def check_tuple(value: Any, field: str, length: int | None, item_check) -> None:
+    """A list/tuple (of `length` items, if given) whose every item passes `item_check(item) -> bool`."""
+    ok = isinstance(value, (tuple, list)) and len(value) > 0 and (length is None or len(value) == length)
+    check_field(ok and all(item_check(v) for v in value), field, value,
+                f"a list of {length or 'one or more'} {item_check.__doc__}")
+
+
+def is_positive_int(v: Any) -> bool:
+    """positive integers"""
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def is_flag(v: Any) -> bool:
+    """true/false values"""
+    return isinstance(v, bool)
+
+
+def is_finite_number(v: Any) -> bool:
+    """finite numbers"""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """Refuse a weights file whose keys or shapes differ from the model's, naming the keys."""
     expected = model.state_dict()
@@ -169,6 +207,8 @@ class Pretrained:
                 config = cls.config_from_diffusers(raw)
             except EncdiffError as e:
                 raise EncdiffError(f"{config_path}: {e}") from None
+            except (TypeError, ValueError, ZeroDivisionError) as e:  # a value of a type no check foresaw
+                raise EncdiffError(f"{config_path}: invalid {cls.diffusers_class_name} config ({e})") from None
             return config, folder / DIFFUSERS_WEIGHTS, None
         if raw.get("encdiff_class") != cls.__name__:
             raise EncdiffError(f"{config_path}: encdiff_class is {raw.get('encdiff_class')!r}, expected "
@@ -179,7 +219,9 @@ class Pretrained:
         if not isinstance(raw.get("config"), dict):
             raise EncdiffError(f"{config_path}: missing the 'config' object")
         config = config_from_dict(cls.config_class, raw["config"], str(config_path))
-        return config, folder / OUR_WEIGHTS, raw.get("weights_sha256")
+        if not isinstance(raw.get("weights_sha256"), str):
+            raise EncdiffError(f"{config_path}: missing 'weights_sha256' (every encdiff folder records its weights' hash)")
+        return config, folder / OUR_WEIGHTS, raw["weights_sha256"]
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .autoencoder import _block_attention
-from .checkpoint import Pretrained, check_field, refuse_unsupported
+from .checkpoint import (Pretrained, check_bool, check_field, check_int, check_number, check_tuple, is_flag,
+                         is_positive_int, refuse_unsupported)
 from .errors import EncdiffError
 from .layers import (CHANNELS_LAST, Downsample, Level, MidBlock, NoiseEmbedding, ResnetBlock, SelfAttention, Upsample, run_block,
                      norm_silu, sinusoidal_embedding, zero_init)
@@ -44,24 +45,29 @@ class UNetConfig:
     null_class: bool = True  # with classes: label num_classes means "no class" (classifier-free guidance)
 
     def __post_init__(self):
-        levels = len(self.block_out_channels)
-        check_field(levels >= 1 and all(isinstance(c, int) and c > 0 for c in self.block_out_channels),
-                    "block_out_channels", self.block_out_channels, "a non-empty list of positive integers")
-        check_field(len(self.attention_levels) == levels, "attention_levels", self.attention_levels,
-                    f"one true/false per level ({levels})")
+        check_tuple(self.block_out_channels, "block_out_channels", None, is_positive_int)
+        check_tuple(self.attention_levels, "attention_levels", len(self.block_out_channels), is_flag)
+        for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups", "sample_size"):
+            check_int(getattr(self, name), name)
         check_field(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "norm_num_groups",
                     self.norm_num_groups, f"a divisor of every block_out_channels value {self.block_out_channels}")
+        for name in ("mid_attention", "mid_attention_norm", "scale_shift", "flip_sin_to_cos", "null_class"):
+            check_bool(getattr(self, name), name)
         if self.attention_head_dim is not None:
+            check_int(self.attention_head_dim, "attention_head_dim")
             attended = [c for c, a in zip(self.block_out_channels, self.attention_levels) if a]
             attended += [self.block_out_channels[-1]] if self.mid_attention else []
             check_field(all(c % self.attention_head_dim == 0 for c in attended), "attention_head_dim",
                         self.attention_head_dim, "a divisor of the channels of every attention level")
-        for name in ("in_channels", "out_channels", "layers_per_block"):
-            value = getattr(self, name)
-            check_field(isinstance(value, int) and value >= 1, name, value, "a positive integer")
-        check_field(isinstance(self.num_classes, int) and self.num_classes >= 0, "num_classes", self.num_classes,
-                    "a non-negative integer (0: unconditional)")
+        if self.emb_channels is not None:
+            check_int(self.emb_channels, "emb_channels")
+        check_number(self.norm_eps, "norm_eps", positive=True)
+        check_number(self.freq_shift, "freq_shift")
+        check_field(self.freq_shift < self.block_out_channels[0] // 2, "freq_shift", self.freq_shift,
+                    f"less than half of block_out_channels[0] ({self.block_out_channels[0] // 2})")
+        check_int(self.num_classes, "num_classes", minimum=0)
         check_field(self.downsample_padding in (0, 1), "downsample_padding", self.downsample_padding, "0 or 1")
+        check_number(self.dropout, "dropout")
         check_field(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a probability in [0, 1)")
 
     @property
@@ -189,15 +195,17 @@ class UNet(Pretrained, nn.Module):
                     v["attn_norm_num_groups"], f"null or equal to norm_num_groups ({v['norm_num_groups']})")
         down = _block_attention(v["down_block_types"], "down_block_types", {"DownBlock2D": False, "AttnDownBlock2D": True})
         up = _block_attention(v["up_block_types"], "up_block_types", {"UpBlock2D": False, "AttnUpBlock2D": True})
-        check_field(up == down[::-1], "up_block_types", v["up_block_types"],
-                    "the mirror of down_block_types (attention at the same levels)")
+        check_tuple(v["block_out_channels"], "block_out_channels", None, is_positive_int)
         levels = len(v["block_out_channels"])
         check_field(len(down) == levels, "down_block_types", v["down_block_types"], f"{levels} entries, one per level")
+        check_field(up == down[::-1], "up_block_types", v["up_block_types"],
+                    "the mirror of down_block_types (attention at the same levels)")
         scale_shift = v["resnet_time_scale_shift"] == "scale_shift"
         sample_size = v["sample_size"]
         if isinstance(sample_size, (list, tuple)):
             sample_size = sample_size[0]
         classes = v["num_class_embeds"] or 0
+        check_int(classes, "num_class_embeds", minimum=0)
         return UNetConfig(
             in_channels=v["in_channels"], out_channels=v["out_channels"], sample_size=sample_size or 32,
             block_out_channels=tuple(v["block_out_channels"]), attention_levels=tuple(down),
@@ -210,7 +218,7 @@ class UNet(Pretrained, nn.Module):
             downsample_padding=v["downsample_padding"], dropout=v["dropout"],
             # A diffusers table has no reserved row unless we wrote it: then its last row is the null class.
             num_classes=classes - 1 if classes and values.get("_encdiff_null_class") else classes,
-            null_class=bool(classes and values.get("_encdiff_null_class")),
+            null_class=bool(values.get("_encdiff_null_class")) if classes else UNetConfig.null_class,
         )
 
     @staticmethod
