@@ -65,9 +65,11 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """mean + std * noise; the standard normal `noise` is drawn from `generator` unless given."""
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(self.mean)
 
     def mode(self) -> torch.Tensor:
         return self.mean
@@ -210,10 +212,10 @@ class Autoencoder(Pretrained, nn.Module):
         return self.decode_raw(self.denormalize(latents))
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
-                sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
+                sample_posterior: bool = True, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
         """Training pass: reconstruction from a posterior sample (or its mode), and the posterior."""
         posterior = self.posterior(images)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        z = posterior.sample(generator, noise) if sample_posterior else posterior.mode()
         return self.decode_raw(z), posterior
 
     def _check_images(self, images: torch.Tensor) -> None:

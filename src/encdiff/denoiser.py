@@ -312,26 +312,31 @@ def denoising_loss(denoiser, x0, sigma, eps, class_labels=None, weighting="epsil
     return lambda_ * (denoised - x0).square().flatten(1).mean(1)
 
 
-def drop_labels(class_labels, p, null_label, generator):
+def drop_labels(class_labels, p, null_label, generator, shard=(0, 1)):
     """Replace each label by the null class with probability p, to train for guidance (Ho & Salimans 2022, Alg. 1)."""
-    drop = torch.rand(class_labels.shape, generator=generator, device=generator.device) < p
+    rank, world_size = shard
+    drop = torch.rand(len(class_labels) * world_size, generator=generator, device=generator.device)[rank::world_size] < p
     return torch.where(drop.to(class_labels.device), torch.full_like(class_labels, null_label), class_labels)
 
 
 def training_loss(
     denoiser, x0, generator, class_labels=None, noise_level="uniform_t", weighting="epsilon", label_dropout=0.0,
-    **options,
+    shard=(0, 1), **options,
 ):
     """Draw sigma, eps (and label dropout) from ``generator`` and return the mean ``denoising_loss``.
 
     ``options`` go to the noise-level sampler or the weighting, by name (e.g. ``gamma``, ``p_mean``).
+    ``shard = (rank, world_size)``: every process draws the randomness of the whole global batch from the
+    same generator state and keeps rows rank::world_size (its samples under DistributedSampler), so K
+    processes train exactly like one process with the global batch, each with different noise.
     """
+    rank, world_size = shard
     sample_sigma = _lookup(NOISE_LEVELS, noise_level, "noise level")
     lambda_fn = _lookup(LOSS_WEIGHTS, weighting, "loss weighting")
     if label_dropout:
         if class_labels is None or not denoiser.null_class:
             raise EncdiffError("label_dropout needs class_labels and a model with a null class (config.null_class)")
-        class_labels = drop_labels(torch.as_tensor(class_labels), label_dropout, denoiser.num_classes, generator)
+        class_labels = drop_labels(torch.as_tensor(class_labels), label_dropout, denoiser.num_classes, generator, shard)
     # Route each option to whichever of the two functions declares it, and refuse typos.
     level_options = {k: v for k, v in options.items() if k in inspect.signature(sample_sigma).parameters}
     weight_options = {k: v for k, v in options.items() if k in inspect.signature(lambda_fn).parameters}
@@ -342,10 +347,11 @@ def training_loss(
         raise EncdiffError(
             f"unknown loss option(s) {sorted(unknown)} for noise level {noise_level!r} and weighting {weighting!r}"
         )
-    B = x0.shape[0]
-    sigma = sample_sigma(denoiser, B, generator, **level_options)
+    B = x0.shape[0] * world_size
+    sigma = sample_sigma(denoiser, B, generator, **level_options)[rank::world_size]
     # Drawn in float32 like the samplers' noise, so a seed gives the same batch in any training precision.
-    eps = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=torch.float32).to(x0)
+    eps = torch.randn((B, *x0.shape[1:]), generator=generator, device=generator.device, dtype=torch.float32)
+    eps = eps[rank::world_size].to(x0)
     return denoising_loss(denoiser, x0, sigma, eps, class_labels, weighting, **weight_options).mean()
 
 

@@ -1,0 +1,307 @@
+"""The `encdiff` command: train, sample, reconstruct, export and inspect models.
+
+A user mistake (bad path, value or file) prints one line `encdiff: error: ...` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import EncdiffError
+
+EXAMPLES = """examples:
+  encdiff train-autoencoder data/cifar10/train --preset cifar10 --run-dir runs/ae
+  encdiff train data/cifar10/train --autoencoder runs/ae/model --preset cifar10 --run-dir runs/ldm
+  encdiff train my_images/ --pixel --model pixel_small --resolution 32 --steps 20000
+  torchrun --nproc-per-node=4 -m encdiff train data/ --autoencoder runs/ae/model --run-dir runs/ldm
+  encdiff sample runs/ldm/model --num 16 --class cat --guidance 2 --out samples.png
+  encdiff reconstruct runs/ae/model photos/ --out recon/
+  encdiff export runs/ldm exported/ --diffusers
+  encdiff info runs/ldm"""
+
+
+def _train_flags(parser: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    parser.add_argument("data", help="image folder (class subfolders become labels)")
+    parser.add_argument("--config", help="TOML file with TrainConfig fields")
+    parser.add_argument("--preset", help="named training setup: cifar10, folder64")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--resume", action="store_true",
+                        help="require a checkpoint in the run folder (a run resumes automatically when it has one)")
+    parser.add_argument("--strict", action="store_true", default=None, help="unreadable image files are an error")
+    flags = {"run_dir": str, "model": str, "resolution": int, "channels": int, "steps": int, "batch_size": int,
+             "grad_accum": int, "lr": float, "weight_decay": float, "warmup_steps": int, "lr_schedule": str,
+             "grad_clip": float, "ema_halflife_images": float, "seed": int, "log_every": int,
+             "checkpoint_every": int, "keep_last": int, "sample_every": int, "sample_steps": int, "workers": int}
+    help_of = {f.name: _field_comment(TrainConfig, f.name) for f in dataclasses.fields(TrainConfig)}
+    for name, kind in flags.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, help=help_of.get(name))
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help=help_of["bf16"])
+    parser.add_argument("--compile", action="store_true", default=None, help=help_of["compile"])
+
+
+def _field_comment(cls: type, name: str) -> str | None:
+    """The `# comment` beside a config field in its source: one definition of every option's meaning."""
+    import inspect
+
+    for line in inspect.getsource(cls).splitlines():
+        if line.strip().startswith(f"{name}:") and "#" in line:
+            return line.split("#", 1)[1].strip().replace("%", "%%")
+    return None
+
+
+def _train_overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    names = ["run_dir", "model", "resolution", "channels", "steps", "batch_size", "grad_accum", "lr", "weight_decay",
+             "warmup_steps", "lr_schedule", "grad_clip", "ema_halflife_images", "seed", "log_every",
+             "checkpoint_every", "keep_last", "sample_every", "sample_steps", "workers", "bf16", "compile", "strict"]
+    return {"data": args.data, **{n: getattr(args, n) for n in names}, **extra}
+
+
+def cmd_train(args: argparse.Namespace, stage: str) -> int:
+    from .checkpoint import latest_training_state
+    from .train import config_to_json, load_config, train_autoencoder, train_diffusion
+
+    extra: dict[str, Any] = {}
+    if stage == "diffusion":
+        if bool(args.autoencoder) == bool(args.pixel):
+            raise EncdiffError("give exactly one of --autoencoder MODEL (latent diffusion) or --pixel")
+        extra["autoencoder"] = str(args.autoencoder) if args.autoencoder else None
+        extra["label_dropout"] = args.label_dropout
+        extra["denoiser"] = args.denoiser
+    if stage == "autoencoder":
+        extra["kl_weight"] = args.kl_weight
+        extra["recon_loss"] = args.recon_loss
+    config = load_config(args.config, args.preset, stage, _train_overrides(args, extra))
+    if not config.model:
+        raise EncdiffError("no model: pass --model NAME or --preset NAME")
+    if args.dry_run:
+        print(json.dumps({"stage": stage, **config_to_json(config)}, indent=2))
+        return 0
+    if args.resume and latest_training_state(config.run_dir) is None:
+        raise EncdiffError(f"--resume: no complete checkpoint in {config.run_dir}")
+    out = (train_autoencoder if stage == "autoencoder" else train_diffusion)(config)
+    print(out)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .pipeline import Generator, image_grid, save_png
+
+    if args.model is None:
+        raise EncdiffError("no model given, and this encdiff has no bundled model yet: pass a generator folder "
+                           "(written by `encdiff train` or `encdiff export`)")
+    if args.num < 1:
+        raise EncdiffError(f"--num {args.num}: expected at least 1 image")
+    generator = Generator.from_pretrained(args.model)
+    labels = None
+    if args.class_ is not None:
+        labels = torch.full((args.num,), generator.class_index(args.class_), dtype=torch.long)
+    elif generator.num_classes and not args.guidance:
+        labels = torch.arange(args.num) % generator.num_classes  # a spread over the classes
+    if args.guidance and labels is None:
+        raise EncdiffError("--guidance needs a class-conditional model and --class")
+    seeds = [args.seed + i for i in range(args.num)]
+    images = generator.images(seeds, labels, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
+    if args.out_dir:
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for seed, image in zip(seeds, images):
+            save_png(image, out_dir / f"{seed:06d}.png")
+    if args.out or not args.out_dir:
+        out = Path(args.out or "samples.png")
+        spread = labels is not None and args.class_ is None and args.num % generator.num_classes == 0
+        # One row per class when the images cycle through the classes; otherwise a near-square grid.
+        rows = min(generator.num_classes, args.num) if spread else max(1, round(args.num**0.5))
+        save_png(image_grid(images[_class_major(labels, generator.num_classes)] if spread else images, rows=rows), out)
+        print(out)
+    return 0
+
+
+def _class_major(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The order that groups images by class, keeping seed order within a class."""
+    return torch.argsort(labels * len(labels) + torch.arange(len(labels)))
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from .autoencoder import Autoencoder
+    from .data import IMAGE_EXTENSIONS, load_image
+    from .pipeline import image_grid, save_png
+
+    autoencoder = Autoencoder.from_pretrained(args.model)
+    source = Path(args.input)
+    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if source.is_dir() else [source]
+    if not files:
+        raise EncdiffError(f"{source}: no images found")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size = args.resolution or autoencoder.config.sample_size
+    channels = autoencoder.config.in_channels
+    psnrs = []
+    for path in files:
+        pixels = torch.from_numpy(load_image(path, size, channels))
+        x = pixels[None].float() / 127.5 - 1
+        with torch.inference_mode():
+            y = autoencoder.decode(autoencoder.encode(x)).clamp(-1, 1)
+        out = ((y[0] + 1) * 127.5).round().to(torch.uint8)
+        mse = (out.double() - pixels.double()).square().mean().item()
+        psnrs.append(10 * torch.log10(torch.tensor(255.0**2 / max(mse, 1e-10))).item())
+        save_png(image_grid(torch.stack([pixels, out]), rows=1), out_dir / f"{path.stem}.png")
+        print(f"{path}: PSNR {psnrs[-1]:.2f} dB")
+    print(f"mean PSNR over {len(psnrs)} image(s): {sum(psnrs) / len(psnrs):.2f} dB")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .autoencoder import Autoencoder
+    from .checkpoint import latest_training_state, load_training_state
+    from .pipeline import Generator
+
+    path = latest_training_state(args.run)
+    if path is None:
+        raise EncdiffError(f"{args.run}: no complete checkpoint to export")
+    tensors, meta = load_training_state(path)
+    ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+    out = Path(args.out)
+    final = Path(args.run) / "model"
+    if meta["stage"] == "autoencoder":
+        if not final.is_dir():
+            raise EncdiffError(f"{args.run}: the run has not finished, so its latent statistics are not measured yet; "
+                               "export after training ends")
+        autoencoder = Autoencoder.from_pretrained(final)
+        autoencoder.load_state_dict(ema)
+        autoencoder.save_pretrained(out, diffusers=args.diffusers)
+    else:
+        generator_info = final / "generator.json"
+        if not generator_info.is_file():
+            raise EncdiffError(f"{args.run}: no finished generator to take the model config from ({generator_info})")
+        generator = Generator.from_pretrained(final)
+        generator.unet.load_state_dict(ema)
+        if args.diffusers:
+            generator.unet.save_pretrained(out / "unet", diffusers=True)
+            if isinstance(generator.autoencoder, Autoencoder):
+                generator.autoencoder.save_pretrained(out / "vae", diffusers=True)
+        else:
+            generator.save_pretrained(out)
+    print(f"exported the EMA weights of {path} to {out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint import CONFIG, latest_training_state, load_training_state, read_json
+
+    path = Path(args.path)
+    if (path / "generator.json").is_file():
+        info = read_json(path / "generator.json")
+        print(f"{path}: generator ({'latent' if info.get('latent') else 'pixel'} diffusion), denoiser "
+              f"{info['denoiser']['kind']}, classes: {', '.join(info.get('class_names') or []) or 'none'}")
+        for sub in ("unet", "autoencoder"):
+            if (path / sub).is_dir():
+                _describe_model(path / sub)
+        return 0
+    if (path / "checkpoints").is_dir():
+        latest = latest_training_state(path)
+        if latest is None:
+            print(f"{path}: run folder without a complete checkpoint")
+            return 0
+        _, meta = load_training_state(latest)
+        print(f"{path}: {meta['stage']} run, step {meta['step']} of {meta['config']['steps']}, "
+              f"{meta['images_seen']} images seen, latest checkpoint {latest.name}")
+        if meta["history"]:
+            print(f"  last logged loss {meta['history'][-1]['loss']:.4f}")
+        print(f"  finished model: {path / 'model'}" if (path / "model").is_dir() else "  not finished")
+        return 0
+    if (path / CONFIG).is_file():
+        _describe_model(path)
+        return 0
+    raise EncdiffError(f"{path}: neither a model folder, a generator folder nor a run folder")
+
+
+def _describe_model(folder: Path) -> None:
+    from .autoencoder import Autoencoder
+    from .checkpoint import CONFIG, read_json
+    from .unet import UNet
+
+    raw = read_json(folder / CONFIG)
+    cls = {"Autoencoder": Autoencoder, "AutoencoderKL": Autoencoder, "UNet": UNet, "UNet2DModel": UNet}.get(
+        raw.get("encdiff_class") or raw.get("_class_name"))
+    if cls is None:
+        raise EncdiffError(f"{folder / CONFIG}: not an encdiff or diffusers model config")
+    config, weights, _ = cls.read_config(folder)
+    fmt = "diffusers" if "_class_name" in raw else "encdiff"
+    print(f"{folder}: {cls.__name__} ({fmt} format, weights {weights.name})")
+    for key, value in dataclasses.asdict(config).items():
+        print(f"  {key}: {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="encdiff", description="Encoder-decoder diffusion models.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train-autoencoder", help="stage 1: train a KL autoencoder on an image folder",
+                            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _train_flags(p)
+    p.add_argument("--kl-weight", type=float, help="weight of the KL term per latent element")
+    p.add_argument("--recon-loss", choices=["l1", "l2"], help="reconstruction loss")
+
+    p = commands.add_parser("train", help="stage 2: train a diffusion U-Net (latent or pixel space)",
+                            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _train_flags(p)
+    p.add_argument("--autoencoder", help="autoencoder folder: diffusion in its latent space")
+    p.add_argument("--pixel", action="store_true", help="diffusion in pixel space")
+    p.add_argument("--label-dropout", type=float, help="probability of the null class in training (guidance)")
+    p.add_argument("--denoiser", choices=["edm", "vp"], help="parameterisation: EDM preconditioning or VP")
+
+    p = commands.add_parser("sample", help="generate images", epilog=EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", help="generator folder")
+    p.add_argument("--num", type=int, default=16, help="number of images")
+    p.add_argument("--class", dest="class_", help="class name or index")
+    p.add_argument("--sampler", default="dpmpp_2m", help="sampler name (see encdiff.SAMPLERS)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--out", help="grid PNG (default samples.png unless --out-dir)")
+    p.add_argument("--out-dir", help="also write one PNG per image here")
+
+    p = commands.add_parser("reconstruct", help="encode and decode images; side-by-side PNGs and PSNR")
+    p.add_argument("model", help="autoencoder folder (encdiff or diffusers)")
+    p.add_argument("input", help="an image or a folder of images")
+    p.add_argument("--out", default="reconstructions", help="output folder")
+    p.add_argument("--resolution", type=int, help="resize/crop to this size (default: the model's sample_size)")
+
+    p = commands.add_parser("export", help="write a run's EMA weights as a model folder")
+    p.add_argument("run", help="run folder")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--diffusers", action="store_true", help="diffusers' folder format")
+
+    p = commands.add_parser("info", help="describe a model, generator or run folder")
+    p.add_argument("path")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command in ("train-autoencoder", "train"):
+            return cmd_train(args, "autoencoder" if args.command == "train-autoencoder" else "diffusion")
+        return {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "export": cmd_export,
+                "info": cmd_info}[args.command](args)
+    except EncdiffError as e:
+        print(f"encdiff: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

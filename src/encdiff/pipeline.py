@@ -1,0 +1,142 @@
+"""A generator: denoiser (U-Net + its parameterisation), autoencoder and class names, in one folder.
+
+Folder layout: `generator.json` (denoiser spec, class names, image size), `unet/` (a UNet folder) and,
+for latent diffusion, `autoencoder/` (an Autoencoder folder). Images flow noise -> sampler -> latents
+-> decoder -> uint8 pixels, each arrow one call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .autoencoder import Autoencoder, IdentityAutoencoder
+from .checkpoint import atomic_write_bytes, read_json
+from .denoiser import Denoiser, EDMDenoiser, VPDenoiser
+from .errors import EncdiffError
+from .samplers import generate
+from .schedules import get_alpha_bars
+from .unet import UNet
+
+GENERATOR_FILE = "generator.json"
+
+
+@dataclass(frozen=True)
+class DenoiserSpec:
+    kind: str = "edm"  # "edm" (Karras et al. 2022 preconditioning) or "vp" (discrete DDPM-style)
+    sigma_data: float = 0.5  # edm: standard deviation of the training data (latents are normalised to ~0.5)
+    sigma_min: float = 0.002  # edm: smallest noise level sampled
+    sigma_max: float = 80.0  # edm: largest noise level sampled
+    schedule: str = "linear"  # vp: the training beta schedule (schedules.TRAIN_SCHEDULES)
+    prediction: str = "epsilon"  # vp: what the network predicts: epsilon, v or x0
+    options: dict[str, Any] = field(default_factory=dict)  # vp: schedule options (beta_start, ...)
+
+    def build(self, net: torch.nn.Module) -> Denoiser:
+        if self.kind == "edm":
+            return EDMDenoiser(net, sigma_data=self.sigma_data, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+        if self.kind == "vp":
+            return VPDenoiser(net, get_alpha_bars(self.schedule, **self.options), prediction=self.prediction)
+        raise EncdiffError(f"unknown denoiser kind {self.kind!r}; valid: edm, vp")
+
+
+class Generator:
+    """Everything needed to turn noise into images; `images()` is the one call that does it."""
+
+    def __init__(self, unet: UNet, spec: DenoiserSpec, autoencoder: Autoencoder | None = None,
+                 class_names: list[str] | None = None):
+        self.unet = unet.eval()
+        self.spec = spec
+        self.denoiser = spec.build(unet)
+        self.autoencoder = autoencoder.eval() if autoencoder is not None else IdentityAutoencoder(unet.config.in_channels)
+        self.class_names = list(class_names or [])
+        if autoencoder is not None and autoencoder.latent_channels != unet.config.in_channels:
+            raise EncdiffError(f"the autoencoder has {autoencoder.latent_channels} latent channels, "
+                               f"the U-Net takes {unet.config.in_channels}")
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.config.sample_size * self.autoencoder.downsample_factor
+
+    @property
+    def num_classes(self) -> int:
+        return self.unet.config.num_classes
+
+    def class_index(self, name_or_index: str | int) -> int:
+        """A class given by name or index -> index, with an error listing the valid ones."""
+        if isinstance(name_or_index, str) and name_or_index in self.class_names:
+            return self.class_names.index(name_or_index)
+        try:
+            index = int(name_or_index)
+        except ValueError:
+            index = -1
+        if not 0 <= index < self.num_classes:
+            valid = ", ".join(self.class_names) or f"0..{self.num_classes - 1}"
+            raise EncdiffError(f"unknown class {name_or_index!r}; valid: {valid}" if self.num_classes else
+                               "this model is unconditional: it takes no class")
+        return index
+
+    @torch.inference_mode()
+    def images(self, seeds: list[int], class_labels: torch.Tensor | None = None, sampler: str = "dpmpp_2m",
+               steps: int = 20, guidance_scale: float | None = None, schedule: str = "karras") -> torch.Tensor:
+        """uint8 images (B, C, H, W), image i made from its own seed (a batch equals images made one by one)."""
+        c = self.unet.config
+        device = next(self.unet.parameters()).device
+        generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+        latents = generate(self.denoiser, (len(seeds), c.in_channels, c.sample_size, c.sample_size), generators,
+                           sampler=sampler, steps=steps, schedule=schedule, class_labels=class_labels,
+                           guidance_scale=guidance_scale, device=device)
+        pixels = self.autoencoder.decode(latents)
+        return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(folder / "unet")
+        if isinstance(self.autoencoder, Autoencoder):
+            self.autoencoder.save_pretrained(folder / "autoencoder")
+        info = {"encdiff_class": "Generator", "format_version": 1, "denoiser": self.spec.__dict__,
+                "class_names": self.class_names, "latent": isinstance(self.autoencoder, Autoencoder)}
+        atomic_write_bytes(folder / GENERATOR_FILE, (json.dumps(info, indent=2) + "\n").encode())
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Generator":
+        folder = Path(path)
+        info_path = folder / GENERATOR_FILE
+        if not info_path.is_file():
+            raise EncdiffError(f"{folder}: not a generator folder (no {GENERATOR_FILE}); a generator is written by "
+                               "`encdiff train` or `encdiff export`")
+        info = read_json(info_path)
+        if info.get("encdiff_class") != "Generator":
+            raise EncdiffError(f"{info_path}: encdiff_class is {info.get('encdiff_class')!r}, expected 'Generator'")
+        try:
+            spec = DenoiserSpec(**info.get("denoiser", {}))
+        except TypeError as e:
+            raise EncdiffError(f"{info_path}: bad 'denoiser' entry ({e})") from None
+        unet = UNet.from_pretrained(folder / "unet", device=device)
+        autoencoder = Autoencoder.from_pretrained(folder / "autoencoder", device=device) if info.get("latent") else None
+        return cls(unet, spec, autoencoder, info.get("class_names"))
+
+
+def image_grid(images: torch.Tensor, rows: int) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> one uint8 (C, rows*H, cols*W) grid, filled row by row."""
+    B, C, H, W = images.shape
+    cols = -(-B // rows)
+    grid = torch.zeros(C, rows * H, cols * W, dtype=torch.uint8)
+    for i in range(B):
+        r, c = divmod(i, cols)
+        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = images[i]
+    return grid
+
+
+def save_png(image: torch.Tensor, path: str | os.PathLike) -> None:
+    """uint8 (C, H, W) with C = 1 or 3 -> PNG file."""
+    from PIL import Image
+
+    array = image.permute(1, 2, 0).numpy()
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)

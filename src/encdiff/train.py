@@ -1,0 +1,564 @@
+"""Training for both stages on any image folder, resumable bit for bit, on one process or under torchrun.
+
+Stage 1, `train_autoencoder`: reconstruction (L1/L2) + a small KL (Rombach et al. 2022, sec. 3); at the end
+the latent statistics are measured and stored as the autoencoder's scale/shift. Stage 2, `train_diffusion`:
+denoising score matching (Karras et al. 2022) on latents encoded once (both flips), or on pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from .autoencoder import Autoencoder, AutoencoderConfig
+from .checkpoint import (atomic_write_bytes, config_from_dict, flatten_state, latest_training_state,
+                         load_training_state, rng_state, save_training_state, set_rng_state, unflatten_state)
+from .data import BatchSampler, ImageDataset, random_flips
+from .denoiser import training_loss
+from .ema import EMA
+from .errors import EncdiffError
+from .pipeline import DenoiserSpec, Generator, image_grid, save_png
+from .presets import AUTOENCODERS, UNETS, preset
+from .unet import UNet, UNetConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # what to train on
+    data: str = ""  # image folder: class subfolders -> labels, flat -> unconditional
+    run_dir: str = "runs/run"  # checkpoints, logs, samples and the final model go here
+    resolution: int = 32  # images are resized (shorter side) and center-cropped to this size
+    channels: int = 3  # 3: RGB, 1: grayscale
+    strict: bool = False  # unreadable files: error instead of a warning
+    # the model
+    model: str = ""  # preset name (presets.AUTOENCODERS for stage 1, presets.UNETS for stage 2)
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # config fields to change in the preset
+    autoencoder: str | None = None  # stage 2: autoencoder folder for latent diffusion; None: pixel space
+    # optimisation
+    steps: int = 10000  # optimizer steps
+    batch_size: int = 64  # global batch per optimizer step (all ranks, all accumulation rounds)
+    grad_accum: int = 1  # accumulation rounds per step
+    lr: float = 2e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    warmup_steps: int = 200  # linear warm-up from 0 to lr
+    lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (to 0 at `steps`)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    ema_halflife_images: float = 50_000.0  # EMA half-life in training images (EDM)
+    ema_rampup: float | None = 0.05  # cap the half-life at this fraction of images seen early on; None: off
+    bf16: bool | None = None  # bf16 autocast; None: on CUDA only
+    compile: bool = False  # torch.compile the network
+    seed: int = 0  # every random stream derives from it (per rank)
+    # stage 1: autoencoder
+    recon_loss: str = "l1"  # "l1" or "l2" reconstruction loss
+    kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)) per latent element
+    # stage 2: diffusion
+    denoiser: str = "edm"  # "edm" or "vp" (DenoiserSpec.kind)
+    prediction: str = "epsilon"  # vp: epsilon, v or x0
+    train_schedule: str = "linear"  # vp: beta schedule
+    noise_level: str = "lognormal"  # how sigma is drawn (denoiser.NOISE_LEVELS)
+    weighting: str = "edm"  # loss weight lambda(sigma) (denoiser.LOSS_WEIGHTS)
+    sigma_data: float = 0.5  # edm: data standard deviation
+    label_dropout: float = 0.1  # probability of training on the null class (classifier-free guidance)
+    # bookkeeping
+    log_every: int = 50  # steps between metrics.jsonl rows
+    checkpoint_every: int = 500  # steps between checkpoints
+    keep_last: int = 3  # checkpoints kept
+    sample_every: int = 1000  # steps between sample grids (0: never)
+    sample_steps: int = 20  # sampler steps of the sample grids
+    workers: int | None = None  # image-decoding processes (None: up to 8)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "resolution", "log_every", "checkpoint_every", "keep_last"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise EncdiffError(f"config field {name!r} = {value!r}: expected an integer >= 1")
+        if self.channels not in (1, 3):
+            raise EncdiffError(f"config field 'channels' = {self.channels!r}: expected 1 or 3")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise EncdiffError(f"config field 'lr_schedule' = {self.lr_schedule!r}: expected constant or cosine")
+        if self.recon_loss not in ("l1", "l2"):
+            raise EncdiffError(f"config field 'recon_loss' = {self.recon_loss!r}: expected l1 or l2")
+        if not 0 <= self.label_dropout < 1:
+            raise EncdiffError(f"config field 'label_dropout' = {self.label_dropout!r}: expected a probability in [0, 1)")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise EncdiffError(f"config field 'lr' = {self.lr!r}: expected a positive number")
+
+
+# Named training setups: the resolved config of every run is saved beside it.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "cifar10": {
+        "autoencoder": dict(model="cifar10_f4", resolution=32, steps=20000, batch_size=64, lr=2e-4,
+                            ema_halflife_images=100_000.0),
+        "diffusion": dict(model="latent_8x8", resolution=32, steps=100_000, batch_size=128, lr=2e-4,
+                          ema_halflife_images=500_000.0),
+    },
+    "folder64": {
+        "autoencoder": dict(model="cifar10_f4", resolution=64, steps=20000, batch_size=32, lr=2e-4),
+        "diffusion": dict(model="latent_8x8", model_overrides={"sample_size": 16, "num_classes": 0},
+                          resolution=64, steps=100_000, batch_size=64, lr=2e-4),
+    },
+}
+
+
+class Distributed:
+    """torchrun's environment, or a single process; rank 0 alone writes files."""
+
+    def __init__(self):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Average a tensor over ranks (identity on one process)."""
+        if self.world_size > 1:
+            value = value.detach().clone()
+            dist.all_reduce(value)
+            value /= self.world_size
+        return value
+
+    def any(self, flag: bool) -> bool:
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag: the step in flight finishes, a checkpoint is written, the run exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def lr_factor(config: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up, then constant or a cosine decay to zero at the last step."""
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.lr_schedule == "cosine":
+            progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return factor
+
+
+class Run:
+    """The state shared by both stages: data, model, optimizer, EMA, RNG streams, checkpoints and logs."""
+
+    def __init__(self, config: TrainConfig, stage: str, model: torch.nn.Module, dataset_len: int, dist_: Distributed):
+        self.config, self.stage, self.dist = config, stage, dist_
+        self.dir = Path(config.run_dir)
+        self.model = model.to(dist_.device)
+        per_rank = config.batch_size // (dist_.world_size * config.grad_accum)
+        if per_rank * dist_.world_size * config.grad_accum != config.batch_size or per_rank == 0:
+            raise EncdiffError(f"batch_size {config.batch_size} is not divisible by world size {dist_.world_size} "
+                               f"x grad_accum {config.grad_accum}")
+        self.per_rank_batch = per_rank
+        self.sampler = BatchSampler(dataset_len, per_rank, seed=config.seed, rank=dist_.rank,
+                                    world_size=dist_.world_size)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, betas=config.betas,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config))
+        self.ema = EMA(self.model, config.ema_halflife_images, config.ema_rampup)
+        # Two independent streams (augmentation, training noise), in the same state on every rank: each rank
+        # draws the randomness of the whole global batch and keeps its own rows (`shard`), so K processes
+        # train exactly like one process with the global batch, every sample with its own noise.
+        self.generators = {name: torch.Generator(dist_.device).manual_seed(config.seed * 1000 + 17 * i)
+                           for i, name in enumerate(("data", "noise"))}
+        self.shard = (dist_.rank, dist_.world_size)
+        self.step = 0
+        self.images_seen = 0
+        self.history: list[dict[str, float]] = []
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        """Every rank contributes its RNG states; rank 0 writes the checkpoint."""
+        states = {name: rng_state(g) for name, g in self.generators.items()}
+        if self.dist.world_size > 1:
+            gathered: list[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, {k: v.tolist() for k, v in states.items()})
+        else:
+            gathered = [{k: v.tolist() for k, v in states.items()}]
+        path = None
+        if self.dist.main:
+            optimizer_tensors, optimizer_skeleton = flatten_state(self.optimizer.state_dict(), "optimizer.")
+            tensors = {**{f"model.{k}": v for k, v in self.model.state_dict().items()},
+                       **{f"ema.{k}": v for k, v in self.ema.state_dict().items()}, **optimizer_tensors}
+            for rank, rank_states in enumerate(gathered):
+                for name, state in rank_states.items():
+                    tensors[f"rng.{name}.rank{rank}"] = torch.tensor(state, dtype=torch.uint8)
+            meta = {"stage": self.stage, "step": self.step, "images_seen": self.images_seen,
+                    "world_size": self.dist.world_size, "sampler": self.sampler.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "optimizer": optimizer_skeleton,
+                    "config": config_to_json(self.config), "history": self.history}
+            path = save_training_state(self.dir, self.step, tensors, meta, keep_last=self.config.keep_last)
+        self.dist.barrier()
+        return path
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint of the run folder, if any."""
+        path = latest_training_state(self.dir)
+        if path is None:
+            return False
+        tensors, meta = load_training_state(path)
+        if meta.get("stage") != self.stage:
+            raise EncdiffError(f"{path}: a {meta.get('stage')} checkpoint; this is a {self.stage} run "
+                               "(use another --run-dir)")
+        if meta.get("world_size") != self.dist.world_size:
+            raise EncdiffError(f"{path}: written by {meta.get('world_size')} processes, resumed with "
+                               f"{self.dist.world_size}; exact resume needs the same number")
+        if meta["config"] != config_to_json(self.config):
+            changed = sorted(k for k in meta["config"] if meta["config"][k] != config_to_json(self.config).get(k))
+            raise EncdiffError(f"{path}: the run was started with a different config (fields {', '.join(changed)}); "
+                               "resume with the same settings or use another --run-dir")
+        take = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        self.model.load_state_dict(take("model."))
+        self.ema.load_state_dict(take("ema."))
+        self.optimizer.load_state_dict(unflatten_state(tensors, meta["optimizer"]))
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.sampler.load_state_dict(meta["sampler"])
+        for name, g in self.generators.items():
+            set_rng_state(g, tensors[f"rng.{name}.rank{self.dist.rank}"])
+        self.step, self.images_seen, self.history = meta["step"], meta["images_seen"], meta["history"]
+        if self.dist.main:
+            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+        return True
+
+    # -- logs ----------------------------------------------------------------------------------------
+    def log(self, row: dict[str, float]) -> None:
+        self.history.append(row)
+        if not self.dist.main:
+            return
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        plot_loss(self.history, self.dir / "loss.png")
+
+
+def config_to_json(config: TrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def plot_loss(history: list[dict[str, float]], path: Path) -> None:
+    """The loss curve as a PNG (matplotlib, an optional extra: without it, metrics.jsonl holds the numbers)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history])
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def train_loop(run: Run, loss_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], dataset: ImageDataset,
+               images_of: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+               on_sample: Callable[[Run], None]) -> str:
+    """The optimizer loop shared by both stages; returns "done" or "interrupted"."""
+    config, dist_ = run.config, run.dist
+    autocast = config.bf16 if config.bf16 is not None else dist_.device.type == "cuda"
+    ddp_model = run.model
+    if dist_.world_size > 1:
+        ddp_model = DistributedDataParallel(run.model, device_ids=[dist_.local_rank] if dist_.device.type == "cuda" else None)
+    progress = tqdm(total=config.steps, initial=run.step, disable=not dist_.main, dynamic_ncols=True, desc=run.stage)
+    window_start, window_images, window_losses = time.perf_counter(), 0, []
+    with StopRequest() as stop:
+        while run.step < config.steps:
+            run.model.train()
+            total = torch.zeros((), device=dist_.device)
+            for micro in range(config.grad_accum):
+                indices = next(run.sampler)
+                rank, world_size = run.shard
+                flips = random_flips(len(indices) * world_size, run.generators["data"])[rank::world_size]
+                x, labels = images_of(indices, flips)
+                # Gradients are all-reduced on the last accumulation round only.
+                sync = micro == config.grad_accum - 1 or dist_.world_size == 1
+                context = ddp_model.no_sync() if not sync else _nullcontext()
+                with context, torch.autocast(dist_.device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss = loss_fn(ddp_model, x.to(dist_.device), None if labels is None else labels.to(dist_.device))
+                (loss / config.grad_accum).backward()
+                total += loss.detach() / config.grad_accum
+            total = dist_.mean(total)
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip or float("inf"))
+            if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
+                last = latest_training_state(run.dir)
+                raise EncdiffError(f"training diverged at step {run.step + 1}: loss {total.item():.4g}, gradient norm "
+                                   f"{grad_norm.item():.4g}; the last good checkpoint is {last or 'none'} (lower --lr "
+                                   "or raise --warmup-steps, then resume)")
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scheduler.step()
+            run.step += 1
+            run.images_seen += config.batch_size
+            run.ema.update(run.model, run.images_seen, config.batch_size)
+            window_images += config.batch_size
+            window_losses.append(total.item())
+            progress.update(1)
+            if run.step % config.log_every == 0 or run.step == config.steps:
+                elapsed = time.perf_counter() - window_start
+                row = {"step": run.step, "images": run.images_seen, "loss": sum(window_losses) / len(window_losses),
+                       "lr": run.scheduler.get_last_lr()[0], "images_per_s": window_images / elapsed,
+                       "grad_norm": grad_norm.item()}
+                progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                     img_s=f"{row['images_per_s']:.1f}")
+                run.log(row)
+                window_start, window_images, window_losses = time.perf_counter(), 0, []
+            if config.sample_every and run.step % config.sample_every == 0 and dist_.main:
+                on_sample(run)
+            stopping = dist_.any(stop.requested)
+            if run.step % config.checkpoint_every == 0 or run.step == config.steps or stopping:
+                run.save()
+            if stopping:
+                progress.close()
+                return "interrupted"
+    progress.close()
+    return "done"
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def prepare(config: TrainConfig, stage: str) -> tuple[Distributed, ImageDataset]:
+    dist_ = Distributed()
+    run_dir = Path(config.run_dir)
+    if dist_.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / "config.json",
+                           (json.dumps({"stage": stage, **config_to_json(config)}, indent=2) + "\n").encode())
+    dist_.barrier()
+    dataset = ImageDataset(config.data, config.resolution, config.channels, strict=config.strict,
+                           cache_dir=run_dir / "cache" if dist_.main else None, workers=config.workers,
+                           progress=dist_.main)
+    return dist_, dataset
+
+
+def model_config(table: dict, config: TrainConfig, config_class: type, **fixed: Any):
+    base = dataclasses.asdict(preset(table, config.model))
+    return config_from_dict(config_class, {**base, **config.model_overrides, **fixed}, "model config")
+
+
+# -- stage 1 ----------------------------------------------------------------------------------------------
+def train_autoencoder(config: TrainConfig) -> Path:
+    """Train a KL autoencoder on `config.data`; returns the folder of the final (EMA) autoencoder."""
+    dist_, dataset = prepare(config, "autoencoder")
+    ae_config = model_config(AUTOENCODERS, config, AutoencoderConfig, in_channels=config.channels,
+                             out_channels=config.channels, sample_size=config.resolution)
+    if config.resolution % ae_config.downsample_factor:
+        raise EncdiffError(f"resolution {config.resolution} is not divisible by the autoencoder's downsampling "
+                           f"factor {ae_config.downsample_factor}")
+    torch.manual_seed(config.seed)  # the initial weights
+    run = Run(config, "autoencoder", Autoencoder(ae_config), len(dataset), dist_)
+    run.resume()
+    recon = F.l1_loss if config.recon_loss == "l1" else F.mse_loss
+    preview = dataset.batch(torch.arange(0, len(dataset), max(1, len(dataset) // 8))[:8])[0]
+
+    f = ae_config.downsample_factor
+
+    def loss_fn(model, x, labels):
+        B, C, H, W = x.shape
+        rank, world_size = run.shard
+        noise = torch.randn((B * world_size, ae_config.latent_channels, H // f, W // f),
+                            generator=run.generators["noise"], device=x.device)[rank::world_size]
+        reconstruction, posterior = model(x, noise=noise)
+        return recon(reconstruction.float(), x) + config.kl_weight * posterior.kl().mean() / posterior.mean[0].numel()
+
+    def on_sample(run: Run) -> None:
+        with torch.inference_mode():
+            out = run.ema.model.decode(run.ema.model.encode(preview.to(dist_.device))).clamp(-1, 1).cpu()
+        pairs = torch.stack([preview, out], 1).flatten(0, 1)  # original | reconstruction, side by side
+        save_png(image_grid(((pairs + 1) * 127.5).round().to(torch.uint8), rows=len(preview) // 2),
+                 run.dir / f"reconstructions-{run.step:08d}.png")
+
+    status = train_loop(run, loss_fn, dataset, dataset.batch, on_sample)
+    if status != "done":
+        return run.dir
+    out = run.dir / "model"
+    if dist_.main:
+        autoencoder = measure_latent_statistics(run.ema.model, dataset, dist_.device)
+        autoencoder.save_pretrained(out)
+        print(f"autoencoder written to {out} (scaling_factor {autoencoder.config.scaling_factor:.4g})", file=sys.stderr)
+    dist_.barrier()
+    return out
+
+
+@torch.inference_mode()
+def measure_latent_statistics(autoencoder: Autoencoder, dataset: ImageDataset, device, batch: int = 256) -> Autoencoder:
+    """Set shift = per-channel mean and scale = 1 / std of the raw latents over the data (LDM sec. 4.3.2)."""
+    count, total, total_sq = 0, 0.0, 0.0
+    for start in range(0, len(dataset), batch):
+        x, _ = dataset.batch(torch.arange(start, min(start + batch, len(dataset))))
+        z = autoencoder.posterior(x.to(device)).mode().double()
+        total = total + z.sum(dim=(0, 2, 3))
+        total_sq = total_sq + z.square().sum(dim=(0, 2, 3))
+        count += z.shape[0] * z.shape[2] * z.shape[3]
+    mean = total / count
+    # The variance around the per-channel means, pooled over channels: one scale keeps channel ratios intact.
+    var = (total_sq / count - mean.square()).mean()
+    config = dataclasses.replace(autoencoder.config, scaling_factor=float(1 / var.sqrt()),
+                                 shift_factor=tuple(float(m) for m in mean))
+    measured = Autoencoder(config).to(device)
+    measured.load_state_dict(autoencoder.state_dict())
+    return measured.eval()
+
+
+# -- stage 2 ----------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def encode_dataset(autoencoder: Autoencoder, dataset: ImageDataset, device, batch: int = 256) -> torch.Tensor:
+    """Latents of every image and of its mirror image: (N, 2, C, h, w) float32, flip index 1 = mirrored."""
+    out = []
+    for start in range(0, len(dataset), batch):
+        idx = torch.arange(start, min(start + batch, len(dataset)))
+        x, _ = dataset.batch(idx)
+        x = x.to(device)
+        out.append(torch.stack([autoencoder.encode(x), autoencoder.encode(x.flip(-1))], 1).float().cpu())
+    return torch.cat(out)
+
+
+def train_diffusion(config: TrainConfig) -> Path:
+    """Train a (latent or pixel) diffusion U-Net; returns the folder of the final (EMA) generator."""
+    dist_, dataset = prepare(config, "diffusion")
+    autoencoder = (Autoencoder.from_pretrained(config.autoencoder, device=dist_.device)
+                   if config.autoencoder else None)
+    if autoencoder is not None and config.resolution % autoencoder.downsample_factor:
+        raise EncdiffError(f"resolution {config.resolution} is not divisible by the autoencoder's downsampling "
+                           f"factor {autoencoder.downsample_factor}")
+    factor = autoencoder.downsample_factor if autoencoder else 1
+    channels = autoencoder.latent_channels if autoencoder else config.channels
+    unet_config = model_config(UNETS, config, UNetConfig, in_channels=channels, out_channels=channels,
+                               sample_size=config.resolution // factor, num_classes=dataset.num_classes,
+                               null_class=True)
+    spec = DenoiserSpec(kind=config.denoiser, sigma_data=config.sigma_data, schedule=config.train_schedule,
+                        prediction=config.prediction)
+    torch.manual_seed(config.seed)
+    run = Run(config, "diffusion", UNet(unet_config), len(dataset), dist_)
+    run.resume()
+
+    if autoencoder is not None:
+        latents = cached_latents(autoencoder, dataset, Path(config.run_dir) / "cache", config.autoencoder, dist_)
+
+        def images_of(indices, flips):
+            return latents[indices, flips.long()], None if dataset.labels is None else dataset.labels[indices]
+    else:
+        images_of = dataset.batch
+
+    label_dropout = config.label_dropout if dataset.num_classes else 0.0
+
+    denoiser = spec.build(run.model)
+
+    def loss_fn(model, x, labels):
+        # DDP syncs gradients only for calls through its wrapper: the denoiser must call that one.
+        denoiser.net = model
+        return training_loss(denoiser, x, run.generators["noise"], class_labels=labels, noise_level=config.noise_level,
+                             weighting=config.weighting, label_dropout=label_dropout, shard=run.shard)
+
+    def on_sample(run: Run) -> None:
+        generator = Generator(run.ema.model, spec, autoencoder, dataset.class_names)
+        rows = max(1, min(dataset.num_classes, 10))
+        per_row = 8
+        labels = (torch.arange(rows).repeat_interleave(per_row) if dataset.num_classes else None)
+        images = generator.images(list(range(rows * per_row)), labels, steps=config.sample_steps)
+        save_png(image_grid(images, rows=rows), run.dir / f"samples-{run.step:08d}.png")
+
+    status = train_loop(run, loss_fn, dataset, images_of, on_sample)
+    out = run.dir / "model"
+    if status == "done" and dist_.main:
+        Generator(run.ema.model, spec, autoencoder, dataset.class_names).save_pretrained(out)
+        print(f"generator written to {out}", file=sys.stderr)
+    dist_.barrier()
+    return out if status == "done" else run.dir
+
+
+def cached_latents(autoencoder: Autoencoder, dataset: ImageDataset, cache_dir: Path, key: str,
+                   dist_: Distributed) -> torch.Tensor:
+    """Encode the data set once (rank 0) and keep it in the run's cache folder; every rank then loads it."""
+    from safetensors.torch import load_file
+
+    from .checkpoint import atomic_save_tensors, sha256_file
+
+    ae_folder = Path(key)
+    weights = next((p for p in (ae_folder / "model.safetensors", ae_folder / "diffusion_pytorch_model.safetensors")
+                    if p.is_file()), None)
+    tag = sha256_file(weights)[:16] if weights else "unknown"
+    path = cache_dir / f"latents-{tag}-{len(dataset)}.safetensors"
+    if dist_.main and not path.is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors({"latents": encode_dataset(autoencoder, dataset, dist_.device)}, path)
+    dist_.barrier()
+    return load_file(str(path))["latents"]
+
+
+def load_config(path: str | None, preset_name: str | None, stage: str, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults < named preset < TOML file < command-line flags."""
+    values: dict[str, Any] = {}
+    if preset_name:
+        if preset_name not in PRESETS:
+            raise EncdiffError(f"unknown training preset {preset_name!r}; valid: {', '.join(sorted(PRESETS))}")
+        values.update(PRESETS[preset_name][stage])
+    if path:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            with open(path, "rb") as f:
+                values.update(tomllib.load(f))
+        except FileNotFoundError:
+            raise EncdiffError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise EncdiffError(f"{path}: not valid TOML ({e})") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_dict(TrainConfig, values, path or "training config")
