@@ -1,0 +1,401 @@
+"""Image folders as training data: scan, decode once to uint8 (in parallel, cached on disk as safetensors),
+serve float batches with flips, and shuffle resumably across epochs and ranks.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors import safe_open
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from .checkpoint import atomic_save_tensors
+from .errors import EncdiffError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
+# Bump whenever load_image's output for a given file changes, so that stale caches are never read.
+DECODE_VERSION = 1
+CACHE_FORMAT = "encdiff-images"
+# How many unreadable files a warning or an error names before it says "and N more".
+LISTED = 10
+# A chunk sent to a worker holds at most this many decoded bytes, so results stream back in modest pieces.
+CHUNK_BYTES = 32 << 20
+EXIF_ORIENTATION = 0x0112
+
+
+class UnreadableImageError(EncdiffError):
+    """A file that is not a decodable image; `reason` says why without repeating the path."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(path) and path.is_file()
+
+
+def image_files_under(folder: Path) -> list[Path]:
+    """Image files anywhere below `folder` (hidden files and folders skipped), sorted by their path parts."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(p for p in (Path(dirpath, name) for name in filenames) if is_image_file(p))
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def scan_folder(root: str | os.PathLike) -> tuple[list[Path], list[int] | None, list[str]]:
+    """The image files of a folder (sorted), their labels and the class names.
+
+    A flat folder (images directly in `root`) is unconditional: labels None, class names []. Otherwise each
+    subfolder holding image files (at any depth) is a class, labelled by its position among the sorted names;
+    subfolders without image files are ignored. Non-image extensions and hidden files and folders are ignored.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise EncdiffError(f"{root}: image folder not found")
+    if not root.is_dir():
+        raise EncdiffError(f"{root}: not a folder (expected a folder of images, or of class subfolders of images)")
+    entries = sorted(p for p in root.iterdir() if not is_hidden(p))
+    direct = [p for p in entries if is_image_file(p)]
+    classes = {p.name: files for p in entries if p.is_dir() and (files := image_files_under(p))}
+    if direct and classes:
+        raise EncdiffError(f"{direct[0]}: image file next to class subfolders ({', '.join(sorted(classes)[:3])}"
+                           f"{', ...' if len(classes) > 3 else ''}) in {root}; put every image in a class "
+                           f"subfolder, or use a flat folder without subfolders of images")
+    if direct:
+        return direct, None, []
+    if not classes:
+        raise EncdiffError(f"{root}: no image files (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} "
+                           f"in the folder and its subfolders)")
+    class_names = sorted(classes)
+    files = [f for name in class_names for f in classes[name]]
+    labels = [label for label, name in enumerate(class_names) for _ in classes[name]]
+    return files, labels, class_names
+
+
+def check_image_args(resolution: int, channels: int) -> None:
+    if not (isinstance(resolution, int) and not isinstance(resolution, bool) and resolution >= 1):
+        raise EncdiffError(f"resolution = {resolution!r}: expected an integer >= 1")
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise EncdiffError(f"channels = {channels!r}: expected 1 (grayscale) or 3 (RGB)")
+
+
+def high_depth_to_8bit(image: Image.Image) -> Image.Image:
+    """I;16*, I and F images as 8-bit grayscale, scaled rather than clipped at 255.
+
+    I;16 spans 0..65535. I and F carry no range of their own, so the smallest usual range holding the
+    image's values is taken: [0, 1] (F only), [0, 255], [0, 65535], else [0, the image's maximum].
+    """
+    values = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    else:
+        peak = float(values.max(initial=0.0))
+        top = next((t for t in (1.0, 255.0, 65535.0) if peak <= t and (t > 1.0 or image.mode == "F")), peak)
+    return Image.fromarray(np.rint(values * (255.0 / top)).clip(0, 255).astype(np.uint8), "L")
+
+
+def to_8bit(image: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode as "RGB" (channels=3) or "L" (channels=1); transparent pixels are composited on white."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        image = high_depth_to_8bit(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB" if channels == 3 else "L")
+
+
+def load_image(path: str | os.PathLike, resolution: int, channels: int = 3) -> np.ndarray:
+    """Decode an image file (its first frame) to uint8 (channels, resolution, resolution).
+
+    EXIF orientation is applied, any mode is converted (see `to_8bit`), the shorter side is resized to
+    `resolution` with Lanczos (antialiased; no resampling when it already has that size), and the centre is
+    cropped (an odd leftover pixel goes to the right or bottom). An unreadable file raises EncdiffError.
+    """
+    check_image_args(resolution, channels)
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise UnreadableImageError(path, "empty file (0 bytes)")
+        # Everything that touches the file's bytes stays inside this try: a corrupt file can make any PIL
+        # plugin raise any exception type. Truncated files fail in load() (LOAD_TRUNCATED_IMAGES stays off).
+        with Image.open(path) as image:
+            image.load()
+            if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                image = ImageOps.exif_transpose(image)
+            image = to_8bit(image, channels)
+    except EncdiffError:
+        raise
+    except UnidentifiedImageError:
+        raise UnreadableImageError(path, "not an image (PIL cannot identify its format)") from None
+    except Exception as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise UnreadableImageError(path, f"not a readable image ({reason})") from None
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.uint8)
+    return np.ascontiguousarray(array[None] if channels == 1 else array.transpose(2, 0, 1))
+
+
+def decode_chunk(paths: list[str], resolution: int, channels: int,
+                 strict: bool) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Decode files in order: their images (zeros where unreadable) and (position, reason) per unreadable
+    file. In strict mode it stops at the first unreadable file, which fails the whole set anyway."""
+    images = np.zeros((len(paths), channels, resolution, resolution), dtype=np.uint8)
+    failures = []
+    for i, path in enumerate(paths):
+        try:
+            images[i] = load_image(path, resolution, channels)
+        except UnreadableImageError as e:
+            failures.append((i, e.reason))
+            if strict:
+                break
+    return images, failures
+
+
+def default_workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cpus, 8)
+
+
+def process_context() -> multiprocessing.context.BaseContext:
+    """Fork on Linux: workers start at once and a script needs no `if __name__ == "__main__"` guard. The children
+    run only PIL and numpy, never torch, so threads that torch left in the parent cannot deadlock them."""
+    return multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+
+
+def list_failures(root: Path, files: list[Path], failed: dict[int, str]) -> str:
+    """The first few unreadable files, relative to `root`, with their reasons."""
+    order = sorted(failed)
+    listed = "; ".join(f"{files[i].relative_to(root).as_posix()} ({failed[i]})" for i in order[:LISTED])
+    return listed + (f"; and {len(order) - LISTED} more" if len(order) > LISTED else "")
+
+
+class ImageDataset:
+    """A folder of images decoded once to uint8 (N, C, H, W) in memory, with labels from class subfolders.
+
+    Unreadable files are skipped with one warning naming them (`skipped`), or, with `strict`, are an error
+    naming the first. With `cache_dir`, the decoded set is stored as safetensors under a key hashing the
+    resolution, channels and every file's relative path, size and modification time, and later runs load
+    it instead of decoding. `workers` processes decode (default min(CPUs, 8); 0 or 1: in this process).
+    """
+
+    def __init__(self, root: str | os.PathLike, resolution: int, channels: int = 3, strict: bool = False,
+                 cache_dir: str | os.PathLike | None = None, workers: int | None = None, progress: bool = True):
+        check_image_args(resolution, channels)
+        if workers is not None and not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0):
+            raise EncdiffError(f"workers = {workers!r}: expected an integer >= 0")
+        self.root = Path(root)
+        self.resolution, self.channels = resolution, channels
+        files, labels, self.class_names = scan_folder(self.root)
+        cache_path, key = self.cache_location(files, cache_dir) if cache_dir is not None else (None, None)
+        loaded = self.read_cache(cache_path, key, files) if cache_path is not None and cache_path.is_file() else None
+        if loaded is None:
+            images, failed = self.decode(files, strict, default_workers() if workers is None else workers, progress)
+        else:
+            images, failed = loaded
+        if failed and strict:
+            first = min(failed)
+            raise EncdiffError(f"{files[first]}: {failed[first]} (strict: every image file must be readable; "
+                               f"{len(failed)} unreadable file(s) in {self.root})")
+        if len(failed) == len(files):
+            raise EncdiffError(f"{self.root}: no readable images among its {len(files)} image file(s): "
+                               f"{list_failures(self.root, files, failed)}")
+        keep = [i for i in range(len(files)) if i not in failed]
+        if loaded is None and failed:
+            images = images[torch.tensor(keep)]
+        self.images: torch.Tensor = images
+        self.labels: torch.Tensor | None = None if labels is None else torch.tensor([labels[i] for i in keep])
+        self.skipped: list[Path] = [files[i] for i in sorted(failed)]
+        if loaded is None and cache_path is not None:
+            self.write_cache(cache_path, key, files, failed)
+        if failed:
+            warnings.warn(f"{self.root}: skipped {len(failed)} unreadable image file(s) of {len(files)}: "
+                          f"{list_failures(self.root, files, failed)}", stacklevel=2)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images `indices` as float32 in [-1, 1] (x / 127.5 - 1), mirrored left-right where `flips` is True,
+        and their labels (None for a flat folder)."""
+        x = self.images[indices].float().div_(127.5).sub_(1.0)
+        if flips is not None:
+            if flips.shape != indices.shape:
+                raise EncdiffError(f"flips has shape {tuple(flips.shape)}; expected {tuple(indices.shape)} "
+                                   f"(one flag per index)")
+            x = torch.where(flips.bool().view(-1, 1, 1, 1), x.flip(-1), x)
+        return x, None if self.labels is None else self.labels[indices]
+
+    def decode(self, files: list[Path], strict: bool, workers: int,
+               progress: bool) -> tuple[torch.Tensor, dict[int, str]]:
+        """All files decoded in file order (zeros where unreadable) and {index: reason} per unreadable file."""
+        c, r = self.channels, self.resolution
+        images = torch.empty((len(files), c, r, r), dtype=torch.uint8)
+        failed: dict[int, str] = {}
+        per_chunk = max(1, min(CHUNK_BYTES // (c * r * r), math.ceil(len(files) / max(1, workers * 8))))
+        starts = range(0, len(files), per_chunk)
+        chunks = [[str(f) for f in files[s:s + per_chunk]] for s in starts]
+        workers = min(workers, len(chunks))
+        decode = functools.partial(decode_chunk, resolution=r, channels=c, strict=strict)
+        executor = None
+        if workers > 1:
+            executor = ProcessPoolExecutor(workers, mp_context=process_context())
+            results = executor.map(decode, chunks)
+        else:
+            results = map(decode, chunks)
+        try:
+            with tqdm(total=len(files), desc=f"decoding {self.root.name}", unit="img", disable=not progress) as bar:
+                for start, (array, failures) in zip(starts, results):
+                    images[start:start + len(array)] = torch.from_numpy(array)
+                    failed.update((start + i, reason) for i, reason in failures)
+                    bar.update(len(array))
+                    if strict and failed:
+                        break
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+        return images, failed
+
+    def cache_location(self, files: list[Path], cache_dir: str | os.PathLike) -> tuple[Path, str]:
+        listing = []
+        for f in files:
+            stat = f.stat()
+            listing.append([f.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime_ns])
+        identity = {"decode_version": DECODE_VERSION, "resolution": self.resolution, "channels": self.channels,
+                    "files": listing}
+        key = hashlib.sha256(json.dumps(identity, separators=(",", ":")).encode()).hexdigest()
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", self.root.resolve().name) or "images"
+        return Path(cache_dir) / f"{name}-{self.resolution}px-{self.channels}ch-{key[:16]}.safetensors", key
+
+    def read_cache(self, path: Path, key: str, files: list[Path]) -> tuple[torch.Tensor, dict[int, str]] | None:
+        """The cached images and unreadable files, or None (with a warning) if the file is not a valid cache."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+                    raise ValueError(f"not a cache for this folder (format {meta.get('format')!r})")
+                images = f.get_tensor("images")
+                labels = f.get_tensor("labels") if "labels" in f.keys() else None
+            rel = {f.relative_to(self.root).as_posix(): i for i, f in enumerate(files)}
+            failed = {rel[name]: reason for name, reason in json.loads(meta["skipped"])}
+            expected = (len(files) - len(failed), self.channels, self.resolution, self.resolution)
+            if images.dtype != torch.uint8 or tuple(images.shape) != expected:
+                raise ValueError(f"images are {images.dtype} {tuple(images.shape)}, expected uint8 {expected}")
+            if json.loads(meta["class_names"]) != self.class_names or (labels is None) != (not self.class_names):
+                raise ValueError("its classes differ from the folder's")
+            if labels is not None and (labels.dtype != torch.int64 or tuple(labels.shape) != expected[:1]):
+                raise ValueError(f"labels are {labels.dtype} {tuple(labels.shape)}, expected int64 {expected[:1]}")
+        except Exception as e:  # a damaged cache is rebuilt, never trusted and never fatal
+            warnings.warn(f"{path}: ignoring an unreadable image cache ({type(e).__name__}: {e}); decoding again",
+                          stacklevel=3)
+            return None
+        return images, failed
+
+    def write_cache(self, path: Path, key: str, files: list[Path], failed: dict[int, str]) -> None:
+        tensors = {"images": self.images}
+        if self.labels is not None:
+            tensors["labels"] = self.labels
+        skipped = [[files[i].relative_to(self.root).as_posix(), failed[i]] for i in sorted(failed)]
+        metadata = {"format": CACHE_FORMAT, "key": key, "class_names": json.dumps(self.class_names),
+                    "skipped": json.dumps(skipped), "root": str(self.root)}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save_tensors(tensors, path, metadata=metadata)
+        except OSError as e:  # the decoded set is in memory already; losing the cache only costs time later
+            warnings.warn(f"{path}: could not write the image cache ({e}); later runs will decode again",
+                          stacklevel=3)
+
+
+def random_flips(batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Horizontal-flip flags (bool, p = 0.5), drawn from `generator` only so that a resumed run repeats them."""
+    return torch.rand(batch_size, generator=generator) < 0.5
+
+
+class BatchSampler:
+    """Infinite shuffled batches of indices for one rank, resumable exactly from `state_dict()`.
+
+    Each epoch is torch's DistributedSampler(shuffle=True, seed=seed, drop_last=True) after set_epoch(epoch):
+    every rank gets a disjoint share, served `batch_size` indices at a time (its part of the global batch);
+    an incomplete final batch is dropped. Everything follows from (n, batch_size, seed, rank, world_size).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if not (isinstance(seed, int) and not isinstance(seed, bool)):
+            raise EncdiffError(f"seed = {seed!r}: expected an integer")
+        for name, value, minimum in (("n", n, 1), ("batch_size", batch_size, 1), ("world_size", world_size, 1),
+                                     ("rank", rank, 0)):
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+                raise EncdiffError(f"{name} = {value!r}: expected an integer >= {minimum}")
+        if rank >= world_size:
+            raise EncdiffError(f"rank = {rank}: expected less than world_size = {world_size}")
+        self.batch_size = batch_size
+        self.sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                          drop_last=True)
+        self.batches_per_epoch = len(self.sampler) // batch_size
+        if self.batches_per_epoch == 0:
+            raise EncdiffError(f"the dataset has {n} images, fewer than one global batch of {batch_size * world_size} "
+                               f"(batch_size {batch_size} x world_size {world_size})")
+        self.epoch = 0
+        self.batch = 0
+        self.order: torch.Tensor | None = None
+        self.order_epoch = -1
+
+    def __iter__(self) -> BatchSampler:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.order_epoch != self.epoch:
+            self.sampler.set_epoch(self.epoch)
+            self.order = torch.tensor(list(self.sampler), dtype=torch.int64)
+            self.order_epoch = self.epoch
+        start = self.batch * self.batch_size
+        indices = self.order[start:start + self.batch_size]
+        self.batch += 1
+        if self.batch == self.batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+        return indices
+
+    def state_dict(self) -> dict[str, int]:
+        """The position of the next batch to serve."""
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a `state_dict()`: the batches served next are those the uninterrupted run served."""
+        if not isinstance(state, dict):
+            raise EncdiffError(f"sampler state: expected a dict with 'epoch' and 'batch', found {type(state).__name__}")
+        for field, limit in (("epoch", None), ("batch", self.batches_per_epoch)):
+            value = state.get(field)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            if not ok or (limit is not None and value >= limit):
+                bound = f" and < {limit} (batches per epoch)" if limit is not None else ""
+                raise EncdiffError(f"sampler state field {field!r} = {value!r}: expected an integer >= 0{bound}")
+        self.epoch, self.batch = state["epoch"], state["batch"]
