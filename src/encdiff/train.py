@@ -265,6 +265,8 @@ class Run:
             set_rng_state(g, tensors[f"rng.{name}.rank{self.dist.rank}"])
         self.step, self.images_seen, self.history = meta["step"], meta["images_seen"], meta["history"]
         if self.dist.main:
+            # Rows logged after the checkpoint are about to be redone: the log restarts from the checkpoint's.
+            atomic_write_bytes(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history).encode())
             print(f"resumed from {path} at step {self.step}", file=sys.stderr)
         return True
 
@@ -311,7 +313,7 @@ def train_loop(run: Run, loss_fn: Callable[[torch.Tensor, torch.Tensor | None], 
         ddp_model = DistributedDataParallel(run.model, device_ids=[dist_.local_rank] if dist_.device.type == "cuda" else None)
     progress = tqdm(total=config.steps, initial=run.step, disable=not dist_.main, dynamic_ncols=True, desc=run.stage)
     window_start, window_images, window_losses = time.perf_counter(), 0, []
-    with StopRequest() as stop:
+    with StopRequest() as stop, progress:
         while run.step < config.steps:
             run.model.train()
             total = torch.zeros((), device=dist_.device)
@@ -358,9 +360,7 @@ def train_loop(run: Run, loss_fn: Callable[[torch.Tensor, torch.Tensor | None], 
             if run.step % config.checkpoint_every == 0 or run.step == config.steps or stopping:
                 run.save()
             if stopping:
-                progress.close()
                 return "interrupted"
-    progress.close()
     return "done"
 
 
@@ -394,6 +394,7 @@ def model_config(table: dict, config: TrainConfig, config_class: type, **fixed: 
 # -- stage 1 ----------------------------------------------------------------------------------------------
 def train_autoencoder(config: TrainConfig) -> Path:
     """Train a KL autoencoder on `config.data`; returns the folder of the final (EMA) autoencoder."""
+    preset(AUTOENCODERS, config.model)  # a bad name fails before the data is decoded
     dist_, dataset = prepare(config, "autoencoder")
     ae_config = model_config(AUTOENCODERS, config, AutoencoderConfig, in_channels=config.channels,
                              out_channels=config.channels, sample_size=config.resolution)
@@ -470,6 +471,7 @@ def encode_dataset(autoencoder: Autoencoder, dataset: ImageDataset, device, batc
 
 def train_diffusion(config: TrainConfig) -> Path:
     """Train a (latent or pixel) diffusion U-Net; returns the folder of the final (EMA) generator."""
+    preset(UNETS, config.model)  # a bad name fails before the data is decoded
     dist_, dataset = prepare(config, "diffusion")
     autoencoder = (Autoencoder.from_pretrained(config.autoencoder, device=dist_.device)
                    if config.autoencoder else None)

@@ -1,0 +1,239 @@
+"""Training end to end on a small generated image folder: both stages, exact resume after kill -9 and
+SIGTERM, divergence handling, DDP equivalence and configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from encdiff import Autoencoder, EncdiffError
+from encdiff.checkpoint import latest_training_state
+from encdiff.data import ImageDataset
+from encdiff.pipeline import Generator
+from encdiff.train import TrainConfig, load_config, train_autoencoder, train_diffusion
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+COMMON = dict(model="tiny", resolution=16, batch_size=8, log_every=2, sample_every=0, workers=0, warmup_steps=2)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """3 classes x 12 images of 20x20 with class-specific colours (resized to 16 by the loader)."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
+        (root / f"class{c}").mkdir()
+        for i in range(12):
+            pixels = np.clip(rng.normal(colour, 30, (20, 20, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def autoencoder_run(image_folder, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ae")
+    config = TrainConfig(data=str(image_folder), run_dir=str(run_dir), steps=6, checkpoint_every=3,
+                         **{**COMMON, "sample_every": 3})
+    return train_autoencoder(config)
+
+
+def test_autoencoder_run_writes_model_logs_and_grids(autoencoder_run, image_folder):
+    run_dir = autoencoder_run.parent
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in rows)
+    assert (run_dir / "reconstructions-00000003.png").is_file() and (run_dir / "loss.png").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["stage"] == "autoencoder"
+    # The measured scale/shift make the data's latents zero-mean, unit-variance.
+    autoencoder = Autoencoder.from_pretrained(autoencoder_run)
+    x, _ = ImageDataset(image_folder, 16, workers=0, progress=False).batch(torch.arange(36))
+    with torch.no_grad():
+        latents = autoencoder.encode(x).double()
+    assert latents.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert abs(latents.var(dim=(0, 2, 3), unbiased=False).mean().item() - 1) < 1e-4
+
+
+def test_latent_diffusion_run_makes_a_class_conditional_generator(autoencoder_run, image_folder, tmp_path):
+    config = TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "ldm"), steps=4, checkpoint_every=2,
+                         autoencoder=str(autoencoder_run), **{**COMMON, "sample_every": 4, "sample_steps": 3})
+    out = train_diffusion(config)
+    assert (tmp_path / "ldm" / "samples-00000004.png").is_file()
+    assert len(list((tmp_path / "ldm" / "cache").glob("latents-*.safetensors"))) == 1  # encoded once
+    generator = Generator.from_pretrained(out)
+    assert generator.class_names == ["class0", "class1", "class2"] and generator.unet.config.null_class
+    images = generator.images([0, 1], torch.tensor([0, 2]), steps=3)
+    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8
+    # Image i depends on its seed only: a batch equals its images made one by one.
+    assert torch.equal(generator.images([1], torch.tensor([2]), steps=3)[0], images[1])
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "encdiff", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def pixel_args(image_folder: Path, run_dir: Path, steps: int, every: int) -> list[str]:
+    return ["train", str(image_folder), "--pixel", "--model", "tiny", "--resolution", "16", "--batch-size", "8",
+            "--steps", str(steps), "--checkpoint-every", str(every), "--log-every", "2", "--sample-every", "0",
+            "--workers", "0", "--keep-last", "100", "--run-dir", str(run_dir)]
+
+
+def final_tensors(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"step-{step:08d}" / "state.safetensors"))
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    keys = [k for k in a if k.startswith(("model.", "ema.", "optimizer."))]
+    assert keys and sorted(keys) == sorted(k for k in b if k.startswith(("model.", "ema.", "optimizer.")))
+    different = [k for k in keys if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, first {different[0]}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(image_folder, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("whole")
+    result = cli(*pixel_args(image_folder, run_dir, steps=60, every=5))
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def start_and_wait_for_first_checkpoint(image_folder: Path, run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "encdiff", *pixel_args(image_folder, run_dir, 60, 5)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = run_dir / "checkpoints" / "step-00000005" / "COMPLETE"
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.01)
+    return process
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(image_folder, uninterrupted, tmp_path):
+    """2N steps in one go == N steps, kill -9 at a random point after the N-step checkpoint, resume, the rest."""
+    run_dir = tmp_path / "killed"
+    process = start_and_wait_for_first_checkpoint(image_folder, run_dir)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.8))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed_from = latest_training_state(run_dir)
+    result = cli(*pixel_args(image_folder, run_dir, steps=60, every=5))
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {resumed_from}" in result.stderr
+    assert_bitwise_equal(final_tensors(run_dir, 60), final_tensors(uninterrupted, 60))
+    # The log is continuous: every logged step once, in order.
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(2, 61, 2))
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes_exactly(image_folder, uninterrupted, tmp_path):
+    run_dir = tmp_path / "terminated"
+    process = start_and_wait_for_first_checkpoint(image_folder, run_dir)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    assert process.returncode == 0, process.stderr.read()
+    latest = latest_training_state(run_dir)
+    step = int(latest.name.split("-")[1])
+    assert 5 <= step < 60 and not (run_dir / "model").exists()
+    result = cli(*pixel_args(image_folder, run_dir, steps=60, every=5), "--resume")
+    assert result.returncode == 0, result.stderr
+    assert_bitwise_equal(final_tensors(run_dir, 60), final_tensors(uninterrupted, 60))
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(image_folder, uninterrupted, tmp_path):
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    args = pixel_args(image_folder, run_dir, steps=10, every=10)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                             "--master-port", str(29500 + os.getpid() % 1000), "-m", "encdiff", *args],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = final_tensors(run_dir, 10)
+    single_dir = tmp_path / "single"
+    assert cli(*pixel_args(image_folder, single_dir, steps=10, every=10)).returncode == 0
+    single = final_tensors(single_dir, 10)
+    for prefix in ("model.", "ema."):
+        for key in (k for k in single if k.startswith(prefix)):
+            torch.testing.assert_close(ddp[key], single[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert ddp["rng.noise.rank1"].shape == ddp["rng.noise.rank0"].shape  # every rank's RNG state is kept
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(image_folder, tmp_path):
+    config = TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "nan"), steps=50, checkpoint_every=1,
+                         lr=1e30, grad_clip=0.0, **{**COMMON, "warmup_steps": 1})
+    with pytest.raises(EncdiffError, match="training diverged at step") as info:
+        train_diffusion(config)
+    last = latest_training_state(tmp_path / "nan")
+    assert last is not None and str(last) in str(info.value)
+    tensors = load_file(str(last / "state.safetensors"))
+    assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("model."))
+
+
+def test_config_layers_defaults_preset_toml_flags(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('steps = 7\nlr = 0.001\nmodel = "pixel_small"\n')
+    config = load_config(str(toml), "cifar10", "diffusion", {"data": "d", "lr": 0.5, "batch_size": None})
+    assert (config.steps, config.lr, config.model, config.batch_size) == (7, 0.5, "pixel_small", 128)
+    toml.write_text("stepz = 7\n")
+    with pytest.raises(EncdiffError, match="stepz"):
+        load_config(str(toml), None, "diffusion", {})
+    toml.write_text("steps = [\n")
+    with pytest.raises(EncdiffError, match="not valid TOML"):
+        load_config(str(toml), None, "diffusion", {})
+    with pytest.raises(EncdiffError, match="unknown training preset 'nope'; valid: cifar10, folder64"):
+        load_config(None, "nope", "diffusion", {})
+    with pytest.raises(EncdiffError, match="'lr_schedule'"):
+        TrainConfig(lr_schedule="linear")
+
+
+def test_resume_refuses_a_changed_config(image_folder, tmp_path):
+    base = dict(data=str(image_folder), run_dir=str(tmp_path / "r"), checkpoint_every=2, **COMMON)
+    train_diffusion(TrainConfig(steps=2, **base))
+    with pytest.raises(EncdiffError, match="different config.*lr"):
+        train_diffusion(TrainConfig(steps=2, **{**base, "lr": 1e-3}))
+
+
+def test_dry_run_prints_the_resolved_config(image_folder):
+    result = cli("train", str(image_folder), "--pixel", "--preset", "cifar10", "--steps", "3", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    assert config["stage"] == "diffusion" and config["steps"] == 3 and config["model"] == "latent_8x8"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "nowhere", "--pixel", "--model", "tiny"], "nowhere"),
+    (["train", ".", "--model", "tiny"], "exactly one of --autoencoder"),
+    (["train", ".", "--pixel"], "no model"),
+    (["train", ".", "--pixel", "--model", "huge"], "unknown preset 'huge'"),
+    (["train-autoencoder", ".", "--preset", "nope"], "unknown training preset"),
+    (["sample"], "no bundled model"),
+    (["sample", "nowhere"], "not a generator folder"),
+    (["info", "nowhere"], "neither a model folder"),
+    (["export", "nowhere", "out"], "no complete checkpoint"),
+])
+def test_user_mistakes_print_one_line_and_exit_2(args, message, tmp_path):
+    result = cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("encdiff: error:") and message in lines[0], result.stderr
+
+
+def test_help_shows_real_example_command_lines():
+    result = cli("--help")
+    assert result.returncode == 0 and "encdiff train-autoencoder data/cifar10/train --preset cifar10" in result.stdout
+    assert "torchrun --nproc-per-node=4 -m encdiff train" in result.stdout
