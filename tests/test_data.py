@@ -80,6 +80,7 @@ def test_scan_class_folders(tmp_path):
     solid(tmp_path / "cat" / "z.png", 0)
     solid(tmp_path / "cat" / "nested" / "a.png", 0)  # class folders are searched at any depth
     solid(tmp_path / ".hidden_class" / "x.png", 0)
+    solid(tmp_path / "dog" / ".ipynb_checkpoints" / "x.png", 0)
     (tmp_path / "no_images").mkdir()
     (tmp_path / "no_images" / "readme.txt").write_text("x")
     (tmp_path / "LICENSE").write_text("x")
@@ -410,6 +411,16 @@ def test_random_flips_come_from_the_generator():
     assert flips.dtype == torch.bool and flips.shape == (10_000,) and 4800 < flips.sum() < 5200
     assert torch.equal(flips, random_flips(10_000, torch.Generator().manual_seed(0)))
     assert not torch.equal(flips, random_flips(10_000, torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the trainer's generators live there)")
+def test_flips_from_a_cuda_generator(tmp_path):
+    solid(tmp_path / "a.png", (10, 20, 30))
+    ds = quiet_dataset(tmp_path, 4, workers=0)
+    flips = random_flips(4, torch.Generator("cuda").manual_seed(0))
+    assert flips.device.type == "cuda"
+    x, _ = ds.batch(torch.zeros(4, dtype=torch.int64), flips)
+    assert x.shape == (4, 3, 4, 4)
 
 
 # ------------------------------------------------------------------------------------------------ sampler

@@ -32,7 +32,9 @@ DECODE_VERSION = 1
 CACHE_FORMAT = "encdiff-images"
 # How many unreadable files a warning or an error names before it says "and N more".
 LISTED = 10
-# A chunk sent to a worker holds at most this many decoded bytes, so results stream back in modest pieces.
+# A chunk of files decoded as one task: small enough for a smooth progress bar and modest results to send
+# back from a worker, large enough that the per-task overhead does not matter.
+CHUNK_FILES = 256
 CHUNK_BYTES = 32 << 20
 EXIF_ORIENTATION = 0x0112
 
@@ -124,6 +126,17 @@ def to_8bit(image: Image.Image, channels: int) -> Image.Image:
     return image.convert("RGB" if channels == 3 else "L")
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it (EXIF orientation applied); a damaged EXIF block leaves it as stored,
+    since the pixels themselves are fine."""
+    try:
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            return ImageOps.exif_transpose(image)
+    except Exception:
+        pass
+    return image
+
+
 def load_image(path: str | os.PathLike, resolution: int, channels: int = 3) -> np.ndarray:
     """Decode an image file (its first frame) to uint8 (channels, resolution, resolution).
 
@@ -140,9 +153,7 @@ def load_image(path: str | os.PathLike, resolution: int, channels: int = 3) -> n
         # plugin raise any exception type. Truncated files fail in load() (LOAD_TRUNCATED_IMAGES stays off).
         with Image.open(path) as image:
             image.load()
-            if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
-                image = ImageOps.exif_transpose(image)
-            image = to_8bit(image, channels)
+            image = to_8bit(upright(image), channels)
     except EncdiffError:
         raise
     except UnidentifiedImageError:
@@ -247,12 +258,13 @@ class ImageDataset:
     def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images `indices` as float32 in [-1, 1] (x / 127.5 - 1), mirrored left-right where `flips` is True,
         and their labels (None for a flat folder)."""
+        indices = indices.cpu()
         x = self.images[indices].float().div_(127.5).sub_(1.0)
         if flips is not None:
             if flips.shape != indices.shape:
                 raise EncdiffError(f"flips has shape {tuple(flips.shape)}; expected {tuple(indices.shape)} "
                                    f"(one flag per index)")
-            x = torch.where(flips.bool().view(-1, 1, 1, 1), x.flip(-1), x)
+            x = torch.where(flips.cpu().bool().view(-1, 1, 1, 1), x.flip(-1), x)
         return x, None if self.labels is None else self.labels[indices]
 
     def decode(self, files: list[Path], strict: bool, workers: int,
@@ -261,7 +273,8 @@ class ImageDataset:
         c, r = self.channels, self.resolution
         images = torch.empty((len(files), c, r, r), dtype=torch.uint8)
         failed: dict[int, str] = {}
-        per_chunk = max(1, min(CHUNK_BYTES // (c * r * r), math.ceil(len(files) / max(1, workers * 8))))
+        per_chunk = min(CHUNK_FILES, CHUNK_BYTES // (c * r * r), math.ceil(len(files) / max(1, workers * 4)))
+        per_chunk = max(1, per_chunk)
         starts = range(0, len(files), per_chunk)
         chunks = [[str(f) for f in files[s:s + per_chunk]] for s in starts]
         workers = min(workers, len(chunks))
@@ -336,8 +349,9 @@ class ImageDataset:
 
 
 def random_flips(batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """Horizontal-flip flags (bool, p = 0.5), drawn from `generator` only so that a resumed run repeats them."""
-    return torch.rand(batch_size, generator=generator) < 0.5
+    """Horizontal-flip flags (bool, p = 0.5, on the generator's device), drawn from `generator` only so that a
+    resumed run repeats them."""
+    return torch.rand(batch_size, generator=generator, device=generator.device) < 0.5
 
 
 class BatchSampler:
