@@ -237,3 +237,36 @@ def test_help_shows_real_example_command_lines():
     result = cli("--help")
     assert result.returncode == 0 and "encdiff train-autoencoder data/cifar10/train --preset cifar10" in result.stdout
     assert "torchrun --nproc-per-node=4 -m encdiff train" in result.stdout
+
+
+def test_cli_sample_reconstruct_export_info_on_trained_models(autoencoder_run, image_folder, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    run_dir = tmp_path / "ldm"
+    result = cli("train", str(image_folder), "--autoencoder", str(autoencoder_run), "--model", "tiny",
+                 "--resolution", "16", "--steps", "2", "--batch-size", "8", "--sample-every", "0", "--workers", "0",
+                 "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    model = run_dir / "model"
+    # One row per class when the images cycle through the classes: 3 rows x 2 columns of 16 px.
+    assert cli("sample", str(model), "--num", "6", "--steps", "3", "--out", str(tmp_path / "grid.png")).returncode == 0
+    assert Image.open(tmp_path / "grid.png").size == (32, 48)
+    result = cli("sample", str(model), "--num", "3", "--steps", "3", "--class", "class1", "--guidance", "2",
+                 "--out-dir", str(tmp_path / "each"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "each").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    # Reconstruction: original | reconstruction side by side, and a PSNR per image.
+    result = cli("reconstruct", str(autoencoder_run), str(image_folder / "class0"), "--out", str(tmp_path / "rec"))
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "rec").glob("*.png"))) == 12 and "mean PSNR over 12 image(s)" in result.stdout
+    assert Image.open(next((tmp_path / "rec").glob("*.png"))).size == (32, 16)
+    # Export the EMA weights: ours loads as a generator, diffusers' with diffusers itself.
+    assert cli("export", str(run_dir), str(tmp_path / "ours")).returncode == 0
+    Generator.from_pretrained(tmp_path / "ours")
+    assert cli("export", str(run_dir), str(tmp_path / "theirs"), "--diffusers").returncode == 0
+    theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "theirs" / "unet")
+    assert theirs.config.num_class_embeds == 4  # 3 classes + the null class
+    diffusers.AutoencoderKL.from_pretrained(tmp_path / "theirs" / "vae")
+    info = cli("info", str(model))
+    assert info.returncode == 0 and "generator (latent diffusion)" in info.stdout and "class1" in info.stdout
+    info = cli("info", str(run_dir))
+    assert info.returncode == 0 and "diffusion run, step 2 of 2" in info.stdout

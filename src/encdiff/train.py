@@ -213,6 +213,14 @@ class Run:
         self.step = 0
         self.images_seen = 0
         self.history: list[dict[str, float]] = []
+        self.tensorboard = None
+        if dist_.main:
+            try:  # TensorBoard is optional: metrics.jsonl always has the same numbers
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"))
+            except ImportError:
+                pass
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -277,6 +285,11 @@ class Run:
             return
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(f"{self.stage}/{key}", value, row["step"])
+            self.tensorboard.flush()
         plot_loss(self.history, self.dir / "loss.png")
 
 
@@ -311,6 +324,9 @@ def train_loop(run: Run, loss_fn: Callable[[torch.Tensor, torch.Tensor | None], 
     ddp_model = run.model
     if dist_.world_size > 1:
         ddp_model = DistributedDataParallel(run.model, device_ids=[dist_.local_rank] if dist_.device.type == "cuda" else None)
+    if config.compile:
+        # Compiled around DDP (as PyTorch recommends); checkpoints and the EMA keep using the plain module.
+        ddp_model = torch.compile(ddp_model)
     progress = tqdm(total=config.steps, initial=run.step, disable=not dist_.main, dynamic_ncols=True, desc=run.stage)
     window_start, window_images, window_losses = time.perf_counter(), 0, []
     with StopRequest() as stop, progress:
@@ -380,10 +396,15 @@ def prepare(config: TrainConfig, stage: str) -> tuple[Distributed, ImageDataset]
         atomic_write_bytes(run_dir / "config.json",
                            (json.dumps({"stage": stage, **config_to_json(config)}, indent=2) + "\n").encode())
     dist_.barrier()
-    dataset = ImageDataset(config.data, config.resolution, config.channels, strict=config.strict,
-                           cache_dir=run_dir / "cache" if dist_.main else None, workers=config.workers,
-                           progress=dist_.main)
-    return dist_, dataset
+
+    def load() -> ImageDataset:
+        return ImageDataset(config.data, config.resolution, config.channels, strict=config.strict,
+                            cache_dir=run_dir / "cache", workers=config.workers, progress=dist_.main)
+
+    # Rank 0 decodes and caches; the other ranks then read the cache instead of decoding again.
+    dataset = load() if dist_.main else None
+    dist_.barrier()
+    return dist_, dataset if dataset is not None else load()
 
 
 def model_config(table: dict, config: TrainConfig, config_class: type, **fixed: Any):
