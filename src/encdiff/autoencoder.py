@@ -8,7 +8,6 @@ model-ready latents (z - shift) * scale and `decode` undoes it, so callers never
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 

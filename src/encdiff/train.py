@@ -7,6 +7,7 @@ denoising score matching (Karras et al. 2022) on latents encoded once (both flip
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -315,7 +316,7 @@ def plot_loss(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def train_loop(run: Run, loss_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], dataset: ImageDataset,
+def train_loop(run: Run, loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor],
                images_of: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
                on_sample: Callable[[Run], None]) -> str:
     """The optimizer loop shared by both stages; returns "done" or "interrupted"."""
@@ -340,7 +341,7 @@ def train_loop(run: Run, loss_fn: Callable[[torch.Tensor, torch.Tensor | None], 
                 x, labels = images_of(indices, flips)
                 # Gradients are all-reduced on the last accumulation round only.
                 sync = micro == config.grad_accum - 1 or dist_.world_size == 1
-                context = ddp_model.no_sync() if not sync else _nullcontext()
+                context = ddp_model.no_sync() if not sync else contextlib.nullcontext()
                 with context, torch.autocast(dist_.device.type, dtype=torch.bfloat16, enabled=autocast):
                     loss = loss_fn(ddp_model, x.to(dist_.device), None if labels is None else labels.to(dist_.device))
                 (loss / config.grad_accum).backward()
@@ -378,14 +379,6 @@ def train_loop(run: Run, loss_fn: Callable[[torch.Tensor, torch.Tensor | None], 
             if stopping:
                 return "interrupted"
     return "done"
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def prepare(config: TrainConfig, stage: str) -> tuple[Distributed, ImageDataset]:
@@ -445,7 +438,7 @@ def train_autoencoder(config: TrainConfig) -> Path:
         save_png(image_grid(((pairs + 1) * 127.5).round().to(torch.uint8), rows=len(preview) // 2),
                  run.dir / f"reconstructions-{run.step:08d}.png")
 
-    status = train_loop(run, loss_fn, dataset, dataset.batch, on_sample)
+    status = train_loop(run, loss_fn, dataset.batch, on_sample)
     if status != "done":
         return run.dir
     out = run.dir / "model"
@@ -536,7 +529,7 @@ def train_diffusion(config: TrainConfig) -> Path:
         images = generator.images(list(range(rows * per_row)), labels, steps=config.sample_steps)
         save_png(image_grid(images, rows=rows), run.dir / f"samples-{run.step:08d}.png")
 
-    status = train_loop(run, loss_fn, dataset, images_of, on_sample)
+    status = train_loop(run, loss_fn, images_of, on_sample)
     out = run.dir / "model"
     if status == "done" and dist_.main:
         Generator(run.ema.model, spec, autoencoder, dataset.class_names).save_pretrained(out)
