@@ -24,7 +24,9 @@ EXAMPLES = """examples:
   encdiff sample runs/ldm/model --num 16 --class cat --guidance 2 --out samples.png
   encdiff reconstruct runs/ae/model photos/ --out recon/
   encdiff export runs/ldm exported/ --diffusers
-  encdiff info runs/ldm"""
+  encdiff info runs/ldm
+  encdiff train-feature-net /tmp/cifar10 --out featurenet.safetensors
+  encdiff eval runs/ldm/model --reference data/cifar10/test --num 10000 --out eval/"""
 
 
 def _train_flags(parser: argparse.ArgumentParser) -> None:
@@ -241,6 +243,38 @@ def _describe_model(folder: Path) -> None:
         print(f"  {key}: {value}")
 
 
+def _split_folders(data: Path, test: str | None) -> tuple[Path, Path | None]:
+    """DATA with train/ (and test/) subfolders, or DATA itself as the training folder."""
+    if (data / "train").is_dir():
+        return data / "train", Path(test) if test else (data / "test" if (data / "test").is_dir() else None)
+    return data, Path(test) if test else None
+
+
+def cmd_train_feature_net(args: argparse.Namespace) -> int:
+    from .data import ImageDataset
+    from .featurenet import FeatureNetConfig, FeatureNetTraining, train_feature_net
+
+    data = Path(args.data)
+    if not data.is_dir():
+        raise EncdiffError(f"{data}: not a folder; give an image folder with class subfolders "
+                           "(or a folder holding train/ and test/ ones)")
+    train_dir, test_dir = _split_folders(data, args.test)
+    cache = args.cache_dir
+    train = ImageDataset(train_dir, 32, cache_dir=cache)
+    if train.labels is None:
+        raise EncdiffError(f"{train_dir}: no class subfolders, so no labels to train a classifier on")
+    test = ImageDataset(test_dir, 32, cache_dir=cache) if test_dir is not None else None
+    if test is not None and test.class_names != train.class_names:
+        raise EncdiffError(f"{test_dir}: classes {test.class_names} differ from {train_dir}'s {train.class_names}")
+    settings = FeatureNetTraining(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                  bf16=args.bf16)
+    config = FeatureNetConfig(num_classes=train.num_classes, class_names=tuple(train.class_names))
+    train_feature_net(train.images, train.labels, args.out, settings, config,
+                      None if test is None else test.images, None if test is None else test.labels)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="encdiff", description="Encoder-decoder diffusion models.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -285,6 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("info", help="describe a model, generator or run folder")
     p.add_argument("path")
+
+    p = commands.add_parser("train-feature-net", help="train the CIFAR-style classifier whose features the "
+                            "metrics use (its figures are not comparable to Inception FID)")
+    p.add_argument("data", help="folder with train/ and test/ class subfolders, or one folder of class subfolders")
+    p.add_argument("--test", help="held-out folder for test accuracy (default DATA/test when present)")
+    p.add_argument("--out", default="featurenet.safetensors", help="output weights (fp16 safetensors)")
+    p.add_argument("--epochs", type=int, default=18)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--lr", type=float, default=0.4, help="peak learning rate (one-cycle, SGD Nesterov)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
+    p.add_argument("--cache-dir", help="cache the decoded images here (safetensors)")
     return parser
 
 
@@ -295,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train-autoencoder", "train"):
             return cmd_train(args, "autoencoder" if args.command == "train-autoencoder" else "diffusion")
         return {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "export": cmd_export,
-                "info": cmd_info}[args.command](args)
+                "info": cmd_info, "train-feature-net": cmd_train_feature_net}[args.command](args)
     except EncdiffError as e:
         print(f"encdiff: error: {e}", file=sys.stderr)
         return 2
