@@ -7,6 +7,10 @@ comparisons made with freshly built models would be trivially true: tests that c
 
 from __future__ import annotations
 
+import random
+import tarfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -60,3 +64,21 @@ def randomize():
 def seeded():
     """A factory of seeded CPU generators: `seeded(3)`."""
     return lambda seed: torch.Generator().manual_seed(seed)
+
+
+# The CIFAR-10 copy beside the project (../shared/data, see its README); tests using it skip without it.
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+needs_cifar = pytest.mark.skipif(not CIFAR.is_file(), reason=f"the CIFAR-10 copy is absent ({CIFAR})")
+
+
+def extract_cifar_subset(target: Path, n: int, split: str = "train", seed: int = 0) -> list[tuple[str, str]]:
+    """Extract a seeded random subset of n images of a split into target/<class>/<file>; returns
+    (class, file) pairs. Seeded and spread over the classes: the archive is ordered by class."""
+    with tarfile.open(CIFAR) as archive:
+        members = [m for m in archive.getmembers() if m.isfile() and m.name.startswith(f"{split}/")]
+        chosen = sorted(random.Random(seed).sample(members, n), key=lambda m: m.offset)
+        for member in chosen:
+            _, name, filename = member.name.split("/")
+            (target / name).mkdir(parents=True, exist_ok=True)
+            (target / name / filename).write_bytes(archive.extractfile(member).read())
+    return [tuple(m.name.split("/")[1:]) for m in chosen]

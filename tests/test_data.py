@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import random
-import tarfile
 import warnings
 from pathlib import Path
 
@@ -20,9 +18,9 @@ from torch.utils.data import DistributedSampler
 
 import encdiff.data as data
 from encdiff import EncdiffError
+from conftest import extract_cifar_subset, needs_cifar
 from encdiff.data import IMAGE_EXTENSIONS, BatchSampler, ImageDataset, load_image, random_flips, scan_folder
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -491,20 +489,12 @@ def test_sampler_refuses_bad_states(state, field):
 # ----------------------------------------------------------------------------------------------- CIFAR-10
 
 
-@pytest.mark.skipif(not CIFAR.is_file(), reason=f"the CIFAR-10 copy is absent ({CIFAR})")
+@needs_cifar
 def test_cifar10_subset(tmp_path):
-    with tarfile.open(CIFAR) as archive:
-        members = [m for m in archive.getmembers() if m.isfile() and m.name.startswith("train/")]
-        # Seeded and spread over every class: the archive is ordered by class, so never "the first N".
-        chosen = sorted(random.Random(0).sample(members, 300), key=lambda m: m.offset)
-        for member in chosen:
-            _, name, filename = member.name.split("/")
-            target = tmp_path / name / filename
-            target.parent.mkdir(exist_ok=True)
-            target.write_bytes(archive.extractfile(member).read())
+    chosen = extract_cifar_subset(tmp_path, 300)
     ds = quiet_dataset(tmp_path, 32, workers=0)
     assert ds.class_names == CIFAR_CLASSES and len(ds) == 300 and ds.images.shape == (300, 3, 32, 32)
-    expected = sorted((m.name.split("/")[1], m.name.split("/")[2]) for m in chosen)
+    expected = sorted(chosen)
     assert ds.labels.tolist() == [CIFAR_CLASSES.index(name) for name, _ in expected]
     assert torch.bincount(ds.labels, minlength=10).min() >= 15
     assert 80 < ds.images.float().mean() < 160 and ds.images.float().std() > 40  # natural images, not blank
