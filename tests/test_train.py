@@ -23,7 +23,7 @@ from encdiff import Autoencoder, EncdiffError
 from encdiff.checkpoint import latest_training_state
 from encdiff.data import ImageDataset
 from encdiff.pipeline import Generator
-from encdiff.train import TrainConfig, load_config, train_autoencoder, train_diffusion
+from encdiff.train import TrainConfig, export_run, load_config, train_autoencoder, train_diffusion
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 COMMON = dict(model="tiny", resolution=16, batch_size=8, log_every=2, sample_every=0, workers=0, warmup_steps=2)
@@ -282,3 +282,23 @@ def test_autoencoder_learns_on_real_cifar_images(tmp_path):
     train_autoencoder(config)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 4 and losses[-1] < 0.6 * losses[0], losses
+
+
+def test_export_works_from_any_checkpoint_without_the_finished_model(autoencoder_run, image_folder, tmp_path):
+    import shutil
+
+    ae_run = tmp_path / "ae"
+    shutil.copytree(autoencoder_run.parent, ae_run)
+    shutil.rmtree(ae_run / "model")
+    exported = Autoencoder.from_pretrained(export_run(ae_run, tmp_path / "ae-out"))
+    finished = Autoencoder.from_pretrained(autoencoder_run)
+    # Same EMA weights and the same measured latent statistics as the end of training wrote.
+    assert exported.config == finished.config
+    for key, value in finished.state_dict().items():
+        assert torch.equal(exported.state_dict()[key], value), key
+    config = TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "ldm"), steps=2, checkpoint_every=2,
+                         autoencoder=str(autoencoder_run), **COMMON)
+    shutil.rmtree(train_diffusion(config))
+    generator = Generator.from_pretrained(export_run(tmp_path / "ldm", tmp_path / "ldm-out"))
+    assert generator.class_names == ["class0", "class1", "class2"]
+    assert generator.images([0], torch.tensor([1]), steps=2).shape == (1, 3, 16, 16)

@@ -162,37 +162,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .autoencoder import Autoencoder
-    from .checkpoint import latest_training_state, load_training_state
-    from .pipeline import Generator
+    from .train import export_run
 
-    path = latest_training_state(args.run)
-    if path is None:
-        raise EncdiffError(f"{args.run}: no complete checkpoint to export")
-    tensors, meta = load_training_state(path)
-    ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
-    out = Path(args.out)
-    final = Path(args.run) / "model"
-    if meta["stage"] == "autoencoder":
-        if not final.is_dir():
-            raise EncdiffError(f"{args.run}: the run has not finished, so its latent statistics are not measured yet; "
-                               "export after training ends")
-        autoencoder = Autoencoder.from_pretrained(final)
-        autoencoder.load_state_dict(ema)
-        autoencoder.save_pretrained(out, diffusers=args.diffusers)
-    else:
-        generator_info = final / "generator.json"
-        if not generator_info.is_file():
-            raise EncdiffError(f"{args.run}: no finished generator to take the model config from ({generator_info})")
-        generator = Generator.from_pretrained(final)
-        generator.unet.load_state_dict(ema)
-        if args.diffusers:
-            generator.unet.save_pretrained(out / "unet", diffusers=True)
-            if isinstance(generator.autoencoder, Autoencoder):
-                generator.autoencoder.save_pretrained(out / "vae", diffusers=True)
-        else:
-            generator.save_pretrained(out)
-    print(f"exported the EMA weights of {path} to {out}")
+    out = export_run(args.run, args.out, diffusers=args.diffusers)
+    print(f"exported the EMA weights of {args.run} to {out}")
     return 0
 
 

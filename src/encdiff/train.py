@@ -190,8 +190,12 @@ def lr_factor(config: TrainConfig) -> Callable[[int], float]:
 class Run:
     """The state shared by both stages: data, model, optimizer, EMA, RNG streams, checkpoints and logs."""
 
-    def __init__(self, config: TrainConfig, stage: str, model: torch.nn.Module, dataset_len: int, dist_: Distributed):
+    def __init__(self, config: TrainConfig, stage: str, model: torch.nn.Module, dataset_len: int, dist_: Distributed,
+                 export_info: dict[str, Any] | None = None):
         self.config, self.stage, self.dist = config, stage, dist_
+        # What `export_run` needs to rebuild the model from any checkpoint: its config, and for a generator
+        # the denoiser spec, class names and autoencoder folder.
+        self.export_info = {"model_config": dataclasses.asdict(model.config), **(export_info or {})}
         self.dir = Path(config.run_dir)
         self.model = model.to(dist_.device)
         per_rank = config.batch_size // (dist_.world_size * config.grad_accum)
@@ -243,7 +247,7 @@ class Run:
             meta = {"stage": self.stage, "step": self.step, "images_seen": self.images_seen,
                     "world_size": self.dist.world_size, "sampler": self.sampler.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "optimizer": optimizer_skeleton,
-                    "config": config_to_json(self.config), "history": self.history}
+                    "config": config_to_json(self.config), "history": self.history, "export": self.export_info}
             path = save_training_state(self.dir, self.step, tensors, meta, keep_last=self.config.keep_last)
         self.dist.barrier()
         return path
@@ -500,7 +504,9 @@ def train_diffusion(config: TrainConfig) -> Path:
     spec = DenoiserSpec(kind=config.denoiser, sigma_data=config.sigma_data, schedule=config.train_schedule,
                         prediction=config.prediction)
     torch.manual_seed(config.seed)
-    run = Run(config, "diffusion", UNet(unet_config), len(dataset), dist_)
+    export_info = {"denoiser": dataclasses.asdict(spec), "class_names": dataset.class_names,
+                   "autoencoder": str(Path(config.autoencoder).resolve()) if config.autoencoder else None}
+    run = Run(config, "diffusion", UNet(unet_config), len(dataset), dist_, export_info)
     run.resume()
 
     if autoencoder is not None:
@@ -555,6 +561,37 @@ def cached_latents(autoencoder: Autoencoder, dataset: ImageDataset, cache_dir: P
         atomic_save_tensors({"latents": encode_dataset(autoencoder, dataset, dist_.device)}, path)
     dist_.barrier()
     return load_file(str(path))["latents"]
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bool = False) -> Path:
+    """Write the EMA weights of a run's newest checkpoint as a model folder: an autoencoder (its latent
+    statistics measured on the run's data, as at the end of training) or a generator. With `diffusers`,
+    the networks are written in diffusers' format (`unet/`, `vae/`)."""
+    path = latest_training_state(run_dir)
+    if path is None:
+        raise EncdiffError(f"{run_dir}: no complete checkpoint to export")
+    tensors, meta = load_training_state(path)
+    info = meta.get("export", {})
+    ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+    out = Path(out)
+    if meta["stage"] == "autoencoder":
+        autoencoder = Autoencoder(config_from_dict(AutoencoderConfig, info["model_config"], f"{path} model_config"))
+        autoencoder.load_state_dict(ema)
+        config = config_from_dict(TrainConfig, meta["config"], f"{path} config")
+        dataset = ImageDataset(config.data, config.resolution, config.channels, strict=config.strict,
+                               cache_dir=Path(run_dir) / "cache", workers=config.workers)
+        measure_latent_statistics(autoencoder, dataset, "cpu").save_pretrained(out, diffusers=diffusers)
+        return out
+    unet = UNet(config_from_dict(UNetConfig, info["model_config"], f"{path} model_config"))
+    unet.load_state_dict(ema)
+    autoencoder = Autoencoder.from_pretrained(info["autoencoder"]) if info.get("autoencoder") else None
+    generator = Generator(unet, DenoiserSpec(**info["denoiser"]), autoencoder, info.get("class_names"))
+    if not diffusers:
+        return generator.save_pretrained(out)
+    unet.save_pretrained(out / "unet", diffusers=True)
+    if autoencoder is not None:
+        autoencoder.save_pretrained(out / "vae", diffusers=True)
+    return out
 
 
 def load_config(path: str | None, preset_name: str | None, stage: str, overrides: dict[str, Any]) -> TrainConfig:
