@@ -1,0 +1,544 @@
+"""Sample-quality and likelihood metrics, computed offline in a feature space that ships with encdiff.
+
+- FID, Fréchet distance between Gaussians fitted to features (Heusel et al. 2017, "GANs trained by a two
+  time-scale update rule converge to a local Nash equilibrium").
+- KID, unbiased squared MMD with the cubic polynomial kernel, mean +- std over random subsets
+  (Bińkowski et al. 2018, "Demystifying MMD GANs").
+- Precision and recall from k-NN manifolds, k = 3 (Kynkäänniemi et al. 2019, "Improved precision and
+  recall metric for assessing generative models").
+- Negative log-likelihood in bits/dim from the variational bound L_vlb with the discretised Gaussian
+  decoder (Ho et al. 2020, "Denoising diffusion probabilistic models", eq. 5 and sec. 3.3).
+- PSNR and SSIM (Wang et al. 2004) of reconstructions, through torchmetrics.
+
+Features come from encdiff's CIFAR-10 ResNet (featurenet.py) by default, so the numbers are NOT comparable
+to Inception FIDs in papers; compare your models with each other. With pytorch-fid's Inception weights
+file, `FIDInceptionV3` gives the standard Inception FID.
+
+Why our own FID/KID/P&R rather than torchmetrics' classes: one feature pass feeds all three metrics,
+the reference statistics are cached on disk (keyed by a hash of the reference images and the feature
+net), and FID's matrix square root uses a symmetric eigendecomposition in float64 (exact for the PSD
+matrices involved, never complex, no scipy). The tests check both against torchmetrics' FID and KID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import atomic_save_tensors, atomic_write_bytes, read_weights
+from .errors import EncdiffError
+
+KID_SUBSET_SIZE = 1000  # Bińkowski et al.'s default; smaller sets use all their images per subset
+KID_SUBSETS = 100
+PR_K = 3  # Kynkäänniemi et al.'s recommended neighbourhood size
+
+
+# --- feature spaces ------------------------------------------------------------------------------------
+def default_feature_net():
+    from .featurenet import FeatureNet
+
+    return FeatureNet.load()
+
+
+def feature_net_identity(net: torch.nn.Module) -> str:
+    """A hash of the net's class and weights: cached reference statistics are only reused with the same net."""
+    h = hashlib.sha256(type(net).__name__.encode())
+    for key, value in sorted(net.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def images_identity(images: torch.Tensor) -> str:
+    h = hashlib.sha256(str(tuple(images.shape)).encode())
+    h.update(images.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.inference_mode()
+def extract_features(net: torch.nn.Module, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 250,
+                     progress: bool = False, desc: str = "features") -> torch.Tensor:
+    """uint8 images (N, C, H, W), or an iterable of uint8 batches -> float32 features (N, D).
+
+    Features are computed in float32 (bf16 would move FID by more than the real-data floor's noise)."""
+    net.eval()
+    batches = (images[s:s + batch_size] for s in range(0, len(images), batch_size)) \
+        if isinstance(images, torch.Tensor) else images
+    total = len(images) if isinstance(images, torch.Tensor) else None
+    out = []
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+        for batch in batches:
+            if batch.dtype != torch.uint8:
+                raise EncdiffError(f"images have dtype {batch.dtype}; expected uint8 (0..255)")
+            x = batch.float() / 127.5 - 1
+            out.append(net.features(x.contiguous(memory_format=torch.channels_last)).float().cpu())
+            bar.update(len(batch))
+    return torch.cat(out)
+
+
+# --- FID -----------------------------------------------------------------------------------------------
+def check_count(n: int, minimum: int, what: str, where: str) -> None:
+    if n < minimum:
+        raise EncdiffError(f"{where}: {n} image(s), too few for {what}: it needs at least {minimum} "
+                           f"(use more images; 10,000 or more is the usual size for FID)")
+
+
+def min_images_for_fid(feature_dim: int) -> int:
+    # Below D + 1 images the covariance is singular and FID mostly measures the sample size, not quality.
+    return feature_dim + 1
+
+
+def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance, in float64: float32 sums over 10^4-10^5 samples lose the digits
+    that the small FIDs between similar sets are made of."""
+    f = features.double()
+    mu = f.mean(0)
+    centred = f - mu
+    return mu, centred.T @ centred / (len(f) - 1)
+
+
+def sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64.
+
+    tr (S1 S2)^(1/2) = tr (S1^(1/2) S2 S1^(1/2))^(1/2): the right side is a symmetric PSD matrix, so its
+    square root's trace is the sum of sqrt(eigenvalues) from eigvalsh, real and exact up to rounding
+    (scipy's general sqrtm on the non-symmetric S1 S2 can return complex parts that must be discarded)."""
+    mu1, mu2, sigma1, sigma2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
+    root1 = sqrtm_psd(sigma1)
+    inner = root1 @ sigma2 @ root1
+    trace_sqrt = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0).sqrt().sum()
+    value = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt
+    return max(float(value), 0.0)
+
+
+# --- KID -----------------------------------------------------------------------------------------------
+def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE,
+        seed: int = 0) -> tuple[float, float]:
+    """Kernel inception distance: mean and std over `subsets` random subsets of the unbiased MMD^2 estimate
+    with k(x, y) = (x.y / d + 1)^3. Unbiased: the diagonal k(x_i, x_i) is left out of the within-set sums,
+    so a model equal to the data scores 0 in expectation at any sample size (FID is biased upwards for small N)."""
+    m = min(subset_size, len(real), len(fake))
+    if m < 2:
+        raise EncdiffError(f"KID needs at least 2 images per set; got {len(real)} reference and {len(fake)} samples")
+    g = torch.Generator().manual_seed(seed)
+    d = real.shape[1]
+    values = []
+    for _ in range(subsets):
+        x = real[torch.randperm(len(real), generator=g)[:m]].double()
+        y = fake[torch.randperm(len(fake), generator=g)[:m]].double()
+        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        off = m * (m - 1)
+        mmd = (kxx.sum() - kxx.diagonal().sum()) / off + (kyy.sum() - kyy.diagonal().sum()) / off \
+            - 2 * kxy.mean()
+        values.append(float(mmd))
+    values_t = torch.tensor(values, dtype=torch.float64)
+    return float(values_t.mean()), float(values_t.std()) if subsets > 1 else 0.0
+
+
+# --- precision / recall --------------------------------------------------------------------------------
+def _kth_neighbour_radii(features: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    radii = []
+    for s in range(0, len(features), chunk):
+        dist = torch.cdist(features[s:s + chunk], features)
+        # the k+1-th smallest: the nearest one is the point itself (distance 0)
+        radii.append(dist.kthvalue(k + 1, dim=1).values)
+    return torch.cat(radii)
+
+
+def _inside_manifold(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    inside = []
+    for s in range(0, len(points), chunk):
+        dist = torch.cdist(points[s:s + chunk], centres)
+        inside.append((dist <= radii[None, :]).any(dim=1))
+    return torch.cat(inside)
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PR_K) -> tuple[float, float]:
+    """Precision: the fraction of samples inside the real manifold (the union of balls around each real
+    feature reaching its k-th nearest real neighbour); recall: the fraction of real features inside the
+    sample manifold. Distances in float64 so identical points are at distance exactly 0."""
+    if len(real) <= k or len(fake) <= k:
+        raise EncdiffError(f"precision/recall with k = {k} needs more than {k} images per set; got "
+                           f"{len(real)} reference and {len(fake)} samples")
+    real, fake = real.double(), fake.double()
+    precision = _inside_manifold(fake, real, _kth_neighbour_radii(real, k)).double().mean()
+    recall = _inside_manifold(real, fake, _kth_neighbour_radii(fake, k)).double().mean()
+    return float(precision), float(recall)
+
+
+# --- reference statistics ------------------------------------------------------------------------------
+@dataclass
+class ReferenceStats:
+    """Features of a reference image set and their float64 Gaussian statistics."""
+
+    features: torch.Tensor  # float32 (N, D)
+    mu: torch.Tensor  # float64 (D,)
+    sigma: torch.Tensor  # float64 (D, D)
+    key: str  # sha256 of (feature net, images)
+    source: str  # where the images came from (for the report)
+    resolution: int  # the images' size: samples must match it
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors({"features": self.features, "mu": self.mu, "sigma": self.sigma}, path,
+                            metadata={"encdiff_class": "ReferenceStats", "key": self.key, "source": self.source,
+                                      "resolution": str(self.resolution)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ReferenceStats":
+        from safetensors import safe_open
+
+        path = Path(path)
+        tensors = read_weights(path)
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("encdiff_class") != "ReferenceStats" or set(tensors) != {"features", "mu", "sigma"}:
+            raise EncdiffError(f"{path}: not an encdiff reference-statistics file (written by `encdiff eval` "
+                               "into its --cache-dir)")
+        return cls(tensors["features"], tensors["mu"], tensors["sigma"], meta["key"], meta["source"],
+                   int(meta["resolution"]))
+
+
+def reference_stats(images: torch.Tensor, net: torch.nn.Module | None = None, cache_dir: str | os.PathLike | None = None,
+                    source: str = "images", batch_size: int = 250, progress: bool = False) -> ReferenceStats:
+    """Features and statistics of uint8 reference images; with `cache_dir`, read from / written to
+    `cache_dir/reference-<key>.safetensors`, the key hashing the image bytes and the feature net's weights."""
+    net = net if net is not None else default_feature_net()
+    key = hashlib.sha256((feature_net_identity(net) + images_identity(images)).encode()).hexdigest()
+    path = Path(cache_dir) / f"reference-{key[:24]}.safetensors" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        cached = ReferenceStats.load(path)
+        if cached.key == key:
+            return cached
+    features = extract_features(net, images, batch_size, progress, desc="reference features")
+    mu, sigma = gaussian_stats(features)
+    stats = ReferenceStats(features, mu, sigma, key, source, images.shape[-1])
+    if path is not None:
+        stats.save(path)
+    return stats
+
+
+# --- set-level metrics ---------------------------------------------------------------------------------
+def compare_features(reference: ReferenceStats, features: torch.Tensor, *, kid_subsets: int = KID_SUBSETS,
+                     kid_subset_size: int = KID_SUBSET_SIZE, k: int = PR_K, seed: int = 0,
+                     where: str = "samples") -> dict:
+    """FID, KID (mean, std), precision and recall of `features` against the reference."""
+    minimum = min_images_for_fid(features.shape[1])
+    check_count(len(reference.features), minimum, f"FID in a {features.shape[1]}-d feature space", reference.source)
+    check_count(len(features), minimum, f"FID in a {features.shape[1]}-d feature space", where)
+    mu, sigma = gaussian_stats(features)
+    kid_mean, kid_std = kid(reference.features, features, kid_subsets, kid_subset_size, seed)
+    precision, recall = precision_recall(reference.features, features, k)
+    return {"fid": frechet_distance(reference.mu, reference.sigma, mu, sigma), "kid_mean": kid_mean,
+            "kid_std": kid_std, "precision": precision, "recall": recall}
+
+
+def class_accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                   class_names: Sequence[str]) -> dict[str, float]:
+    """Per class: the fraction of images of that (requested) class that the feature net classifies as it."""
+    logits = []
+    with torch.inference_mode():
+        for s in range(0, len(images), 250):
+            logits.append(net(images[s:s + 250].float() / 127.5 - 1).float())
+    predicted = torch.cat(logits).argmax(1)
+    return {class_names[c]: float((predicted[labels == c] == c).double().mean())
+            for c in sorted(set(labels.tolist()))}
+
+
+def sample_images(generator, n: int, *, batch_size: int = 100, sampler: str = "dpmpp_2m", steps: int = 20,
+                  guidance_scale: float | None = None, seed: int = 0, class_labels: torch.Tensor | None = None,
+                  progress: bool = False):
+    """Yield uint8 batches of `n` generated images; image i uses seed `seed + i` (and class_labels[i])."""
+    with tqdm(total=n, desc="sampling", unit="img", disable=not progress) as bar:
+        for s in range(0, n, batch_size):
+            seeds = list(range(seed + s, seed + min(n, s + batch_size)))
+            labels = None if class_labels is None else class_labels[s:s + len(seeds)]
+            batch = generator.images(seeds, labels, sampler=sampler, steps=steps, guidance_scale=guidance_scale)
+            bar.update(len(seeds))
+            yield batch
+
+
+def balanced_labels(n: int, classes: Sequence[int]) -> torch.Tensor:
+    """Class labels cycling through `classes`: every requested class gets n / len(classes) images."""
+    return torch.tensor([classes[i % len(classes)] for i in range(n)])
+
+
+def feature_classes(net: torch.nn.Module, generator_classes: Sequence[str], requested: Sequence[int]) -> list[int] | None:
+    """The feature net's class index for each requested generator class, matched by name; None when the
+    feature net does not know them (then class accuracy is not reported)."""
+    names = list(getattr(getattr(net, "config", None), "class_names", ()) or ())
+    if not names or not generator_classes:
+        return None
+    mapped = [names.index(generator_classes[c]) if generator_classes[c] in names else None for c in requested]
+    return None if any(m is None for m in mapped) else mapped
+
+
+def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: torch.nn.Module | None = None,
+                       batch_size: int = 100, sampler: str = "dpmpp_2m", steps: int = 20,
+                       guidance_scale: float | None = None, seed: int = 0, classes: Sequence[int | str] | None = None,
+                       kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE, k: int = PR_K,
+                       progress: bool = False) -> dict:
+    """Generate `n` images and measure them against `reference`: FID, KID, precision, recall and, for a
+    class-conditional model, the feature net's accuracy per requested class. The result also records
+    every setting that produced it. This is the call for periodic evaluation during training, e.g.
+
+        stats = reference_stats(dataset.images[idx_2k], cache_dir=run_dir / "eval")  # once
+        evaluate_generator(generator, stats, 2000, steps=20)                          # every N steps
+    """
+    net = net if net is not None else default_feature_net()
+    if generator.image_size != reference.resolution:
+        raise EncdiffError(f"the generator makes {generator.image_size}x{generator.image_size} images, the "
+                           f"reference ({reference.source}) is {reference.resolution}x{reference.resolution}: "
+                           "use a reference at the model's resolution (encdiff eval --resolution)")
+    check_count(n, min_images_for_fid(reference.features.shape[1]),
+                f"FID in a {reference.features.shape[1]}-d feature space", "--num (samples to generate)")
+    labels, requested = None, []
+    if generator.num_classes:
+        requested = [generator.class_index(c) for c in classes] if classes else list(range(generator.num_classes))
+        labels = balanced_labels(n, requested)
+    elif classes:
+        raise EncdiffError("classes were requested but the model is unconditional: it takes no class")
+    started = time.perf_counter()
+    images = torch.cat(list(sample_images(generator, n, batch_size=batch_size, sampler=sampler, steps=steps,
+                                          guidance_scale=guidance_scale, seed=seed, class_labels=labels,
+                                          progress=progress)))
+    sample_seconds = time.perf_counter() - started
+    features = extract_features(net, images, progress=progress, desc="sample features")
+    result = compare_features(reference, features, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, k=k,
+                              seed=seed, where="generated samples")
+    if labels is not None:
+        mapped = feature_classes(net, generator.class_names, requested)
+        if mapped is not None:
+            names = [generator.class_names[c] for c in requested]
+            lookup = {c: m for c, m in zip(requested, mapped)}
+            per_class = class_accuracy(net, images, torch.tensor([lookup[int(c)] for c in labels]),
+                                       getattr(net.config, "class_names"))
+            result["class_accuracy"] = {name: per_class[net.config.class_names[lookup[c]]]
+                                        for name, c in zip(names, requested)}
+            result["class_accuracy_mean"] = sum(result["class_accuracy"].values()) / len(requested)
+    result["settings"] = {"num_samples": n, "sampler": sampler, "steps": steps, "guidance_scale": guidance_scale,
+                          "seed": seed, "batch_size": batch_size, "classes": [generator.class_names[c] if
+                                                                              generator.class_names else c
+                                                                              for c in requested] or None,
+                          "reference": reference.source, "reference_images": len(reference.features),
+                          "reference_key": reference.key, "kid_subsets": kid_subsets,
+                          "kid_subset_size": min(kid_subset_size, n, len(reference.features)), "k": k,
+                          "feature_net": getattr(net, "name", type(net).__name__),
+                          "feature_dim": reference.features.shape[1], "sample_seconds": round(sample_seconds, 1)}
+    return result
+
+
+def evaluate_images(images: torch.Tensor, reference: ReferenceStats, *, net: torch.nn.Module | None = None,
+                    source: str = "samples", kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE,
+                    k: int = PR_K, seed: int = 0, progress: bool = False) -> dict:
+    """FID, KID, precision and recall of a set of uint8 images (e.g. a folder of generated images)."""
+    net = net if net is not None else default_feature_net()
+    if images.shape[-1] != reference.resolution:
+        raise EncdiffError(f"{source}: images are {images.shape[-2]}x{images.shape[-1]}, the reference "
+                           f"({reference.source}) is {reference.resolution}x{reference.resolution}; compare at one "
+                           "size (encdiff eval --resolution R resizes both)")
+    features = extract_features(net, images, progress=progress, desc="sample features")
+    result = compare_features(reference, features, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, k=k,
+                              seed=seed, where=source)
+    result["settings"] = {"samples": source, "num_samples": len(images), "reference": reference.source,
+                          "reference_images": len(reference.features), "reference_key": reference.key,
+                          "kid_subsets": kid_subsets, "kid_subset_size": min(kid_subset_size, len(images),
+                                                                             len(reference.features)),
+                          "k": k, "seed": seed, "feature_net": getattr(net, "name", type(net).__name__),
+                          "feature_dim": reference.features.shape[1]}
+    return result
+
+
+# --- reconstructions -----------------------------------------------------------------------------------
+def psnr_ssim(reconstructions: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """Mean per-image PSNR (dB) and SSIM (11x11 Gaussian window, sigma 1.5) of uint8 images, via torchmetrics."""
+    try:
+        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    except ImportError:
+        raise EncdiffError("PSNR/SSIM need torchmetrics: pip install 'encdiff[eval]'") from None
+    if reconstructions.shape != targets.shape:
+        raise EncdiffError(f"reconstructions have shape {tuple(reconstructions.shape)}, targets "
+                           f"{tuple(targets.shape)}")
+    x, y = reconstructions.double(), targets.double()
+    psnr = peak_signal_noise_ratio(x, y, data_range=255.0, reduction="none", dim=(1, 2, 3))
+    ssim = structural_similarity_index_measure(x, y, data_range=255.0, reduction="none")
+    return float(psnr.mean()), float(ssim.mean())
+
+
+@torch.inference_mode()
+def reconstruct(autoencoder, images: torch.Tensor, batch_size: int = 100, progress: bool = False) -> torch.Tensor:
+    """uint8 images -> uint8 reconstructions through the posterior mode (deterministic)."""
+    out = []
+    for s in tqdm(range(0, len(images), batch_size), desc="reconstructing", disable=not progress):
+        x = images[s:s + batch_size].float() / 127.5 - 1
+        z = autoencoder.posterior(x).mode()
+        pixels = autoencoder.decode_raw(z)
+        out.append(((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+    return torch.cat(out)
+
+
+def evaluate_autoencoder(autoencoder, images: torch.Tensor, *, net: torch.nn.Module | None = None,
+                         source: str = "images", batch_size: int = 100, cache_dir: str | os.PathLike | None = None,
+                         progress: bool = False) -> dict:
+    """PSNR, SSIM and reconstruction FID (reconstructions against the originals) on uint8 images."""
+    net = net if net is not None else default_feature_net()
+    recon = reconstruct(autoencoder, images, batch_size, progress)
+    psnr, ssim = psnr_ssim(recon, images)
+    reference = reference_stats(images, net, cache_dir, source, progress=progress)
+    rfid = None
+    if len(images) >= min_images_for_fid(reference.features.shape[1]):
+        mu, sigma = gaussian_stats(extract_features(net, recon, progress=progress, desc="reconstruction features"))
+        rfid = frechet_distance(reference.mu, reference.sigma, mu, sigma)
+    return {"psnr": psnr, "ssim": ssim, "rfid": rfid,
+            "settings": {"images": source, "num_images": len(images), "posterior": "mode",
+                         "ssim_window": "gaussian 11x11, sigma 1.5", "psnr_data_range": 255,
+                         "feature_net": getattr(net, "name", type(net).__name__)}}
+
+
+# --- likelihood ----------------------------------------------------------------------------------------
+def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log P(x) per element for 8-bit data scaled to [-1, 1] (bins of width 2/255) under N(mean, exp(log_scale)^2),
+    the edge bins extended to -inf / +inf (Ho et al. 2020, eq. 13)."""
+    centred = x - mean
+    inv = torch.exp(-log_scale)
+    cdf_plus = _approx_standard_normal_cdf(inv * (centred + 1 / 255))
+    cdf_minus = _approx_standard_normal_cdf(inv * (centred - 1 / 255))
+    log_cdf_plus = cdf_plus.clamp(min=1e-300).log()
+    log_one_minus_cdf_minus = (1 - cdf_minus).clamp(min=1e-300).log()
+    delta = (cdf_plus - cdf_minus).clamp(min=1e-300)
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, delta.log()))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def vp_alpha_bars(denoiser) -> torch.Tensor:
+    sigmas = denoiser.train_sigmas.double()
+    return 1 / (1 + sigmas**2)
+
+
+@torch.inference_mode()
+def bits_per_dim(denoiser, x0: torch.Tensor, *, class_labels: torch.Tensor | None = None, variance: str = "small",
+                 timesteps: int | None = None, seed: int = 0, clip_denoised: bool = True) -> dict:
+    """The variational bound -log p(x0) <= L_T + sum_{t>=2} L_{t-1} + L_0 (Ho et al. 2020, eq. 5) per image,
+    in bits per dimension, for a discrete VP model (`VPDenoiser`) on pixels x0 in [-1, 1] (8-bit values).
+
+    p(x_{t-1} | x_t) = N(posterior mean given the model's x0 estimate, fixed variance): `variance` "small"
+    uses the posterior variance beta~_t, "large" uses beta_t (the two choices of Ho et al. sec. 3.2); at t = 1
+    both use beta~_2 as log beta~_1 = -inf (as in Nichol & Dhariwal's code). L_0 is the discretised Gaussian
+    decoder. `timesteps`: None sums all T terms (the exact bound, T network calls per image); an integer K
+    draws K timesteps uniformly per image and scales their sum by (T-1)/K (an unbiased estimate, K calls).
+    Returns per-image totals and the mean of each term, in bits/dim."""
+    if variance not in ("small", "large"):
+        raise EncdiffError(f"variance = {variance!r}; valid: small (beta tilde), large (beta)")
+    ab = vp_alpha_bars(denoiser).to(x0.device)
+    T = len(ab)
+    ab_prev = torch.cat([torch.ones(1, dtype=ab.dtype, device=ab.device), ab[:-1]])
+    betas = 1 - ab / ab_prev
+    post_var = betas * (1 - ab_prev) / (1 - ab)
+    post_var_clipped = torch.cat([post_var[1:2], post_var[1:]])
+    log_var = (post_var_clipped if variance == "small" else torch.cat([post_var[1:2], betas[1:]])).log()
+    coef_x0 = betas * ab_prev.sqrt() / (1 - ab)
+    coef_xt = (1 - ab_prev) * (1 - betas).sqrt() / (1 - ab)
+    x0 = x0.double()
+    B = x0.shape[0]
+    dims = x0[0].numel()
+    g = torch.Generator(device=x0.device).manual_seed(seed)
+    log2 = math.log(2.0)
+
+    shape = (B,) + (1,) * (x0.ndim - 1)
+
+    def model_mean(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The mean of p(x_{t-1} | x_t) for per-image timesteps t (B,)."""
+        # float64 sigma so that sigma -> t lands exactly on the integer training step t; the denoiser takes the
+        # variance-exploding scaling x = x_t / sqrt(alpha_bar_t) and casts to the network's dtype itself.
+        sigma = denoiser.train_sigmas.to(x0.device)[t]
+        x0_hat = denoiser(xt / ab[t].sqrt().view(shape), sigma, class_labels).double()
+        if clip_denoised:
+            x0_hat = x0_hat.clamp(-1, 1)
+        return coef_x0[t].view(shape) * x0_hat + coef_xt[t].view(shape) * xt
+
+    def noisy(t: torch.Tensor) -> torch.Tensor:
+        eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=torch.float64)
+        return ab[t].sqrt().view(shape) * x0 + (1 - ab[t]).sqrt().view(shape) * eps
+
+    def per_image_bits(nats: torch.Tensor) -> torch.Tensor:
+        return nats.flatten(1).sum(1) / (dims * log2)
+
+    # L_T: KL(q(x_T | x0) || N(0, I)), no network involved
+    prior = per_image_bits(normal_kl(ab[-1].sqrt() * x0, (1 - ab[-1]).log().expand_as(x0), torch.zeros_like(x0),
+                                     torch.zeros_like(x0)))
+    # L_0 = -log p(x0 | x1): the t = 0 step (DDPM's t = 1), a discretised Gaussian around the model mean
+    zero = torch.zeros(B, dtype=torch.long, device=x0.device)
+    decoder = -per_image_bits(discretized_gaussian_log_likelihood(x0, model_mean(noisy(zero), zero),
+                                                                  0.5 * log_var[0]))
+    # L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t = 1 .. T-1 (0-based): every t, or K draws
+    # of t per image (independent across images, so the batch mean averages over timesteps too)
+    t_gen = torch.Generator().manual_seed(seed + 1)
+    rounds = T - 1 if timesteps is None else timesteps
+    scale = 1.0 if timesteps is None else (T - 1) / timesteps
+    diffusion = torch.zeros(B, dtype=torch.float64, device=x0.device)
+    for r in range(rounds):
+        t = (zero + r + 1) if timesteps is None else torch.randint(1, T, (B,), generator=t_gen).to(x0.device)
+        xt = noisy(t)
+        true_mean = coef_x0[t].view(shape) * x0 + coef_xt[t].view(shape) * xt
+        kl = normal_kl(true_mean, post_var[t].log().view(shape), model_mean(xt, t), log_var[t].view(shape))
+        diffusion += scale * per_image_bits(kl)
+    total = prior + diffusion + decoder
+    return {"bits_per_dim": float(total.mean()), "bits_per_dim_std_err": float(total.std() / math.sqrt(B)) if B > 1
+            else None, "prior_bpd": float(prior.mean()), "diffusion_bpd": float(diffusion.mean()),
+            "decoder_bpd": float(decoder.mean()), "per_image": total,
+            "settings": {"variance": variance, "timesteps": "all" if timesteps is None else timesteps,
+                         "num_train_timesteps": T, "clip_denoised": clip_denoised, "seed": seed,
+                         "num_images": B}}
+
+
+# --- reports -------------------------------------------------------------------------------------------
+def write_report(result: dict, out_dir: str | os.PathLike, title: str) -> tuple[Path, Path]:
+    """`metrics.json` (everything) and `metrics.md` (a table of the metrics and one of the settings)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clean = {k: v for k, v in result.items() if not isinstance(v, torch.Tensor)}
+    json_path, md_path = out / "metrics.json", out / "metrics.md"
+    atomic_write_bytes(json_path, (json.dumps(clean, indent=2) + "\n").encode())
+
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else ("—" if v is None else str(v))
+
+    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
+    for key, value in clean.items():
+        if key == "settings":
+            continue
+        if isinstance(value, dict):
+            lines += [f"| {key}: {name} | {fmt(v)} |" for name, v in value.items()]
+        else:
+            lines.append(f"| {key} | {fmt(value)} |")
+    lines += ["", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {fmt(v)} |" for k, v in clean.get("settings", {}).items()]
+    lines += ["", "Feature-space metrics use encdiff's CIFAR-10 feature net unless `feature_net` says "
+              "inception-v3-fid: they are not comparable to published Inception FIDs.", ""]
+    atomic_write_bytes(md_path, "\n".join(lines).encode())
+    return json_path, md_path
