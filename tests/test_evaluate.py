@@ -221,3 +221,100 @@ def test_feature_net_classifies_the_cifar_test_subset(cifar):
 
     _, test, _ = cifar
     assert accuracy(FeatureNet.load(), test.images, test.labels) > 0.85
+
+
+# --- encdiff eval -------------------------------------------------------------------------------------
+CLASSES = ["airplane", "cat", "ship"]
+
+
+def write_folder(folder, n, size=32, seed=0, classes=None):
+    from encdiff.pipeline import save_png
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    for i in range(n):
+        sub = folder / classes[i % len(classes)] if classes else folder
+        sub.mkdir(parents=True, exist_ok=True)
+        save_png(images[i], sub / f"{i:04d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference_folder(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp("ref") / "ref", 270, classes=CLASSES)
+
+
+def test_eval_generator_writes_every_metric_and_setting(tmp_path, reference_folder):
+    from encdiff import UNet, UNetConfig, cli
+    from encdiff.pipeline import DenoiserSpec, Generator
+
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(block_out_channels=(8, 16), attention_levels=(False, False), layers_per_block=1,
+                           norm_num_groups=4, sample_size=32, num_classes=3))
+    Generator(unet, DenoiserSpec(kind="vp"), class_names=CLASSES).save_pretrained(tmp_path / "gen")
+    out = tmp_path / "eval"
+    assert cli.main(["eval", str(tmp_path / "gen"), "--reference", str(reference_folder), "--workers", "0", "--num", "260",
+                     "--steps", "2", "--sampler", "ddim", "--batch-size", "130", "--kid-subsets", "5",
+                     "--bpd", "--bpd-images", "4", "--bpd-timesteps", "3", "--classes", "cat,ship",
+                     "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "bits_per_dim"):
+        assert isinstance(result[key], float), key
+    assert set(result["class_accuracy"]) == {"cat", "ship"}
+    settings = result["settings"]
+    assert (settings["num_samples"], settings["sampler"], settings["steps"], settings["seed"]) == (260, "ddim", 2, 0)
+    assert settings["classes"] == ["cat", "ship"] and settings["reference_images"] == 270
+    assert list((tmp_path / "cache").glob("reference-*.safetensors"))
+    assert "| sampler | ddim |" in (out / "metrics.md").read_text()
+
+
+def test_eval_image_folder_and_its_mistakes(tmp_path, reference_folder, capsys):
+    from encdiff import cli
+
+    samples = write_folder(tmp_path / "samples", 260, seed=1)
+    assert cli.main(["eval", str(samples), "--reference", str(reference_folder), "--workers", "0", "--kid-subsets", "3",
+                     "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["settings"]["num_samples"] == 260
+    capsys.readouterr()
+
+    few = write_folder(tmp_path / "few", 40, seed=2)
+    assert cli.main(["eval", str(few), "--reference", str(reference_folder), "--workers", "0"]) == 2
+    assert "40 image(s), too few for FID" in capsys.readouterr().err
+
+    big = write_folder(tmp_path / "big", 260, size=64, seed=3)
+    assert cli.main(["eval", str(big), "--reference", str(reference_folder), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "mismatched image sizes" in err and "32x32" in err and "--resolution 64" in err
+
+    mixed = write_folder(tmp_path / "mixed", 5, size=48, seed=4)
+    write_folder(mixed, 3, size=32, seed=5)  # overwrites 3 of the 48x48 files with 32x32 ones
+    assert cli.main(["eval", str(mixed), "--reference", str(reference_folder), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "mismatched image sizes in the samples: 32x32 (3 files" in err and "48x48 (2 files" in err
+
+
+def test_eval_refuses_models_that_are_not_generators(tmp_path, reference_folder, capsys):
+    from encdiff import UNet, UNetConfig, cli
+
+    UNet(UNetConfig(block_out_channels=(8, 16), attention_levels=(False, False), layers_per_block=1,
+                    norm_num_groups=4, sample_size=32)).save_pretrained(tmp_path / "unet")
+    assert cli.main(["eval", str(tmp_path / "unet"), "--reference", str(reference_folder), "--workers", "0"]) == 2
+    assert "a UNet model folder is not a generator" in capsys.readouterr().err
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert cli.main(["eval", str(tmp_path / "run"), "--reference", str(reference_folder), "--workers", "0"]) == 2
+    assert "a training run folder, not a generator" in capsys.readouterr().err
+
+
+def test_eval_autoencoder(tmp_path, reference_folder):
+    pytest.importorskip("torchmetrics")
+    from conftest import TINY_AE
+
+    from encdiff import Autoencoder, cli
+
+    torch.manual_seed(0)
+    Autoencoder(TINY_AE).save_pretrained(tmp_path / "ae")
+    assert cli.main(["eval", str(tmp_path / "ae"), "--reference", str(reference_folder), "--workers", "0", "--num", "260",
+                     "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert result["psnr"] > 0 and -1 <= result["ssim"] <= 1 and result["rfid"] > 0
+    assert result["settings"]["num_images"] == 260

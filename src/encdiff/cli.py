@@ -248,6 +248,180 @@ def cmd_train_feature_net(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_sizes(folder: Path) -> dict[tuple[int, int], list[Path]]:
+    """{(width, height): files} of an image folder, reading headers only."""
+    from PIL import Image
+
+    from .data import scan_folder
+
+    files, _, _ = scan_folder(folder)
+    sizes: dict[tuple[int, int], list[Path]] = {}
+    for f in files:
+        try:
+            with Image.open(f) as image:
+                sizes.setdefault(image.size, []).append(f)
+        except OSError:
+            continue  # unreadable: ImageDataset reports it when decoding
+    return sizes
+
+
+def _single_size(folder: Path, what: str) -> int:
+    sizes = _image_sizes(folder)
+    if not sizes:
+        raise EncdiffError(f"{folder}: no readable images ({what})")
+    if len(sizes) > 1:
+        listed = "; ".join(f"{w}x{h} ({len(fs)} files, e.g. {fs[0].name})" for (w, h), fs in
+                           sorted(sizes.items(), key=lambda kv: -len(kv[1]))[:4])
+        raise EncdiffError(f"{folder}: mismatched image sizes in the {what}: {listed}; pass --resolution R to "
+                           "resize and centre-crop every image to R x R")
+    (w, h), = sizes
+    if w != h:
+        raise EncdiffError(f"{folder}: {w}x{h} images are not square; pass --resolution R to centre-crop them")
+    return w
+
+
+def _eval_kind(path: Path) -> str:
+    from .checkpoint import CONFIG, read_json
+    from .data import image_files_under
+
+    if (path / "generator.json").is_file():
+        return "generator"
+    if (path / CONFIG).is_file():
+        raw = read_json(path / CONFIG)
+        if raw.get("encdiff_class") == "Autoencoder" or raw.get("_class_name") == "AutoencoderKL":
+            return "autoencoder"
+        kind = raw.get("encdiff_class") or raw.get("_class_name")
+        raise EncdiffError(f"{path}: a {kind} model folder is not a generator: evaluate a generator folder "
+                           "(with generator.json, written by `encdiff train` or `encdiff export`), an autoencoder "
+                           "folder, or a folder of generated images")
+    if (path / "checkpoints").is_dir():
+        raise EncdiffError(f"{path}: a training run folder, not a generator: evaluate its model ({path / 'model'}) "
+                           f"or export one with `encdiff export {path} OUT`")
+    if path.is_dir() and image_files_under(path):
+        return "images"
+    raise EncdiffError(f"{path}: not a generator folder, an autoencoder folder or a folder of images")
+
+
+def _load_reference(args: argparse.Namespace, net, resolution: int, where: str):
+    """The reference: a statistics file from a previous run, or an image folder (at `resolution`)."""
+    from .data import ImageDataset
+    from .evaluate import ReferenceStats, reference_stats
+
+    if not args.reference:
+        raise EncdiffError(f"--reference is required to evaluate {where}: an image folder (e.g. the training "
+                           "or test split) or a reference-*.safetensors file from --cache-dir")
+    ref = Path(args.reference)
+    if ref.is_file():
+        stats = ReferenceStats.load(ref)
+        if stats.resolution != resolution:
+            raise EncdiffError(f"{ref}: reference images were {stats.resolution}x{stats.resolution}, {where} is "
+                               f"{resolution}x{resolution}")
+        return stats, None
+    if not ref.is_dir():
+        raise EncdiffError(f"{ref}: reference not found (give an image folder or a reference statistics file)")
+    if args.resolution is None:
+        native = _single_size(ref, "reference")
+        if native != resolution:
+            raise EncdiffError(f"mismatched image sizes: the reference {ref} has {native}x{native} images, {where} "
+                               f"{resolution}x{resolution}; pass --resolution {resolution} to resize the reference")
+    data = ImageDataset(ref, resolution, cache_dir=args.cache_dir, workers=args.workers)
+    images = data.images
+    if args.reference_num is not None and args.reference_num < len(images):
+        # seeded random subset: folders are often ordered by class
+        keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.reference_num]
+        images = images[keep.sort().values]
+    return reference_stats(images, net, args.cache_dir, str(ref), progress=True), data
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import evaluate
+    from .featurenet import FeatureNet, load_inception
+
+    target = Path(args.target)
+    kind = _eval_kind(target)
+    if args.inception and args.feature_net:
+        raise EncdiffError("give at most one of --inception and --feature-net")
+    net = load_inception(args.inception) if args.inception else FeatureNet.load(args.feature_net)
+    common = {"kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size, "k": args.k}
+    if kind == "generator":
+        from .pipeline import Generator
+
+        generator = Generator.from_pretrained(target)
+        if args.resolution is not None and args.resolution != generator.image_size:
+            raise EncdiffError(f"--resolution {args.resolution}: the generator makes {generator.image_size}x"
+                               f"{generator.image_size} images; compare at that size")
+        reference, ref_data = _load_reference(args, net, generator.image_size, f"the generator {target}")
+        classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+        result = evaluate.evaluate_generator(generator, reference, args.num, net=net, batch_size=args.batch_size,
+                                             sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
+                                             seed=args.seed, classes=classes, progress=True, **common)
+        if args.bpd:
+            result.update(_bits_per_dim(args, generator, ref_data))
+        result["settings"]["model"] = str(target)
+    elif kind == "autoencoder":
+        from .autoencoder import Autoencoder
+        from .data import ImageDataset
+
+        autoencoder = Autoencoder.from_pretrained(target).eval()
+        if not args.reference:
+            raise EncdiffError(f"--reference is required to evaluate the autoencoder {target}: the image folder "
+                               "(split) to reconstruct")
+        resolution = args.resolution or _single_size(Path(args.reference), "reference")
+        data = ImageDataset(args.reference, resolution, cache_dir=args.cache_dir, workers=args.workers)
+        images = data.images
+        if args.num is not None and args.num < len(images):
+            keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.num]
+            images = images[keep.sort().values]
+        result = evaluate.evaluate_autoencoder(autoencoder, images, net=net, source=str(args.reference),
+                                               batch_size=args.batch_size, cache_dir=args.cache_dir, progress=True)
+        result["settings"].update({"model": str(target), "resolution": resolution, "seed": args.seed})
+    else:
+        from .data import ImageDataset
+
+        resolution = args.resolution or _single_size(target, "samples")
+        samples = ImageDataset(target, resolution, cache_dir=None, workers=args.workers).images
+        reference, _ = _load_reference(args, net, resolution, f"the samples in {target}")
+        result = evaluate.evaluate_images(samples, reference, net=net, source=str(target), seed=args.seed,
+                                          progress=True, **common)
+    result["settings"]["feature_weights"] = str(args.inception or args.feature_net or "shipped encdiff-featurenet")
+    out = Path(args.out or f"eval-{target.name}")
+    json_path, md_path = evaluate.write_report(result, out, f"encdiff eval {target}")
+    print(md_path.read_text())
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+def _bits_per_dim(args: argparse.Namespace, generator, ref_data) -> dict:
+    from .denoiser import VPDenoiser
+    from .evaluate import bits_per_dim
+
+    from .autoencoder import IdentityAutoencoder
+
+    if not isinstance(generator.denoiser, VPDenoiser) or not isinstance(generator.autoencoder, IdentityAutoencoder):
+        raise EncdiffError("--bpd needs a pixel-space VP (DDPM-style) generator: bits/dim of a latent or EDM model "
+                           "is not defined by this bound")
+    if ref_data is None:
+        raise EncdiffError("--bpd needs the reference as an image folder (the images to score), not a statistics file")
+    n = min(args.bpd_images, len(ref_data))
+    idx = torch.randperm(len(ref_data), generator=torch.Generator().manual_seed(args.seed))[:n].sort().values
+    x0, labels = ref_data.batch(idx)
+    if generator.num_classes and labels is None:
+        raise EncdiffError("--bpd with a class-conditional model needs a reference folder with class subfolders")
+    per_image, parts = [], []
+    for s in range(0, n, args.batch_size):
+        r = bits_per_dim(generator.denoiser, x0[s:s + args.batch_size],
+                         class_labels=None if not generator.num_classes else labels[s:s + args.batch_size],
+                         timesteps=args.bpd_timesteps, seed=args.seed + s)
+        per_image.append(r.pop("per_image"))
+        parts.append(r)
+    total = torch.cat(per_image)
+    weights = [p["settings"]["num_images"] / n for p in parts]
+    return {"bits_per_dim": float(total.mean()),
+            "bits_per_dim_std_err": float(total.std() / total.numel() ** 0.5) if n > 1 else None,
+            **{k: sum(w * p[k] for w, p in zip(weights, parts)) for k in ("prior_bpd", "diffusion_bpd", "decoder_bpd")},
+            "bpd_settings": {**parts[0]["settings"], "num_images": n}}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="encdiff", description="Encoder-decoder diffusion models.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -304,6 +478,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
     p.add_argument("--cache-dir", help="cache the decoded images here (safetensors)")
+
+    p = commands.add_parser("eval", help="measure a generator, a folder of generated images or an autoencoder "
+                            "(FID, KID, precision/recall, class accuracy, PSNR/SSIM, bits/dim)", epilog=EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", help="generator folder, folder of generated images, or autoencoder folder")
+    p.add_argument("--reference", help="reference image folder (e.g. a split) or reference-*.safetensors statistics")
+    p.add_argument("--num", type=int, default=10000, help="samples to generate (autoencoder: images to reconstruct)")
+    p.add_argument("--reference-num", type=int, help="use a seeded random subset of this many reference images")
+    p.add_argument("--sampler", default="dpmpp_2m", help="sampler name (see encdiff.SAMPLERS)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--classes", help="comma-separated class names or indices to generate (default: all, balanced)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i; also seeds subsets")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--resolution", type=int, help="resize and centre-crop reference (and sample folder) images to this")
+    p.add_argument("--feature-net", help="feature-net file from `encdiff train-feature-net` (default: the shipped one)")
+    p.add_argument("--inception", help="pytorch-fid's Inception weights (.pth): the standard Inception FID instead")
+    p.add_argument("--cache-dir", help="cache decoded images and reference statistics here")
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--k", type=int, default=3, help="neighbours for precision/recall")
+    p.add_argument("--bpd", action="store_true", help="also bits/dim of the reference images (pixel-space VP models)")
+    p.add_argument("--bpd-images", type=int, default=1000)
+    p.add_argument("--bpd-timesteps", type=int, help="per-image timestep draws (unbiased estimate; default all T)")
+    p.add_argument("--workers", type=int, help="image decoding processes")
+    p.add_argument("--out", help="output folder for metrics.json and metrics.md (default eval-<target name>)")
     return parser
 
 
@@ -314,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train-autoencoder", "train"):
             return cmd_train(args, "autoencoder" if args.command == "train-autoencoder" else "diffusion")
         return {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "export": cmd_export,
-                "info": cmd_info, "train-feature-net": cmd_train_feature_net}[args.command](args)
+                "info": cmd_info, "train-feature-net": cmd_train_feature_net,
+                "eval": cmd_eval}[args.command](args)
     except EncdiffError as e:
         print(f"encdiff: error: {e}", file=sys.stderr)
         return 2
