@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -50,11 +51,16 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", default=None, help=help_of["compile"])
 
 
-def _field_comment(cls: type, name: str) -> str | None:
-    """The `# comment` beside a config field in its source: one definition of every option's meaning."""
+@functools.lru_cache(maxsize=None)
+def _source_lines(cls: type) -> tuple[str, ...]:
     import inspect
 
-    for line in inspect.getsource(cls).splitlines():
+    return tuple(inspect.getsource(cls).splitlines())  # parsing the source is slow: once per class
+
+
+def _field_comment(cls: type, name: str) -> str | None:
+    """The `# comment` beside a config field in its source: one definition of every option's meaning."""
+    for line in _source_lines(cls):
         if line.strip().startswith(f"{name}:") and "#" in line:
             return line.split("#", 1)[1].strip().replace("%", "%%")
     return None
