@@ -53,7 +53,11 @@ def test_training_is_deterministic_resumable_and_round_trips(tmp_path):
     assert any("resumed" in line for line in lines)
     assert resumed.state_dict()["classifier.weight"].shape == (3, 16)
     loaded = FeatureNet.load(tmp_path / "a.safetensors")
-    assert loaded.config == TINY and loaded.features(torch.zeros(1, 3, 32, 32)).shape == (1, 16)
+    assert loaded.config.widths == TINY.widths and loaded.config.class_names == TINY.class_names
+    # features are scaled to mean |f|^2 / d = 1 on the training images (KID's kernel expects O(1) values)
+    features = loaded.features(images.float() / 127.5 - 1)
+    assert features.shape == (48, 16)
+    assert float(features.double().square().sum(1).mean() / 16) == pytest.approx(1.0, rel=0.02)
 
 
 def test_load_refuses_other_files(tmp_path):

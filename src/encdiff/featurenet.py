@@ -42,6 +42,9 @@ class FeatureNetConfig:
     resolution: int = 32  # input images are resized to this before the net (bilinear, antialiased)
     class_names: tuple[str, ...] = CIFAR10_CLASSES
     logit_scale: float = 0.125  # scales the classifier output (Page 2018): keeps high-LR SGD stable
+    # multiplies `features()`: set after training so that mean |f|^2 / feature_dim = 1 on the training images,
+    # which keeps KID's kernel (x.y / d + 1)^3 in the range it was designed for (an O(1) x.y / d)
+    feature_scale: float = 1.0
 
     @property
     def feature_dim(self) -> int:
@@ -85,6 +88,9 @@ class FeatureNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features: the embedding every encdiff metric is computed in."""
+        return self.pooled(x) * self.config.feature_scale
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         r = self.config.resolution
@@ -95,7 +101,7 @@ class FeatureNet(nn.Module):
         return torch.amax(x, dim=(2, 3)).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x)) * self.config.logit_scale
+        return self.classifier(self.pooled(x)) * self.config.logit_scale
 
     # --- files ---------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16, extra: dict | None = None) -> str:
@@ -192,6 +198,20 @@ def accuracy(net: FeatureNet, images: torch.Tensor, labels: torch.Tensor, batch_
     return correct / len(images)
 
 
+@torch.inference_mode()
+def calibrate_feature_scale(net: FeatureNet, images: torch.Tensor, n: int = 5000, seed: int = 0) -> FeatureNet:
+    """A copy of `net` whose features have mean |f|^2 / feature_dim = 1 on a seeded subset of `images`."""
+    from dataclasses import replace
+
+    net.eval()
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    f = torch.cat([net.pooled(images[idx[s:s + 500]].float() / 127.5 - 1).double() for s in range(0, len(idx), 500)])
+    scale = float((f.square().sum(1).mean() / f.shape[1]) ** -0.5)
+    calibrated = FeatureNet(replace(net.config, feature_scale=scale))
+    calibrated.load_state_dict(net.state_dict())
+    return calibrated.eval()
+
+
 def train_feature_net(train_images: torch.Tensor, train_labels: torch.Tensor, out: str | os.PathLike,
                       settings: FeatureNetTraining = FeatureNetTraining(),
                       config: FeatureNetConfig = FeatureNetConfig(),
@@ -282,6 +302,8 @@ def train_feature_net(train_images: torch.Tensor, train_labels: torch.Tensor, ou
         net.eval()
         info["test_accuracy_fp32"] = accuracy(net, test_images, test_labels)
         info["test_images"] = len(test_images)
+    net = calibrate_feature_scale(net, train_images)
+    info["feature_scale"] = net.config.feature_scale
     net.save(out, dtype=torch.float16, extra=info)
     shipped = FeatureNet.load(out)
     if test_images is not None:
