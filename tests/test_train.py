@@ -207,6 +207,9 @@ def test_resume_refuses_a_changed_config(image_folder, tmp_path):
     train_diffusion(TrainConfig(steps=2, **base))
     with pytest.raises(EncdiffError, match="different config.*lr"):
         train_diffusion(TrainConfig(steps=2, **{**base, "lr": 1e-3}))
+    # More steps (and other bookkeeping) may change: the run continues from step 2 to 4.
+    train_diffusion(TrainConfig(steps=4, **{**base, "log_every": 1}))
+    assert latest_training_state(tmp_path / "r").name == "step-00000004"
 
 
 def test_dry_run_prints_the_resolved_config(image_folder):

@@ -116,6 +116,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# Fields a resumed run may change: more steps extend training, the rest only touch logging and files.
+RESUMABLE_CHANGES = frozenset({"steps", "log_every", "checkpoint_every", "keep_last", "sample_every", "sample_steps",
+                               "workers"})
+
+
 class Distributed:
     """torchrun's environment, or a single process; rank 0 alone writes files."""
 
@@ -265,10 +270,13 @@ class Run:
         if meta.get("world_size") != self.dist.world_size:
             raise EncdiffError(f"{path}: written by {meta.get('world_size')} processes, resumed with "
                                f"{self.dist.world_size}; exact resume needs the same number")
-        if meta["config"] != config_to_json(self.config):
-            changed = sorted(k for k in meta["config"] if meta["config"][k] != config_to_json(self.config).get(k))
+        now = config_to_json(self.config)
+        changed = sorted(k for k in set(meta["config"]) | set(now)
+                         if meta["config"].get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+        if changed:
             raise EncdiffError(f"{path}: the run was started with a different config (fields {', '.join(changed)}); "
-                               "resume with the same settings or use another --run-dir")
+                               f"resume with the same settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may "
+                               "change) or use another --run-dir")
         take = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         self.model.load_state_dict(take("model."))
         self.ema.load_state_dict(take("ema."))
@@ -311,6 +319,10 @@ def plot_loss(history: list[dict[str, float]], path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        if not getattr(plot_loss, "warned", False):
+            print("encdiff: loss.png needs matplotlib (pip install 'encdiff[plot]'); metrics.jsonl has the numbers",
+                  file=sys.stderr)
+            plot_loss.warned = True
         return
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([r["step"] for r in history], [r["loss"] for r in history])
