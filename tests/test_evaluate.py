@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import extract_cifar_subset, needs_cifar
 
 from encdiff.errors import EncdiffError
-from encdiff.evaluate import (ReferenceStats, bits_per_dim, compare_features, discretized_gaussian_log_likelihood,
+from encdiff.evaluate import (ReferenceStats, add_noise, bits_per_dim, compare_features,
+                              discretized_gaussian_log_likelihood, gaussian_blur,
                               frechet_distance, gaussian_stats, kid, precision_recall, psnr_ssim, reference_stats,
                               write_report)
 
@@ -180,22 +180,6 @@ def cifar(tmp_path_factory):
             ImageDataset(root / "test", 32, workers=0, progress=False), root)
 
 
-def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = 3
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-x**2 / (2 * sigma**2))
-    k = (k / k.sum()).float()
-    out = images.float()
-    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)
-    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
-    return out.round().clamp(0, 255).to(torch.uint8)
-
-
-def noise(images: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (images.float() + std * torch.randn(images.shape, generator=g)).round().clamp(0, 255).to(torch.uint8)
-
-
 @needs_cifar
 def test_cifar_floor_and_monotone_degradation(cifar, tmp_path):
     from encdiff.evaluate import evaluate_images
@@ -204,15 +188,19 @@ def test_cifar_floor_and_monotone_degradation(cifar, tmp_path):
     reference = reference_stats(train.images, cache_dir=tmp_path, source="cifar train subset")
     assert len(list(tmp_path.glob("reference-*.safetensors"))) == 1
     assert reference_stats(train.images, cache_dir=tmp_path).key == reference.key  # read back from the cache
-    fid = lambda images: evaluate_images(images, reference, kid_subsets=10, kid_subset_size=300)  # noqa: E731
-    floor = fid(test.images)
-    itself = fid(train.images)
-    assert itself["fid"] < 1e-6 and abs(itself["kid_mean"]) < 1e-3 and itself["precision"] == 1.0
-    blurred = [fid(blur(test.images, s))["fid"] for s in (0.5, 1.0, 1.5)]
-    noised = [fid(noise(test.images, s))["fid"] for s in (8, 16, 32)]
-    assert blurred == sorted(blurred) and noised == sorted(noised), (floor["fid"], blurred, noised)
-    assert floor["fid"] < 0.5 * blurred[0] and floor["fid"] < 0.5 * noised[0], (floor["fid"], blurred, noised)
-    assert floor["precision"] > 0.5 and floor["recall"] > 0.5
+    metrics = lambda images: evaluate_images(images, reference, kid_subsets=10, kid_subset_size=300)  # noqa: E731
+    floor, itself = metrics(test.images), metrics(train.images)
+    blurred = [metrics(gaussian_blur(test.images, s)) for s in (0.5, 1.0, 1.5)]
+    noised = [metrics(add_noise(test.images, s)) for s in (8, 16, 32)]
+    fids = [floor["fid"]] + [r["fid"] for r in blurred], [floor["fid"]] + [r["fid"] for r in noised]
+    # more degradation, higher FID; the real-data floor lies below the mildest degradation
+    assert fids[0] == sorted(fids[0]) and fids[1] == sorted(fids[1]), fids
+    assert floor["fid"] < 0.7 * min(blurred[0]["fid"], noised[0]["fid"]), fids
+    assert floor["precision"] > 0.6 and floor["recall"] > 0.6
+    # a set against itself: FID 0, every point on the manifold, KID ~0 (only the overlap of its random
+    # subsets moves it, far less than any real difference)
+    assert itself["fid"] < 1e-6 and itself["precision"] == itself["recall"] == 1.0
+    assert abs(itself["kid_mean"]) < 0.1 * blurred[1]["kid_mean"]
 
 
 @needs_cifar

@@ -516,6 +516,25 @@ def bits_per_dim(denoiser, x0: torch.Tensor, *, class_labels: torch.Tensor | Non
                          "num_images": B}}
 
 
+# --- controlled degradations (sanity checks: FID must grow with each) ------------------------------------
+def gaussian_blur(images: torch.Tensor, sigma: float, radius: int = 3) -> torch.Tensor:
+    """uint8 images blurred by a separable Gaussian of std `sigma` pixels (reflect padding)."""
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-x**2 / (2 * sigma**2))
+    k = (k / k.sum()).float()
+    c = images.shape[1]
+    out = images.float()
+    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def add_noise(images: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:
+    """uint8 images plus seeded Gaussian noise of `std` (in 0..255 units), rounded and clipped."""
+    g = torch.Generator().manual_seed(seed)
+    return (images.float() + std * torch.randn(images.shape, generator=g)).round().clamp(0, 255).to(torch.uint8)
+
+
 # --- reports -------------------------------------------------------------------------------------------
 def write_report(result: dict, out_dir: str | os.PathLike, title: str) -> tuple[Path, Path]:
     """`metrics.json` (everything) and `metrics.md` (a table of the metrics and one of the settings)."""

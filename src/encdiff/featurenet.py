@@ -16,7 +16,6 @@ rate, label smoothing, optional bf16 autocast (faster on CPUs with AVX512-BF16; 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
