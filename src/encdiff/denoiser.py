@@ -105,8 +105,9 @@ class Denoiser(torch.nn.Module):
         params = self.net.parameters() if isinstance(self.net, torch.nn.Module) else ()
         net_dtype = next((p.dtype for p in params), x.dtype)
         F = self.net((_per_image(c_in, x) * x).to(net_dtype), self.c_noise(sigma).to(net_dtype), class_labels)
-        # A NaN here would otherwise propagate through every later step into a silently black image.
-        if not torch.isfinite(F).all():
+        # A NaN here would otherwise propagate through every later step into a silently black image. Not
+        # checked while training (F needs grad): the loop checks its loss once per step, without this GPU sync.
+        if not F.requires_grad and not torch.isfinite(F).all():
             raise EncdiffError(
                 f"model output contains NaN or inf at sigma in [{sigma.min().item():.4g}, {sigma.max().item():.4g}]"
             )

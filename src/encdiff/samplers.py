@@ -227,6 +227,7 @@ def get_sampler(name):
     return SAMPLERS[name]
 
 
+@torch.no_grad()
 def generate(
     denoiser, shape, generator, sampler="dpmpp_2m", steps=20, schedule="karras", class_labels=None,
     guidance_scale=None, callback=None, dtype=torch.float32, device=None, **sampler_options,
