@@ -193,9 +193,10 @@ def test_cifar_floor_and_monotone_degradation(cifar, tmp_path):
     blurred = [metrics(gaussian_blur(test.images, s)) for s in (0.5, 1.0, 1.5)]
     noised = [metrics(add_noise(test.images, s)) for s in (8, 16, 32)]
     fids = [floor["fid"]] + [r["fid"] for r in blurred], [floor["fid"]] + [r["fid"] for r in noised]
-    # more degradation, higher FID; the real-data floor lies below the mildest degradation
+    # more degradation, higher FID; the real-data floor (biased upwards at this small N) lies below the mildest
+    # degradation and well below the next
     assert fids[0] == sorted(fids[0]) and fids[1] == sorted(fids[1]), fids
-    assert floor["fid"] < 0.7 * min(blurred[0]["fid"], noised[0]["fid"]), fids
+    assert floor["fid"] < 0.5 * min(blurred[1]["fid"], noised[1]["fid"]), fids
     assert floor["precision"] > 0.6 and floor["recall"] > 0.6
     # a set against itself: FID 0, every point on the manifold, KID ~0 (only the overlap of its random
     # subsets moves it, far less than any real difference)

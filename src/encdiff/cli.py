@@ -249,7 +249,7 @@ def cmd_train_feature_net(args: argparse.Namespace) -> int:
                                   bf16=args.bf16)
     config = FeatureNetConfig(num_classes=train.num_classes, class_names=tuple(train.class_names))
     train_feature_net(train.images, train.labels, args.out, settings, config,
-                      None if test is None else test.images, None if test is None else test.labels)
+                      None if test is None else test.images, None if test is None else test.labels, init=args.init)
     print(f"wrote {args.out}")
     return 0
 
@@ -484,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
     p.add_argument("--cache-dir", help="cache the decoded images here (safetensors)")
+    p.add_argument("--init", help="start from this feature-net file (a further, shorter cycle)")
 
     p = commands.add_parser("eval", help="measure a generator, a folder of generated images or an autoencoder "
                             "(FID, KID, precision/recall, class accuracy, PSNR/SSIM, bits/dim)", epilog=EXAMPLES,

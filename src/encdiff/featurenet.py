@@ -215,12 +215,13 @@ def train_feature_net(train_images: torch.Tensor, train_labels: torch.Tensor, ou
                       settings: FeatureNetTraining = FeatureNetTraining(),
                       config: FeatureNetConfig = FeatureNetConfig(),
                       test_images: torch.Tensor | None = None, test_labels: torch.Tensor | None = None,
-                      log: Callable[[str], None] | None = None) -> FeatureNet:
+                      log: Callable[[str], None] | None = None, init: str | os.PathLike | None = None) -> FeatureNet:
     """Train a FeatureNet on uint8 images (N, 3, H, W) with integer labels; deterministic for a seed.
 
     After every epoch the weights (float32) and optimiser state go to `out`.ckpt (atomic), so a run that
     is cut off resumes from its last epoch and, in the meantime, still leaves usable weights. The final
     weights are written to `out` in fp16 with the training settings and test accuracy in the metadata.
+    `init`: start from the weights of a feature-net file (a second, shorter cycle: fine-tuning).
     """
     log = log or (lambda line: print(line, flush=True))  # flushed: the log of a background run stays current
     out = Path(out)
@@ -235,6 +236,12 @@ def train_feature_net(train_images: torch.Tensor, train_labels: torch.Tensor, ou
     # bf16 autocast in NCHW measured fastest on the CPU (487 img/s vs 264 fp32 channels_last, 84 fp32 NCHW;
     # bf16 channels_last 150): see benchmarks/featurenet.md.
     net = FeatureNet(config)
+    if init is not None:
+        start = FeatureNet.load(init)
+        if start.config.widths != config.widths or start.config.num_classes != config.num_classes:
+            raise EncdiffError(f"{init}: widths {start.config.widths} / {start.config.num_classes} classes do not "
+                               f"match the config's {config.widths} / {config.num_classes}")
+        net.load_state_dict(start.state_dict())
     decay = [p for n, p in net.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in net.named_parameters() if p.ndim <= 1]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": settings.weight_decay},
@@ -295,7 +302,7 @@ def train_feature_net(train_images: torch.Tensor, train_labels: torch.Tensor, ou
         atomic_save_tensors(tensors, ckpt, metadata={"epoch": str(epoch + 1)})
         net.save(out.with_name(out.stem + ".last.safetensors"), dtype=torch.float32,
                  extra={"epochs_done": epoch + 1})
-    info = {"settings": asdict(settings), "train_images": n, "history": history,
+    info = {"settings": asdict(settings), "train_images": n, "history": history, "init": str(init) if init else None,
             "train_seconds_this_run": round(time.perf_counter() - started, 1)}
     if test_images is not None:
         net.eval()
