@@ -305,3 +305,23 @@ def test_export_works_from_any_checkpoint_without_the_finished_model(autoencoder
     generator = Generator.from_pretrained(export_run(tmp_path / "ldm", tmp_path / "ldm-out"))
     assert generator.class_names == ["class0", "class1", "class2"]
     assert generator.images([0], torch.tensor([1]), steps=2).shape == (1, 3, 16, 16)
+
+
+def test_periodic_evaluation_logs_fid_and_keeps_the_best_generator(tmp_path):
+    """eval_every: FID/KID/P&R of the EMA weights in metrics.jsonl; the best generator is kept in best/."""
+    rng = np.random.default_rng(3)
+    for c in range(3):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
+        for i in range(100):  # the statistics need at least 257 images
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
+    config = TrainConfig(data=str(tmp_path / "data"), run_dir=str(tmp_path / "run"), steps=4, checkpoint_every=4,
+                         eval_every=2, eval_samples=260, **{**COMMON, "sample_steps": 2})
+    train_diffusion(config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "fid" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    # (class accuracy is reported only for classes the feature net knows by name: CIFAR-10 ones)
+    assert all(np.isfinite(r["fid"]) and np.isfinite(r["kid_mean"]) and 0 <= r["precision"] <= 1 for r in evals)
+    best = json.loads((tmp_path / "run" / "best" / "metrics.json").read_text())
+    assert best["fid"] == min(r["fid"] for r in evals)
+    Generator.from_pretrained(tmp_path / "run" / "best")

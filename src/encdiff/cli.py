@@ -43,7 +43,8 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     flags = {"run_dir": str, "model": str, "resolution": int, "channels": int, "steps": int, "batch_size": int,
              "grad_accum": int, "lr": float, "weight_decay": float, "warmup_steps": int, "lr_schedule": str,
              "grad_clip": float, "ema_halflife_images": float, "seed": int, "log_every": int,
-             "checkpoint_every": int, "keep_last": int, "sample_every": int, "sample_steps": int, "workers": int}
+             "checkpoint_every": int, "keep_last": int, "sample_every": int, "sample_steps": int, "workers": int,
+             "eval_every": int, "eval_samples": int}
     help_of = {f.name: _field_comment(TrainConfig, f.name) for f in dataclasses.fields(TrainConfig)}
     for name, kind in flags.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, help=help_of.get(name))
@@ -69,7 +70,8 @@ def _field_comment(cls: type, name: str) -> str | None:
 def _train_overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
     names = ["run_dir", "model", "resolution", "channels", "steps", "batch_size", "grad_accum", "lr", "weight_decay",
              "warmup_steps", "lr_schedule", "grad_clip", "ema_halflife_images", "seed", "log_every",
-             "checkpoint_every", "keep_last", "sample_every", "sample_steps", "workers", "bf16", "compile", "strict"]
+             "checkpoint_every", "keep_last", "sample_every", "sample_steps", "workers", "eval_every", "eval_samples",
+             "bf16", "compile", "strict"]
     return {"data": args.data, **{n: getattr(args, n) for n in names}, **extra}
 
 

@@ -80,7 +80,9 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints
     keep_last: int = 3  # checkpoints kept
     sample_every: int = 1000  # steps between sample grids (0: never)
-    sample_steps: int = 20  # sampler steps of the sample grids
+    sample_steps: int = 20  # sampler steps of the sample grids and evaluations
+    eval_every: int = 0  # stage 2: steps between FID/KID/P&R evaluations of the EMA weights (0: never); best kept in best/
+    eval_samples: int = 2000  # images generated per evaluation (at least 257, the feature dimension + 1)
     workers: int | None = None  # image-decoding processes (None: up to 8)
 
     def __post_init__(self):
@@ -118,7 +120,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 # Fields a resumed run may change: more steps extend training, the rest only touch logging and files.
 RESUMABLE_CHANGES = frozenset({"steps", "log_every", "checkpoint_every", "keep_last", "sample_every", "sample_steps",
-                               "workers"})
+                               "workers", "eval_every", "eval_samples"})
 
 
 class Distributed:
@@ -324,8 +326,9 @@ def plot_loss(history: list[dict[str, float]], path: Path) -> None:
                   file=sys.stderr)
             plot_loss.warned = True
         return
+    rows = [r for r in history if "loss" in r]  # evaluation rows carry metrics, not the loss
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([r["step"] for r in history], [r["loss"] for r in history])
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -335,7 +338,7 @@ def plot_loss(history: list[dict[str, float]], path: Path) -> None:
 
 def train_loop(run: Run, loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor],
                images_of: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
-               on_sample: Callable[[Run], None]) -> str:
+               on_sample: Callable[[Run], None], on_eval: Callable[[Run], None] | None = None) -> str:
     """The optimizer loop shared by both stages; returns "done" or "interrupted"."""
     config, dist_ = run.config, run.dist
     autocast = config.bf16 if config.bf16 is not None else dist_.device.type == "cuda"
@@ -390,6 +393,8 @@ def train_loop(run: Run, loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch
                 window_start, window_images, window_losses = time.perf_counter(), 0, []
             if config.sample_every and run.step % config.sample_every == 0 and dist_.main:
                 on_sample(run)
+            if on_eval is not None and config.eval_every and run.step % config.eval_every == 0 and dist_.main:
+                on_eval(run)
             stopping = dist_.any(stop.requested)
             if run.step % config.checkpoint_every == 0 or run.step == config.steps or stopping:
                 run.save()
@@ -548,7 +553,25 @@ def train_diffusion(config: TrainConfig) -> Path:
         images = generator.images(list(range(rows * per_row)), labels, steps=config.sample_steps)
         save_png(image_grid(images, rows=rows), run.dir / f"samples-{run.step:08d}.png")
 
-    status = train_loop(run, loss_fn, images_of, on_sample)
+    reference = []  # the data's feature statistics, computed at the first evaluation
+
+    def on_eval(run: Run) -> None:
+        from .evaluate import evaluate_generator, reference_stats
+
+        if not reference:
+            # A seeded random subset: the data may be ordered by class.
+            idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))[:10_000]
+            reference.append(reference_stats(dataset.images[idx], cache_dir=run.dir / "cache", source=config.data))
+        generator = Generator(run.ema.model, spec, autoencoder, dataset.class_names)
+        metrics = evaluate_generator(generator, reference[0], config.eval_samples, steps=config.sample_steps, seed=0)
+        row = {"step": run.step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        previous_best = min((r["fid"] for r in run.history if "fid" in r), default=math.inf)
+        run.log(row)
+        if row["fid"] < previous_best:
+            generator.save_pretrained(run.dir / "best")
+            atomic_write_bytes(run.dir / "best" / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+
+    status = train_loop(run, loss_fn, images_of, on_sample, on_eval)
     out = run.dir / "model"
     if status == "done" and dist_.main:
         Generator(run.ema.model, spec, autoencoder, dataset.class_names).save_pretrained(out)
