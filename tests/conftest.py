@@ -29,6 +29,18 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
+def count_forward_calls(*modules: torch.nn.Module) -> list:
+    """A list that grows by one each time one of `modules` runs its forward (hooks are not called when
+    checkpointing recomputes a block, so the forward itself is wrapped)."""
+    calls = []
+    for module in modules:
+        def forward(*args, _forward=module.forward, **kwargs):
+            calls.append(1)
+            return _forward(*args, **kwargs)
+        module.forward = forward
+    return calls
+
+
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 

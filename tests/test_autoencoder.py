@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import TINY_AE, max_abs_diff, randomize_
+from conftest import count_forward_calls, TINY_AE, max_abs_diff, randomize_
 from encdiff import Autoencoder, AutoencoderConfig, DiagonalGaussian, EncdiffError, IdentityAutoencoder, presets
 from encdiff.layers import ResnetBlock, SelfAttention
 
@@ -173,17 +173,6 @@ def test_every_residual_branch_ends_in_a_zero_initialised_layer():
     for layer in [r.conv2 for r in resnets] + [a.to_out[0] for a in attentions]:
         assert all(torch.count_nonzero(p) == 0 for p in layer.parameters())
     assert all(torch.count_nonzero(r.conv1.weight) > 0 for r in resnets)
-
-
-def count_forward_calls(*modules: torch.nn.Module) -> list:
-    """Grows by one per forward of `modules` (checkpoint recomputation does not call hooks)."""
-    calls = []
-    for module in modules:
-        def forward(*args, _forward=module.forward, **kwargs):
-            calls.append(1)
-            return _forward(*args, **kwargs)
-        module.forward = forward
-    return calls
 
 
 def _forward_backward(ae: Autoencoder, x: torch.Tensor, seed: int):

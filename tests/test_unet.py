@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import TINY_UNET, TINY_UNET_CLASSES, max_abs_diff, randomize_
+from conftest import count_forward_calls, TINY_UNET, TINY_UNET_CLASSES, max_abs_diff, randomize_
 from encdiff import EncdiffError, UNet, UNetConfig, presets
 from encdiff.layers import ResnetBlock, SelfAttention
 
@@ -140,18 +140,6 @@ def test_dropout_is_active_only_in_train_mode():
         unet.eval()
         assert torch.equal(unet(x, t), unet(x, t))
         assert max_abs_diff(unet(x, t), reference(x, t)) < 1e-6
-
-
-def count_forward_calls(*modules: torch.nn.Module) -> list:
-    """A list that grows by one each time one of `modules` runs its forward (hooks are not called when
-    checkpointing recomputes a block, so the forward itself is wrapped)."""
-    calls = []
-    for module in modules:
-        def forward(*args, _forward=module.forward, **kwargs):
-            calls.append(1)
-            return _forward(*args, **kwargs)
-        module.forward = forward
-    return calls
 
 
 def _forward_backward(unet: UNet, x, t, labels, seed: int):
