@@ -7,6 +7,13 @@ ours / diffusers (> 1: encdiff is faster).
 
     python benchmarks/networks.py                    # the full table (about 10 minutes on 2 cores)
     python benchmarks/networks.py --only latent_8x8 --repeats 3
+    python benchmarks/networks.py --only sampling     # the bundled generator's shape, 20 DPM++(2M) steps
+
+Sampling: a whole generation, noise -> 20 steps of DPM-Solver++(2M) on EDM's Karras grid
+-> decoded pixels, with the bundled CIFAR-10 generator's networks (`cifar10_latent` U-Net, `cifar10_small`
+autoencoder, same random weights): encdiff's `Generator.images` against diffusers' own
+EDMDPMSolverMultistepScheduler loop, with and without classifier-free guidance (cond and uncond in one batch,
+as diffusers' pipelines do).
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ import torch.nn.functional as F
 
 from encdiff import Autoencoder, UNet, presets
 
+from encdiff.pipeline import DenoiserSpec, Generator
+
 try:
-    from diffusers import AutoencoderKL, UNet2DModel
+    from diffusers import AutoencoderKL, EDMDPMSolverMultistepScheduler, UNet2DModel
 except ImportError as e:  # a benchmark dependency, not a runtime one
     raise SystemExit(f"this benchmark compares against diffusers: pip install 'encdiff[test]' ({e})")
 
@@ -126,6 +135,47 @@ def measure(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 2)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def sampling_steps(batch: int, guidance: float | None, steps: int = 20) -> dict[str, Callable[[], None]]:
+    """One image batch from noise to pixels per call, for each library, with the same networks and NFE."""
+    torch.manual_seed(0)
+    unet, autoencoder = UNet(presets.UNETS["cifar10_latent"]), Autoencoder(presets.AUTOENCODERS["cifar10_small"])
+    for module in (unet, autoencoder):  # our init zeroes output layers: random weights make the work real
+        for p in module.parameters():
+            p.data.normal_(0, 0.02)
+    sigma_data = 1.0
+    ours = Generator(unet, DenoiserSpec(kind="edm", sigma_data=sigma_data), autoencoder, [str(i) for i in range(10)])
+    config = {k: v for k, v in UNet.config_to_diffusers(unet.config).items() if not k.startswith("_")}
+    their_unet = UNet2DModel(**config).eval()
+    their_unet.load_state_dict(unet.state_dict())
+    their_vae = AutoencoderKL(**Autoencoder.config_to_diffusers(autoencoder.config)).eval()
+    their_vae.load_state_dict(autoencoder.state_dict())
+    scheduler = EDMDPMSolverMultistepScheduler(sigma_data=sigma_data, solver_order=2, final_sigmas_type="zero")
+    labels = torch.arange(batch) % 10
+    c = unet.config
+    shift = torch.tensor(autoencoder.config.shift_factor).view(1, -1, 1, 1)
+
+    def encdiff_run():
+        ours.images(list(range(batch)), labels, sampler="dpmpp_2m", steps=steps, guidance_scale=guidance)
+
+    @torch.inference_mode()
+    def diffusers_run():
+        scheduler.set_timesteps(steps)
+        g = torch.Generator().manual_seed(0)
+        latents = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g) * scheduler.init_noise_sigma
+        both = torch.cat([labels, torch.full_like(labels, c.num_classes)])
+        for t in scheduler.timesteps:
+            x = torch.cat([latents, latents]) if guidance else latents
+            out = their_unet(scheduler.scale_model_input(x, t), t, both if guidance else labels).sample
+            if guidance:
+                cond, uncond = out.chunk(2)
+                out = uncond + guidance * (cond - uncond)
+            latents = scheduler.step(out, t, latents).prev_sample
+        pixels = their_vae.decode(latents / autoencoder.config.scaling_factor + shift).sample
+        ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+    return {"encdiff": encdiff_run, "diffusers": diffusers_run}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per library (median reported)")
@@ -151,6 +201,18 @@ def main() -> None:
             ours_ips, theirs_ips = batch / seconds["encdiff"], batch / seconds["diffusers"]
             print(f"| {case.kind} {case.name} | {params:.1f}M | {mode} | {batch} | {ours_ips:.1f} | "
                   f"{theirs_ips:.1f} | {ours_ips / theirs_ips:.2f} |", flush=True)
+    if args.only and "sampling" not in args.only:
+        return
+    print("\n| sampling (bundled generator's networks, 20 steps DPM++(2M)) | guidance | batch | encdiff img/s | "
+          "diffusers img/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    batch = 100
+    for guidance in (None, 2.0):
+        seconds = measure(sampling_steps(batch, guidance), max(3, args.repeats // 2), warmup=1)
+        ours_ips, theirs_ips = batch / seconds["encdiff"], batch / seconds["diffusers"]
+        nfe = "40 (20 x 2)" if guidance else "20"
+        print(f"| U-Net cifar10_latent + decoder cifar10_small, NFE {nfe} | {guidance or 'none'} | {batch} | "
+              f"{ours_ips:.1f} | {theirs_ips:.1f} | {ours_ips / theirs_ips:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

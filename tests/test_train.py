@@ -225,7 +225,7 @@ def test_dry_run_prints_the_resolved_config(image_folder):
     (["train", ".", "--pixel"], "no model"),
     (["train", ".", "--pixel", "--model", "huge"], "unknown preset 'huge'"),
     (["train-autoencoder", ".", "--preset", "nope"], "unknown training preset"),
-    (["sample"], "no bundled model"),
+    (["sample", "--num", "0"], "--num 0"),
     (["sample", "nowhere"], "not a generator folder"),
     (["info", "nowhere"], "neither a model folder"),
     (["export", "nowhere", "out"], "no complete checkpoint"),
@@ -265,7 +265,22 @@ def test_cli_sample_reconstruct_export_info_on_trained_models(autoencoder_run, i
     assert Image.open(next((tmp_path / "rec").glob("*.png"))).size == (32, 16)
     # Export the EMA weights: ours loads as a generator, diffusers' with diffusers itself.
     assert cli("export", str(run_dir), str(tmp_path / "ours")).returncode == 0
-    Generator.from_pretrained(tmp_path / "ours")
+    full = Generator.from_pretrained(tmp_path / "ours")
+    # --half: float16 files (about half the bytes) that load back as float32 weights equal to the rounded EMA;
+    # the sampling defaults travel in generator.json and `sample` uses them unless told otherwise.
+    assert cli("export", str(run_dir), str(tmp_path / "half"), "--half", "--steps", "4", "--guidance", "2").returncode == 0
+    half = Generator.from_pretrained(tmp_path / "half")
+    assert half.sampling == {"steps": 4, "guidance_scale": 2.0}
+    size = lambda folder: sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
+    assert size(tmp_path / "half") < 0.6 * size(tmp_path / "ours")
+    for key, value in full.unet.state_dict().items():
+        assert half.unet.state_dict()[key].dtype == torch.float32
+        assert torch.equal(half.unet.state_dict()[key], value.half().float()), key
+    defaults = cli("sample", str(tmp_path / "half"), "--num", "3", "--out-dir", str(tmp_path / "d"), "--out", str(tmp_path / "d.png"))
+    explicit = cli("sample", str(tmp_path / "half"), "--num", "3", "--steps", "4", "--guidance", "2",
+                   "--out-dir", str(tmp_path / "e"))
+    assert defaults.returncode == 0 and explicit.returncode == 0, defaults.stderr + explicit.stderr
+    assert all((tmp_path / "d" / f.name).read_bytes() == f.read_bytes() for f in (tmp_path / "e").iterdir())
     assert cli("export", str(run_dir), str(tmp_path / "theirs"), "--diffusers").returncode == 0
     theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "theirs" / "unet")
     assert theirs.config.num_class_embeds == 4  # 3 classes + the null class

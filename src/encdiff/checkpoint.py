@@ -241,11 +241,15 @@ class Pretrained:
         model.load_state_dict(state, assign=True)
         return model.to(device=device, dtype=dtype).eval()
 
-    def save_pretrained(self, path: str | os.PathLike, *, diffusers: bool = False) -> Path:
-        """Write a model folder: ours by default, diffusers' `from_pretrained` layout with `diffusers=True`."""
+    def save_pretrained(self, path: str | os.PathLike, *, diffusers: bool = False,
+                        dtype: torch.dtype | None = None) -> Path:
+        """Write a model folder: ours by default, diffusers' `from_pretrained` layout with `diffusers=True`.
+        `dtype` (e.g. torch.float16) stores the floating-point weights in that precision."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         if diffusers:
             config = {"_class_name": self.diffusers_class_name, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
                       **self.config_to_diffusers(self.config)}

@@ -105,21 +105,31 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from .pipeline import Generator, image_grid, save_png
 
-    if args.model is None:
-        raise EncdiffError("no model given, and this encdiff has no bundled model yet: pass a generator folder "
-                           "(written by `encdiff train` or `encdiff export`)")
-    if args.num < 1:
-        raise EncdiffError(f"--num {args.num}: expected at least 1 image")
-    generator = Generator.from_pretrained(args.model)
+    generator = Generator.from_pretrained(args.model) if args.model else Generator.bundled()
+    # Flags win; then the generator's own defaults (measured for the bundled model); then the library's.
+    settings = {"sampler": "dpmpp_2m", "steps": 20, "guidance_scale": None, **generator.sampling}
+    for flag, key in (("sampler", "sampler"), ("steps", "steps"), ("guidance", "guidance_scale")):
+        if getattr(args, flag) is not None:
+            settings[key] = getattr(args, flag)
+    if args.guidance == 1:
+        settings["guidance_scale"] = None  # guidance 1 is the conditional model alone
+    num = args.num
+    if num is None:
+        # a class-conditional model with no --class: one row of ten per class
+        num = 10 * generator.num_classes if generator.num_classes and args.class_ is None else 16
+    if num < 1:
+        raise EncdiffError(f"--num {num}: expected at least 1 image")
     labels = None
     if args.class_ is not None:
-        labels = torch.full((args.num,), generator.class_index(args.class_), dtype=torch.long)
-    elif generator.num_classes and not args.guidance:
-        labels = torch.arange(args.num) % generator.num_classes  # a spread over the classes
-    if args.guidance and labels is None:
-        raise EncdiffError("--guidance needs a class-conditional model and --class")
-    seeds = [args.seed + i for i in range(args.num)]
-    images = generator.images(seeds, labels, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
+        labels = torch.full((num,), generator.class_index(args.class_), dtype=torch.long)
+    elif generator.num_classes:
+        labels = torch.arange(num) % generator.num_classes  # a spread over the classes
+    if settings["guidance_scale"] is not None and labels is None:
+        if args.guidance is not None:
+            raise EncdiffError("--guidance needs a class-conditional model")
+        settings["guidance_scale"] = None
+    seeds = [args.seed + i for i in range(num)]
+    images = generator.images(seeds, labels, **settings)
     if args.out_dir:
         out_dir = Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -127,9 +137,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
             save_png(image, out_dir / f"{seed:06d}.png")
     if args.out or not args.out_dir:
         out = Path(args.out or "samples.png")
-        spread = labels is not None and args.class_ is None and args.num % generator.num_classes == 0
+        spread = labels is not None and args.class_ is None and num % generator.num_classes == 0
         # One row per class when the images cycle through the classes; otherwise a near-square grid.
-        rows = min(generator.num_classes, args.num) if spread else max(1, round(args.num**0.5))
+        rows = min(generator.num_classes, num) if spread else max(1, round(num**0.5))
         save_png(image_grid(images[_class_major(labels, generator.num_classes)] if spread else images, rows=rows), out)
         print(out)
     return 0
@@ -172,7 +182,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .train import export_run
 
-    out = export_run(args.run, args.out, diffusers=args.diffusers)
+    sampling = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps),
+                                  ("guidance_scale", args.guidance)) if v is not None}
+    out = export_run(args.run, args.out, diffusers=args.diffusers, dtype=torch.float16 if args.half else None,
+                     sampling=sampling)
     print(f"exported the EMA weights of {args.run} to {out}")
     return 0
 
@@ -247,6 +260,8 @@ def cmd_train_feature_net(args: argparse.Namespace) -> int:
     test = ImageDataset(test_dir, 32, cache_dir=cache) if test_dir is not None else None
     if test is not None and test.class_names != train.class_names:
         raise EncdiffError(f"{test_dir}: classes {test.class_names} differ from {train_dir}'s {train.class_names}")
+    if args.epochs < 0 or (args.epochs == 0 and not args.init):
+        raise EncdiffError(f"--epochs {args.epochs}: expected at least 1 (or 0 together with --init FILE)")
     settings = FeatureNetTraining(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                   bf16=args.bf16)
     config = FeatureNetConfig(num_classes=train.num_classes, class_names=tuple(train.class_names))
@@ -451,12 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("sample", help="generate images", epilog=EXAMPLES,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", help="generator folder")
-    p.add_argument("--num", type=int, default=16, help="number of images")
+    p.add_argument("model", nargs="?", help="generator folder (default: the CIFAR-10 model shipped in the package)")
+    p.add_argument("--num", type=int, help="number of images (default: 10 per class, one row each; "
+                   "16 for an unconditional model or with --class)")
     p.add_argument("--class", dest="class_", help="class name or index")
-    p.add_argument("--sampler", default="dpmpp_2m", help="sampler name (see encdiff.SAMPLERS)")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--sampler", help="sampler name (see encdiff.SAMPLERS; default: the generator's, else dpmpp_2m)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the generator's, else 20)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1: none "
+                   "(default: the generator's, else none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--out", help="grid PNG (default samples.png unless --out-dir)")
     p.add_argument("--out-dir", help="also write one PNG per image here")
@@ -471,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder")
     p.add_argument("out", help="output folder")
     p.add_argument("--diffusers", action="store_true", help="diffusers' folder format")
+    p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size; they load "
+                   "back as float32)")
+    p.add_argument("--sampler", help="generator: default sampler of `encdiff sample`")
+    p.add_argument("--steps", type=int, help="generator: default sampler steps")
+    p.add_argument("--guidance", type=float, help="generator: default classifier-free guidance scale")
 
     p = commands.add_parser("info", help="describe a model, generator or run folder")
     p.add_argument("path")
@@ -480,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="folder with train/ and test/ class subfolders, or one folder of class subfolders")
     p.add_argument("--test", help="held-out folder for test accuracy (default DATA/test when present)")
     p.add_argument("--out", default="featurenet.safetensors", help="output weights (fp16 safetensors)")
-    p.add_argument("--epochs", type=int, default=18)
+    p.add_argument("--epochs", type=int, default=18,
+                   help="training epochs; 0 with --init re-calibrates and re-tests that net without training")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=0.4, help="peak learning rate (one-cycle, SGD Nesterov)")
     p.add_argument("--seed", type=int, default=0)

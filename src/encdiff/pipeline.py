@@ -1,6 +1,6 @@
 """A generator: denoiser (U-Net + its parameterisation), autoencoder and class names, in one folder.
 
-Folder layout: `generator.json` (denoiser spec, class names, image size), `unet/` (a UNet folder) and,
+Folder layout: `generator.json` (denoiser spec, class names, sampling defaults), `unet/` (a UNet folder) and,
 for latent diffusion, `autoencoder/` (an Autoencoder folder). Images flow noise -> sampler -> latents
 -> decoder -> uint8 pixels, each arrow one call.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,13 @@ from .schedules import get_alpha_bars
 from .unet import UNet
 
 GENERATOR_FILE = "generator.json"
+BUNDLED = "cifar10"  # the generator folder shipped under encdiff/weights/
 
 
 @dataclass(frozen=True)
 class DenoiserSpec:
     kind: str = "edm"  # "edm" (Karras et al. 2022 preconditioning) or "vp" (discrete DDPM-style)
-    sigma_data: float = 0.5  # edm: standard deviation of the training data (latents are normalised to ~0.5)
+    sigma_data: float = 0.5  # edm: standard deviation of the training data (pixels ~0.5; encdiff's latents 1)
     sigma_min: float = 0.002  # edm: smallest noise level sampled
     sigma_max: float = 80.0  # edm: largest noise level sampled
     schedule: str = "linear"  # vp: the training beta schedule (schedules.TRAIN_SCHEDULES)
@@ -48,8 +50,14 @@ class Generator:
     """Everything needed to turn noise into images; `images()` is the one call that does it."""
 
     def __init__(self, unet: UNet, spec: DenoiserSpec, autoencoder: Autoencoder | None = None,
-                 class_names: list[str] | None = None):
+                 class_names: list[str] | None = None, sampling: dict[str, Any] | None = None):
         self.unet = unet.eval()
+        # The settings `encdiff sample` uses when not told otherwise (sampler, steps, guidance_scale): chosen
+        # by whoever measured the model (for the bundled one, BENCHMARKS.md).
+        self.sampling = dict(sampling or {})
+        unknown = sorted(set(self.sampling) - {"sampler", "steps", "guidance_scale"})
+        if unknown:
+            raise EncdiffError(f"unknown sampling default {unknown[0]!r}; valid: sampler, steps, guidance_scale")
         self.spec = spec
         self.denoiser = spec.build(unet)
         self.autoencoder = autoencoder.eval() if autoencoder is not None else IdentityAutoencoder(unet.config.in_channels)
@@ -93,14 +101,17 @@ class Generator:
         pixels = self.autoencoder.decode(latents)
         return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write the generator folder; `dtype` (e.g. torch.float16) stores the weights in that precision
+        (they load back as float32)."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        self.unet.save_pretrained(folder / "unet")
+        self.unet.save_pretrained(folder / "unet", dtype=dtype)
         if isinstance(self.autoencoder, Autoencoder):
-            self.autoencoder.save_pretrained(folder / "autoencoder")
+            self.autoencoder.save_pretrained(folder / "autoencoder", dtype=dtype)
         info = {"encdiff_class": "Generator", "format_version": 1, "denoiser": self.spec.__dict__,
-                "class_names": self.class_names, "latent": isinstance(self.autoencoder, Autoencoder)}
+                "class_names": self.class_names, "latent": isinstance(self.autoencoder, Autoencoder),
+                "sampling": self.sampling}
         atomic_write_bytes(folder / GENERATOR_FILE, (json.dumps(info, indent=2) + "\n").encode())
         return folder
 
@@ -120,7 +131,23 @@ class Generator:
             raise EncdiffError(f"{info_path}: bad 'denoiser' entry ({e})") from None
         unet = UNet.from_pretrained(folder / "unet", device=device)
         autoencoder = Autoencoder.from_pretrained(folder / "autoencoder", device=device) if info.get("latent") else None
-        return cls(unet, spec, autoencoder, info.get("class_names"))
+        try:
+            return cls(unet, spec, autoencoder, info.get("class_names"), info.get("sampling"))
+        except EncdiffError as e:
+            raise EncdiffError(f"{info_path}: {e}") from None
+
+    @classmethod
+    def bundled(cls) -> "Generator":
+        """The class-conditional CIFAR-10 generator shipped inside the package (BENCHMARKS.md)."""
+        return cls.from_pretrained(bundled_path())
+
+
+def bundled_path() -> Path:
+    path = Path(str(resources.files("encdiff") / "weights" / BUNDLED))
+    if not (path / GENERATOR_FILE).is_file():
+        raise EncdiffError(f"{path}: the bundled generator is missing (a broken install?); "
+                           "pass a generator folder written by `encdiff train` or `encdiff export`")
+    return path
 
 
 def image_grid(images: torch.Tensor, rows: int) -> torch.Tensor:

@@ -73,7 +73,8 @@ class TrainConfig:
     train_schedule: str = "linear"  # vp: beta schedule
     noise_level: str = "lognormal"  # how sigma is drawn (denoiser.NOISE_LEVELS)
     weighting: str = "edm"  # loss weight lambda(sigma) (denoiser.LOSS_WEIGHTS)
-    sigma_data: float = 0.5  # edm: data standard deviation
+    sigma_data: float = 0.5  # edm: data standard deviation (0.5 for pixels in [-1, 1]; 1 for encdiff's unit-variance latents)
+    loss_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # noise-level/weighting options, e.g. p_mean, p_std
     label_dropout: float = 0.1  # probability of training on the null class (classifier-free guidance)
     # bookkeeping
     log_every: int = 50  # steps between metrics.jsonl rows
@@ -543,7 +544,8 @@ def train_diffusion(config: TrainConfig) -> Path:
         # DDP syncs gradients only for calls through its wrapper: the denoiser must call that one.
         denoiser.net = model
         return training_loss(denoiser, x, run.generators["noise"], class_labels=labels, noise_level=config.noise_level,
-                             weighting=config.weighting, label_dropout=label_dropout, shard=run.shard)
+                             weighting=config.weighting, label_dropout=label_dropout, shard=run.shard,
+                             **config.loss_options)
 
     def on_sample(run: Run) -> None:
         generator = Generator(run.ema.model, spec, autoencoder, dataset.class_names)
@@ -599,10 +601,12 @@ def cached_latents(autoencoder: Autoencoder, dataset: ImageDataset, cache_dir: P
     return load_file(str(path))["latents"]
 
 
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bool = False) -> Path:
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bool = False,
+               dtype: torch.dtype | None = None, sampling: dict[str, Any] | None = None) -> Path:
     """Write the EMA weights of a run's newest checkpoint as a model folder: an autoencoder (its latent
     statistics measured on the run's data, as at the end of training) or a generator. With `diffusers`,
-    the networks are written in diffusers' format (`unet/`, `vae/`)."""
+    the networks are written in diffusers' format (`unet/`, `vae/`); `dtype` (e.g. torch.float16) stores the
+    weights in that precision; `sampling` sets a generator's default sampler/steps/guidance_scale."""
     path = latest_training_state(run_dir)
     if path is None:
         raise EncdiffError(f"{run_dir}: no complete checkpoint to export")
@@ -616,17 +620,17 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bo
         config = config_from_dict(TrainConfig, meta["config"], f"{path} config")
         dataset = ImageDataset(config.data, config.resolution, config.channels, strict=config.strict,
                                cache_dir=Path(run_dir) / "cache", workers=config.workers)
-        measure_latent_statistics(autoencoder, dataset, "cpu").save_pretrained(out, diffusers=diffusers)
+        measure_latent_statistics(autoencoder, dataset, "cpu").save_pretrained(out, diffusers=diffusers, dtype=dtype)
         return out
     unet = UNet(config_from_dict(UNetConfig, info["model_config"], f"{path} model_config"))
     unet.load_state_dict(ema)
     autoencoder = Autoencoder.from_pretrained(info["autoencoder"]) if info.get("autoencoder") else None
-    generator = Generator(unet, DenoiserSpec(**info["denoiser"]), autoencoder, info.get("class_names"))
+    generator = Generator(unet, DenoiserSpec(**info["denoiser"]), autoencoder, info.get("class_names"), sampling)
     if not diffusers:
-        return generator.save_pretrained(out)
-    unet.save_pretrained(out / "unet", diffusers=True)
+        return generator.save_pretrained(out, dtype=dtype)
+    unet.save_pretrained(out / "unet", diffusers=True, dtype=dtype)
     if autoencoder is not None:
-        autoencoder.save_pretrained(out / "vae", diffusers=True)
+        autoencoder.save_pretrained(out / "vae", diffusers=True, dtype=dtype)
     return out
 
 
