@@ -168,6 +168,22 @@ def test_report_has_metrics_and_settings(tmp_path):
     assert "| fid | 1.5000 |" in text and "| class_accuracy: cat | 0.5000 |" in text and "| sampler | ddim |" in text
 
 
+def test_cached_reference_statistics_follow_the_feature_nets_config(tmp_path):
+    from dataclasses import replace
+
+    from encdiff.featurenet import FeatureNet, FeatureNetConfig
+
+    torch.manual_seed(0)
+    net = FeatureNet(FeatureNetConfig(widths=(4, 8, 8, 16))).eval()
+    mirrorless = FeatureNet(replace(net.config, flip_average=False)).eval()
+    mirrorless.load_state_dict(net.state_dict())  # same weights, different features
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    first = reference_stats(images, net, cache_dir=tmp_path)
+    second = reference_stats(images, mirrorless, cache_dir=tmp_path)
+    assert first.key != second.key and len(list(tmp_path.glob("reference-*.safetensors"))) == 2
+    assert not torch.allclose(first.features, second.features)
+
+
 # --- real data ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):

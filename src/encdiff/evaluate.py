@@ -51,8 +51,10 @@ def default_feature_net():
 
 
 def feature_net_identity(net: torch.nn.Module) -> str:
-    """A hash of the net's class and weights: cached reference statistics are only reused with the same net."""
+    """A hash of the net's class, config and weights: cached reference statistics are only reused with the same
+    net (a config field such as `feature_scale` or `flip_average` changes the features as much as a weight)."""
     h = hashlib.sha256(type(net).__name__.encode())
+    h.update(repr(getattr(net, "config", None)).encode())
     for key, value in sorted(net.state_dict().items()):
         h.update(key.encode())
         h.update(value.detach().float().cpu().numpy().tobytes())
@@ -219,7 +221,7 @@ class ReferenceStats:
 def reference_stats(images: torch.Tensor, net: torch.nn.Module | None = None, cache_dir: str | os.PathLike | None = None,
                     source: str = "images", batch_size: int = 250, progress: bool = False) -> ReferenceStats:
     """Features and statistics of uint8 reference images; with `cache_dir`, read from / written to
-    `cache_dir/reference-<key>.safetensors`, the key hashing the image bytes and the feature net's weights."""
+    `cache_dir/reference-<key>.safetensors`, the key hashing the image bytes and the feature net's config and weights."""
     net = net if net is not None else default_feature_net()
     key = hashlib.sha256((feature_net_identity(net) + images_identity(images)).encode()).hexdigest()
     path = Path(cache_dir) / f"reference-{key[:24]}.safetensors" if cache_dir is not None else None
