@@ -18,6 +18,8 @@ import torch
 from .errors import EncdiffError
 
 EXAMPLES = """examples:
+  encdiff sample                                   # the bundled CIFAR-10 model: samples.png, a row per class
+  encdiff sample --class cat --num 16 --seed 7
   encdiff train-autoencoder data/cifar10/train --preset cifar10 --run-dir runs/ae
   encdiff train data/cifar10/train --autoencoder runs/ae/model --preset cifar10 --run-dir runs/ldm
   encdiff train my_images/ --pixel --model pixel_small --resolution 32 --steps 20000
@@ -137,6 +139,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             save_png(image, out_dir / f"{seed:06d}.png")
     if args.out or not args.out_dir:
         out = Path(args.out or "samples.png")
+        out.parent.mkdir(parents=True, exist_ok=True)
         spread = labels is not None and args.class_ is None and num % generator.num_classes == 0
         # One row per class when the images cycle through the classes; otherwise a near-square grid.
         rows = min(generator.num_classes, num) if spread else max(1, round(num**0.5))

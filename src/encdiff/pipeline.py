@@ -20,7 +20,7 @@ from .autoencoder import Autoencoder, IdentityAutoencoder
 from .checkpoint import atomic_write_bytes, read_json
 from .denoiser import Denoiser, EDMDenoiser, VPDenoiser
 from .errors import EncdiffError
-from .samplers import generate
+from .samplers import SAMPLERS, generate
 from .schedules import get_alpha_bars
 from .unet import UNet
 
@@ -58,6 +58,13 @@ class Generator:
         unknown = sorted(set(self.sampling) - {"sampler", "steps", "guidance_scale"})
         if unknown:
             raise EncdiffError(f"unknown sampling default {unknown[0]!r}; valid: sampler, steps, guidance_scale")
+        sampler, steps, scale = (self.sampling.get(k) for k in ("sampler", "steps", "guidance_scale"))
+        if sampler is not None and sampler not in SAMPLERS:
+            raise EncdiffError(f"sampling default sampler = {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+            raise EncdiffError(f"sampling default steps = {steps!r}: expected an integer >= 1")
+        if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
+            raise EncdiffError(f"sampling default guidance_scale = {scale!r}: expected a positive number")
         self.spec = spec
         self.denoiser = spec.build(unet)
         self.autoencoder = autoencoder.eval() if autoencoder is not None else IdentityAutoencoder(unet.config.in_channels)
