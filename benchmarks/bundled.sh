@@ -17,7 +17,7 @@ if [[ $stage == train || $stage == all ]]; then
   encdiff train-autoencoder "$DATA/train" --config configs/cifar10/autoencoder.toml
   encdiff train "$DATA/train" --autoencoder runs/cifar10-ae/model --config configs/cifar10/diffusion.toml
   # The EMA weights in float16, with the sampling defaults chosen from the sweep below.
-  encdiff export runs/cifar10-ldm "$BUNDLED" --half --sampler dpmpp_2m --steps 20 --guidance "${GUIDANCE:-2}"
+  encdiff export runs/cifar10-ldm "$BUNDLED" --half --sampler dpmpp_2m --steps 20 --guidance "${GUIDANCE:-3}"
 fi
 
 if [[ $stage == sweep || $stage == all ]]; then
@@ -43,7 +43,7 @@ if [[ $stage == eval || $stage == all ]]; then
     encdiff eval "$BUNDLED" --reference "$DATA/test" --num 10000 --sampler "$1" --steps "$2" \
       --cache-dir "$CACHE" --out "$EVAL/generator-$1-$2"
     encdiff eval "$BUNDLED" --reference "$DATA/test" --num 10000 --sampler "$1" --steps "$2" \
-      --guidance "${GUIDANCE:-2}" --cache-dir "$CACHE" --out "$EVAL/generator-$1-$2-guided"
+      --guidance "${GUIDANCE:-3}" --cache-dir "$CACHE" --out "$EVAL/generator-$1-$2-guided"
   done
 fi
 

@@ -107,6 +107,11 @@ def test_psnr_ssim_hand_computed():
     flipped = 255 - noisy_target
     mse = ((flipped.double() - noisy_target.double()) ** 2).flatten(1).mean(1)
     assert psnr_ssim(flipped, noisy_target)[0] == pytest.approx(float((10 * torch.log10(255**2 / mse)).mean()))
+    # chunked (so 10k images fit in memory) is the same per-image mean as all at once
+    many = torch.randint(0, 256, (7, 3, 32, 32), generator=g, dtype=torch.uint8)
+    others = torch.randint(0, 256, (7, 3, 32, 32), generator=g, dtype=torch.uint8)
+    whole, chunked = psnr_ssim(many, others, chunk=7), psnr_ssim(many, others, chunk=3)
+    assert chunked == pytest.approx(whole, rel=1e-12)
 
 
 # --- likelihood: the variational bound on Gaussian data against its exact value -----------------------
