@@ -152,7 +152,8 @@ def sampling_steps(batch: int, guidance: float | None, steps: int = 20) -> dict[
     scheduler = EDMDPMSolverMultistepScheduler(sigma_data=sigma_data, solver_order=2, final_sigmas_type="zero")
     labels = torch.arange(batch) % 10
     c = unet.config
-    shift = torch.tensor(autoencoder.config.shift_factor).view(1, -1, 1, 1)
+    shift = torch.as_tensor(autoencoder.config.shift_factor or 0.0, dtype=torch.float32)
+    shift = shift.view(1, -1, 1, 1) if shift.ndim else shift
 
     def encdiff_run():
         ours.images(list(range(batch)), labels, sampler="dpmpp_2m", steps=steps, guidance_scale=guidance)

@@ -34,7 +34,8 @@ def test_bundled_weights_are_half_precision_and_within_the_size_limits():
 
 def test_sample_without_a_model_writes_one_row_per_class_of_recognisable_images(tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC}
-    result = subprocess.run([sys.executable, "-m", "encdiff", "sample", "--out-dir", str(tmp_path / "each")],
+    result = subprocess.run([sys.executable, "-m", "encdiff", "sample", "--out", "samples.png",
+                             "--out-dir", str(tmp_path / "each")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     grid = np.asarray(Image.open(tmp_path / "samples.png"))
@@ -49,5 +50,5 @@ def test_sample_without_a_model_writes_one_row_per_class_of_recognisable_images(
     with torch.inference_mode():
         predicted = FeatureNet.load()(images).argmax(1).view(10, 10)
     accuracy = (predicted == torch.arange(10).view(10, 1)).float().mean().item()
-    # Chance is 0.1; the shipped model scores about 0.8 on 10k samples (BENCHMARKS.md).
+    # Chance is 0.1; the shipped model scores 0.70 on 10k samples at these settings (BENCHMARKS.md).
     assert accuracy >= 0.5, predicted
