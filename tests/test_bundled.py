@@ -38,13 +38,13 @@ def test_sample_without_a_model_writes_one_row_per_class_of_recognisable_images(
                              "--out-dir", str(tmp_path / "each")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    grid = np.asarray(Image.open(tmp_path / "samples.png"))
+    grid = np.array(Image.open(tmp_path / "samples.png"))
     assert grid.shape == (10 * 32, 10 * 32, 3)
     # Image i has class i % 10 and sits in row i % 10 (class-major grid, seed order within a row).
     tiles = torch.from_numpy(grid).permute(2, 0, 1).unfold(1, 32, 32).unfold(2, 32, 32)  # (3, row, col, 32, 32)
     each = sorted((tmp_path / "each").iterdir())
     assert len(each) == 100
-    first = torch.from_numpy(np.asarray(Image.open(each[3]))).permute(2, 0, 1)
+    first = torch.from_numpy(np.array(Image.open(each[3]))).permute(2, 0, 1)
     assert torch.equal(tiles[:, 3, 0], first)
     images = tiles.permute(1, 2, 0, 3, 4).reshape(100, 3, 32, 32).float() / 127.5 - 1
     with torch.inference_mode():
