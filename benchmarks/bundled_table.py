@@ -9,13 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-
-# Network evaluations per image of a sampler run with `steps` steps: Heun's last step is an Euler step.
-NFE = {"heun": lambda steps: 2 * steps - 1}
+from sampler_accuracy import nfe_of  # the one definition of a sampler's model evaluations per run
 
 
 def nfe(settings: dict) -> int:
-    return NFE.get(settings["sampler"], lambda steps: steps)(settings["steps"])
+    return nfe_of(settings["sampler"], settings["steps"])
 
 
 def main(folder: str) -> None:

@@ -231,6 +231,19 @@ def test_guidance_is_one_batched_forward_and_scale_1_is_the_conditional_model():
     assert GuidedDenoiser(denoiser, 4.0).sigma_max == denoiser.sigma_max  # still usable by schedules
 
 
+def test_generate_at_guidance_1_runs_the_conditional_model_alone():
+    from encdiff.samplers import generate
+
+    net = Recorder(5, True)
+    labels = torch.tensor([1, 2, 3])
+    plain = generate(EDMDenoiser(net), (3, 2, 4, 4), torch.Generator().manual_seed(0), steps=4, class_labels=labels)
+    net.calls.clear()
+    at_one = generate(EDMDenoiser(net), (3, 2, 4, 4), torch.Generator().manual_seed(0), steps=4, class_labels=labels,
+                      guidance_scale=1.0)
+    torch.testing.assert_close(at_one, plain, rtol=0, atol=0)
+    assert {call[0].shape[0] for call in net.calls} == {3}  # no unconditional half
+
+
 @pytest.mark.parametrize("num_classes, null_class, match", [(0, False, "unconditional"), (5, False, "null class")])
 def test_guidance_needs_a_conditional_model_with_null_class(num_classes, null_class, match):
     with pytest.raises(EncdiffError, match=match):

@@ -282,7 +282,7 @@ def test_cli_sample_reconstruct_export_info_on_trained_models(autoencoder_run, i
     assert defaults.returncode == 0 and explicit.returncode == 0, defaults.stderr + explicit.stderr
     assert all((tmp_path / "d" / f.name).read_bytes() == f.read_bytes() for f in (tmp_path / "e").iterdir())
     bad = cli("export", str(run_dir), str(tmp_path / "bad"), "--sampler", "nope")
-    assert bad.returncode == 2 and "sampling default sampler = 'nope'" in bad.stderr, bad.stderr
+    assert bad.returncode == 2 and "'sampling.sampler' = 'nope'" in bad.stderr, bad.stderr
     assert cli("export", str(run_dir), str(tmp_path / "theirs"), "--diffusers").returncode == 0
     theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "theirs" / "unet")
     assert theirs.config.num_class_embeds == 4  # 3 classes + the null class

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -108,6 +109,14 @@ def config_from_dict(config_class: type, values: dict[str, Any], where: str):
         raise EncdiffError(f"{where}: {e}") from None
     except TypeError as e:
         raise EncdiffError(f"{where}: {e}") from None
+
+
+def shipped_file(name: str, what: str, instead: str) -> Path:
+    """A file shipped inside the package under encdiff/weights/, with an error saying what to use instead."""
+    path = Path(str(resources.files("encdiff") / "weights" / name))
+    if not path.is_file():
+        raise EncdiffError(f"{path}: the shipped {what} is missing (a broken install?); {instead}")
+    return path
 
 
 def check_field(ok: bool, field: str, value: Any, expected: str) -> None:

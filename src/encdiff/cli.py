@@ -113,8 +113,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for flag, key in (("sampler", "sampler"), ("steps", "steps"), ("guidance", "guidance_scale")):
         if getattr(args, flag) is not None:
             settings[key] = getattr(args, flag)
-    if args.guidance == 1:
-        settings["guidance_scale"] = None  # guidance 1 is the conditional model alone
     num = args.num
     if num is None:
         # a class-conditional model with no --class: one row of ten per class

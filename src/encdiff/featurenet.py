@@ -19,7 +19,6 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import atomic_save_tensors, read_weights
+from .checkpoint import atomic_save_tensors, read_weights, shipped_file
 from .errors import EncdiffError
 
 SHIPPED_WEIGHTS = "featurenet-cifar10.safetensors"
@@ -154,11 +153,7 @@ class FeatureNet(nn.Module):
 
 
 def shipped_weights_path() -> Path:
-    path = Path(str(resources.files("encdiff") / "weights" / SHIPPED_WEIGHTS))
-    if not path.is_file():
-        raise EncdiffError(f"{path}: the shipped feature-net weights are missing (a broken install?); "
-                           "pass a file from `encdiff train-feature-net`")
-    return path
+    return shipped_file(SHIPPED_WEIGHTS, "feature-net weights", "pass a file from `encdiff train-feature-net`")
 
 
 # --- training ----------------------------------------------------------------------------------------

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .autoencoder import Autoencoder, IdentityAutoencoder
-from .checkpoint import atomic_write_bytes, read_json
+from .checkpoint import atomic_write_bytes, check_field, check_int, check_number, read_json, shipped_file
 from .denoiser import Denoiser, EDMDenoiser, VPDenoiser
 from .errors import EncdiffError
 from .samplers import SAMPLERS, generate
@@ -58,13 +57,13 @@ class Generator:
         unknown = sorted(set(self.sampling) - {"sampler", "steps", "guidance_scale"})
         if unknown:
             raise EncdiffError(f"unknown sampling default {unknown[0]!r}; valid: sampler, steps, guidance_scale")
-        sampler, steps, scale = (self.sampling.get(k) for k in ("sampler", "steps", "guidance_scale"))
-        if sampler is not None and sampler not in SAMPLERS:
-            raise EncdiffError(f"sampling default sampler = {sampler!r}; valid: {', '.join(SAMPLERS)}")
-        if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
-            raise EncdiffError(f"sampling default steps = {steps!r}: expected an integer >= 1")
-        if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
-            raise EncdiffError(f"sampling default guidance_scale = {scale!r}: expected a positive number")
+        if "sampler" in self.sampling:
+            check_field(self.sampling["sampler"] in SAMPLERS, "sampling.sampler", self.sampling["sampler"],
+                        f"one of {', '.join(SAMPLERS)}")
+        if "steps" in self.sampling:
+            check_int(self.sampling["steps"], "sampling.steps")
+        if self.sampling.get("guidance_scale") is not None:
+            check_number(self.sampling["guidance_scale"], "sampling.guidance_scale", positive=True)
         self.spec = spec
         self.denoiser = spec.build(unet)
         self.autoencoder = autoencoder.eval() if autoencoder is not None else IdentityAutoencoder(unet.config.in_channels)
@@ -150,11 +149,8 @@ class Generator:
 
 
 def bundled_path() -> Path:
-    path = Path(str(resources.files("encdiff") / "weights" / BUNDLED))
-    if not (path / GENERATOR_FILE).is_file():
-        raise EncdiffError(f"{path}: the bundled generator is missing (a broken install?); "
-                           "pass a generator folder written by `encdiff train` or `encdiff export`")
-    return path
+    return shipped_file(f"{BUNDLED}/{GENERATOR_FILE}", "generator", "pass a generator folder written by "
+                        "`encdiff train` or `encdiff export`").parent
 
 
 def image_grid(images: torch.Tensor, rows: int) -> torch.Tensor:

@@ -235,11 +235,12 @@ def generate(
     """Noise -> images: x = noise * sigmas[0] (EDM Alg. 1, line 2), then the named sampler over ``steps`` steps.
 
     With a list of generators (one per image) every image depends only on its own seed. ``guidance_scale``
-    turns on classifier-free guidance towards ``class_labels``.
+    turns on classifier-free guidance towards ``class_labels``; a scale of 1 is the conditional model itself
+    (eq. 6 with w = 0), so it runs without the unconditional half of the batch.
     """
     sample_fn = get_sampler(sampler)
     sigmas = get_sigmas(schedule, steps, denoiser)
-    if guidance_scale is not None:
+    if guidance_scale is not None and guidance_scale != 1:
         denoiser = GuidedDenoiser(denoiser, guidance_scale)
     x = noise(shape, generator, dtype, device) * sigmas[0].item()
     return sample_fn(denoiser, x, sigmas, class_labels, generator, callback, **sampler_options)
