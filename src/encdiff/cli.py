@@ -32,8 +32,9 @@ EXAMPLES = """examples:
   encdiff eval runs/ldm/model --reference data/cifar10/test --num 10000 --out eval/"""
 
 
-def _train_flags(parser: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
+def _train_flags(parser: argparse.ArgumentParser, stage: str) -> None:
+    """One flag per TrainConfig field of this stage, named after the field, its help the field's comment."""
+    from .train import TrainConfig, stage_fields
 
     parser.add_argument("data", help="image folder (class subfolders become labels)")
     parser.add_argument("--config", help="TOML file with TrainConfig fields")
@@ -41,17 +42,32 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--resume", action="store_true",
                         help="require a checkpoint in the run folder (a run resumes automatically when it has one)")
-    parser.add_argument("--strict", action="store_true", default=None, help="unreadable image files are an error")
-    flags = {"run_dir": str, "model": str, "resolution": int, "channels": int, "steps": int, "batch_size": int,
-             "grad_accum": int, "lr": float, "weight_decay": float, "warmup_steps": int, "lr_schedule": str,
-             "grad_clip": float, "ema_halflife_images": float, "seed": int, "log_every": int,
-             "checkpoint_every": int, "keep_last": int, "sample_every": int, "sample_steps": int, "workers": int,
-             "eval_every": int, "eval_samples": int}
-    help_of = {f.name: _field_comment(TrainConfig, f.name) for f in dataclasses.fields(TrainConfig)}
-    for name, kind in flags.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, help=help_of.get(name))
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help=help_of["bf16"])
-    parser.add_argument("--compile", action="store_true", default=None, help=help_of["compile"])
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in stage_fields(stage) or f.name == "data":
+            continue
+        flag, help_ = "--" + f.name.replace("_", "-"), _field_comment(TrainConfig, f.name)
+        kind = str(f.type).replace(" | None", "")
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif kind in ("int", "float", "str"):
+            parser.add_argument(flag, type={"int": int, "float": _finite_float, "str": str}[kind], help=help_,
+                                metavar=f.name.upper())
+        elif kind == "tuple[float, float]":
+            parser.add_argument(flag, type=_finite_float, nargs=2, help=help_, metavar=f.name.upper())
+        # dict fields (model_overrides, loss_options) come from --config TOML files only
+
+
+def _finite_float(text: str) -> float:
+    """argparse type: a finite number (nan and inf are refused with the flag named by argparse)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,31 +85,22 @@ def _field_comment(cls: type, name: str) -> str | None:
     return None
 
 
-def _train_overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
-    names = ["run_dir", "model", "resolution", "channels", "steps", "batch_size", "grad_accum", "lr", "weight_decay",
-             "warmup_steps", "lr_schedule", "grad_clip", "ema_halflife_images", "seed", "log_every",
-             "checkpoint_every", "keep_last", "sample_every", "sample_steps", "workers", "eval_every", "eval_samples",
-             "bf16", "compile", "strict"]
-    return {"data": args.data, **{n: getattr(args, n) for n in names}, **extra}
+def _train_overrides(args: argparse.Namespace, stage: str) -> dict[str, Any]:
+    from .train import stage_fields
+
+    return {name: getattr(args, name) for name in stage_fields(stage) if hasattr(args, name)}
 
 
 def cmd_train(args: argparse.Namespace, stage: str) -> int:
     from .checkpoint import latest_training_state
     from .train import config_to_json, load_config, train_autoencoder, train_diffusion
 
-    extra: dict[str, Any] = {}
-    if stage == "diffusion":
-        if bool(args.autoencoder) == bool(args.pixel):
-            raise EncdiffError("give exactly one of --autoencoder MODEL (latent diffusion) or --pixel")
-        extra["autoencoder"] = str(args.autoencoder) if args.autoencoder else None
-        extra["label_dropout"] = args.label_dropout
-        extra["denoiser"] = args.denoiser
-    if stage == "autoencoder":
-        extra["kl_weight"] = args.kl_weight
-        extra["recon_loss"] = args.recon_loss
-    config = load_config(args.config, args.preset, stage, _train_overrides(args, extra))
-    if not config.model:
-        raise EncdiffError("no model: pass --model NAME or --preset NAME")
+    if stage == "diffusion" and bool(args.autoencoder) == bool(args.pixel):
+        raise EncdiffError("give exactly one of --autoencoder MODEL (latent diffusion) or --pixel")
+    config = load_config(args.config, args.preset, stage, _train_overrides(args, stage))
+    if not config.model and not config.init:
+        raise EncdiffError("no model: pass --model NAME or --preset NAME" +
+                           (" (or --init AUTOENCODER to start from one)" if stage == "autoencoder" else ""))
     if args.dry_run:
         print(json.dumps({"stage": stage, **config_to_json(config)}, indent=2))
         return 0
@@ -188,6 +195,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_run(args.run, args.out, diffusers=args.diffusers, dtype=torch.float16 if args.half else None,
                      sampling=sampling)
     print(f"exported the EMA weights of {args.run} to {out}")
+    return 0
+
+
+def cmd_set_autoencoder(args: argparse.Namespace) -> int:
+    from .autoencoder import Autoencoder
+    from .pipeline import Generator
+
+    generator = Generator.from_pretrained(args.generator)
+    try:
+        updated = generator.with_autoencoder(Autoencoder.from_pretrained(args.autoencoder))
+    except EncdiffError as e:
+        raise EncdiffError(f"{args.autoencoder}: {e}") from None
+    out = Path(args.out or args.generator)
+    updated.save_pretrained(out, dtype=torch.float16 if args.half else None)
+    print(f"wrote {out} with the decoder of {args.autoencoder}")
     return 0
 
 
@@ -453,17 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train-autoencoder", help="stage 1: train a KL autoencoder on an image folder",
                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _train_flags(p)
-    p.add_argument("--kl-weight", type=float, help="weight of the KL term per latent element")
-    p.add_argument("--recon-loss", choices=["l1", "l2"], help="reconstruction loss")
+    _train_flags(p, "autoencoder")
 
     p = commands.add_parser("train", help="stage 2: train a diffusion U-Net (latent or pixel space)",
                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _train_flags(p)
-    p.add_argument("--autoencoder", help="autoencoder folder: diffusion in its latent space")
+    _train_flags(p, "diffusion")
     p.add_argument("--pixel", action="store_true", help="diffusion in pixel space")
-    p.add_argument("--label-dropout", type=float, help="probability of the null class in training (guidance)")
-    p.add_argument("--denoiser", choices=["edm", "vp"], help="parameterisation: EDM preconditioning or VP")
 
     p = commands.add_parser("sample", help="generate images", epilog=EXAMPLES,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -494,6 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", help="generator: default sampler of `encdiff sample`")
     p.add_argument("--steps", type=int, help="generator: default sampler steps")
     p.add_argument("--guidance", type=float, help="generator: default classifier-free guidance scale")
+
+    p = commands.add_parser("set-autoencoder", help="put a fine-tuned decoder into a generator (same latent space)")
+    p.add_argument("generator", help="generator folder")
+    p.add_argument("autoencoder", help="autoencoder folder sharing the generator's encoder (a decoder-only fine-tune)")
+    p.add_argument("--out", help="write the new generator here (default: replace the generator folder's files)")
+    p.add_argument("--half", action="store_true", help="store all weights as float16")
 
     p = commands.add_parser("info", help="describe a model, generator or run folder")
     p.add_argument("path")
@@ -547,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train-autoencoder", "train"):
             return cmd_train(args, "autoencoder" if args.command == "train-autoencoder" else "diffusion")
         return {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "export": cmd_export,
-                "info": cmd_info, "train-feature-net": cmd_train_feature_net,
+                "info": cmd_info, "set-autoencoder": cmd_set_autoencoder, "train-feature-net": cmd_train_feature_net,
                 "eval": cmd_eval}[args.command](args)
     except EncdiffError as e:
         print(f"encdiff: error: {e}", file=sys.stderr)

@@ -107,6 +107,26 @@ class Generator:
         pixels = self.autoencoder.decode(latents)
         return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
+    def with_autoencoder(self, autoencoder: Autoencoder) -> "Generator":
+        """The same generator with another decoder: `autoencoder` must share this one's latent space (the same
+        config, so the same latent scale/shift, and bit-identical encoder weights), as a decoder-only fine-tune
+        (`encdiff train-autoencoder --init ... --decoder-only`) does; anything else is refused, naming the
+        field or weight that differs, since the U-Net was trained on this latent space."""
+        current = self.autoencoder
+        if not isinstance(current, Autoencoder):
+            raise EncdiffError("a pixel-space generator has no autoencoder to replace")
+        for name, value in current.config.__dict__.items():
+            new = getattr(autoencoder.config, name)
+            if new != value:
+                raise EncdiffError(f"the new autoencoder's config field {name!r} = {new!r} differs from the "
+                                   f"generator's {value!r}: not the same latent space (fine-tune the decoder only)")
+        new_state = autoencoder.state_dict()
+        for key, value in current.state_dict().items():
+            if key.startswith(("encoder.", "quant_conv.")) and not torch.equal(new_state[key].to(value), value):
+                raise EncdiffError(f"the new autoencoder's weight {key!r} differs from the generator's: another "
+                                   "encoder means another latent space (fine-tune the decoder only)")
+        return Generator(self.unet, self.spec, autoencoder, self.class_names, self.sampling)
+
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write the generator folder; `dtype` (e.g. torch.float16) stores the weights in that precision
         (they load back as float32)."""

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .autoencoder import Autoencoder, AutoencoderConfig
+from .autoencoder_loss import AutoencoderObjective, DiscriminatorConfig, PatchDiscriminator
 from .checkpoint import (atomic_write_bytes, config_from_dict, flatten_state, latest_training_state,
                          load_training_state, rng_state, save_training_state, set_rng_state, unflatten_state)
 from .data import BatchSampler, ImageDataset, random_flips
@@ -67,6 +68,16 @@ class TrainConfig:
     # stage 1: autoencoder
     recon_loss: str = "l1"  # "l1" or "l2" reconstruction loss
     kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)) per latent element
+    ssim_weight: float = 0.0  # weight of 1 - SSIM (11x11 Gaussian windows) added to the reconstruction loss
+    fft_weight: float = 0.0  # weight of the focal frequency loss (spectrum distance, hard frequencies first)
+    adv_weight: float = 0.0  # weight of the PatchGAN hinge term, times the adaptive gradient-norm ratio; 0: no GAN
+    adv_start: int = 0  # optimizer step from which the discriminator trains and the adversarial term counts
+    fm_weight: float = 0.0  # weight of feature matching in the discriminator's layers (a perceptual term)
+    disc_lr: float | None = None  # discriminator learning rate (AdamW, betas 0.5/0.9); None: lr
+    disc_channels: int = 64  # discriminator width (DiscriminatorConfig.channels)
+    disc_layers: int = 2  # discriminator depth (DiscriminatorConfig.layers): 2 -> 34-pixel patches
+    init: str | None = None  # autoencoder folder to start from (its config replaces model / model_overrides)
+    decoder_only: bool = False  # with init: train the decoder only; encoder, posterior and latent scale/shift frozen
     # stage 2: diffusion
     denoiser: str = "edm"  # "edm" or "vp" (DenoiserSpec.kind)
     prediction: str = "epsilon"  # vp: epsilon, v or x0
@@ -101,6 +112,24 @@ class TrainConfig:
             raise EncdiffError(f"config field 'label_dropout' = {self.label_dropout!r}: expected a probability in [0, 1)")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise EncdiffError(f"config field 'lr' = {self.lr!r}: expected a positive number")
+        for name in ("kl_weight", "ssim_weight", "fft_weight", "adv_weight", "fm_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value >= 0):
+                raise EncdiffError(f"config field {name!r} = {value!r}: expected a finite number >= 0")
+        if self.disc_lr is not None and not (isinstance(self.disc_lr, (int, float)) and math.isfinite(self.disc_lr)
+                                             and self.disc_lr > 0):
+            raise EncdiffError(f"config field 'disc_lr' = {self.disc_lr!r}: expected a positive number or null")
+        for name in ("adv_start",):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise EncdiffError(f"config field {name!r} = {value!r}: expected an integer >= 0")
+        if self.decoder_only and not self.init:
+            raise EncdiffError("config field 'decoder_only' = true needs 'init': the autoencoder whose decoder "
+                               "is fine-tuned (--init MODEL)")
+        if self.init and (self.model or self.model_overrides):
+            raise EncdiffError(f"config fields 'init' = {self.init!r} and 'model' = {self.model!r} / "
+                               "'model_overrides': give one (the init folder's config is the model's)")
 
 
 # Named training setups: the resolved config of every run is saved beside it.
@@ -117,6 +146,21 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                           resolution=64, steps=100_000, batch_size=64, lr=2e-4),
     },
 }
+
+
+# Fields that only one stage reads; every other field is common to both.
+STAGE_ONLY = {
+    "autoencoder": frozenset({"recon_loss", "kl_weight", "ssim_weight", "fft_weight", "adv_weight", "adv_start",
+                              "fm_weight", "disc_lr", "disc_channels", "disc_layers", "init", "decoder_only"}),
+    "diffusion": frozenset({"autoencoder", "denoiser", "prediction", "train_schedule", "noise_level", "weighting",
+                            "sigma_data", "loss_options", "label_dropout", "eval_every", "eval_samples"}),
+}
+
+
+def stage_fields(stage: str) -> list[str]:
+    """The TrainConfig fields a stage ("autoencoder" or "diffusion") reads, in declaration order."""
+    other = STAGE_ONLY["diffusion" if stage == "autoencoder" else "autoencoder"]
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in other]
 
 
 # Fields a resumed run may change: more steps extend training, the rest only touch logging and files.
@@ -199,7 +243,7 @@ class Run:
     """The state shared by both stages: data, model, optimizer, EMA, RNG streams, checkpoints and logs."""
 
     def __init__(self, config: TrainConfig, stage: str, model: torch.nn.Module, dataset_len: int, dist_: Distributed,
-                 export_info: dict[str, Any] | None = None):
+                 export_info: dict[str, Any] | None = None, discriminator: torch.nn.Module | None = None):
         self.config, self.stage, self.dist = config, stage, dist_
         # What `export_run` needs to rebuild the model from any checkpoint: its config, and for a generator
         # the denoiser spec, class names and autoencoder folder.
@@ -214,8 +258,16 @@ class Run:
         self.sampler = BatchSampler(dataset_len, per_rank, seed=config.seed, rank=dist_.rank,
                                     world_size=dist_.world_size)
         # The fused kernel (CPU and CUDA) updates all tensors in one pass: ~2.7x faster than the per-tensor loop.
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, betas=config.betas,
-                                           weight_decay=config.weight_decay, fused=True)
+        # Frozen parameters (a decoder-only fine-tune's encoder) are not given to it.
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=config.lr,
+                                           betas=config.betas, weight_decay=config.weight_decay, fused=True)
+        # A GAN's discriminator has an optimizer of its own (betas 0.5/0.9 as in taming/LDM) and is checkpointed with
+        # the rest; it has no EMA and no learning-rate schedule.
+        self.discriminator = discriminator.to(dist_.device) if discriminator is not None else None
+        self.disc_optimizer = (torch.optim.AdamW(self.discriminator.parameters(), lr=config.disc_lr or config.lr,
+                                                 betas=(0.5, 0.9), fused=True)
+                               if self.discriminator is not None else None)
+        self.wrapped: dict[str, torch.nn.Module] = {}  # the modules as the loss calls them (DDP, compile): train_loop
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config))
         self.ema = EMA(self.model, config.ema_halflife_images, config.ema_rampup)
         # Two independent streams (augmentation, training noise), in the same state on every rank: each rank
@@ -250,13 +302,18 @@ class Run:
             optimizer_tensors, optimizer_skeleton = flatten_state(self.optimizer.state_dict(), "optimizer.")
             tensors = {**{f"model.{k}": v for k, v in self.model.state_dict().items()},
                        **{f"ema.{k}": v for k, v in self.ema.state_dict().items()}, **optimizer_tensors}
+            disc_skeleton = None
+            if self.discriminator is not None:
+                disc_tensors, disc_skeleton = flatten_state(self.disc_optimizer.state_dict(), "disc_optimizer.")
+                tensors.update({f"disc.{k}": v for k, v in self.discriminator.state_dict().items()}, **disc_tensors)
             for rank, rank_states in enumerate(gathered):
                 for name, state in rank_states.items():
                     tensors[f"rng.{name}.rank{rank}"] = torch.tensor(state, dtype=torch.uint8)
             meta = {"stage": self.stage, "step": self.step, "images_seen": self.images_seen,
                     "world_size": self.dist.world_size, "sampler": self.sampler.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "optimizer": optimizer_skeleton,
-                    "config": config_to_json(self.config), "history": self.history, "export": self.export_info}
+                    "config": config_to_json(self.config), "history": self.history, "export": self.export_info,
+                    "disc_optimizer": disc_skeleton}
             path = save_training_state(self.dir, self.step, tensors, meta, keep_last=self.config.keep_last)
         self.dist.barrier()
         return path
@@ -284,6 +341,9 @@ class Run:
         self.model.load_state_dict(take("model."))
         self.ema.load_state_dict(take("ema."))
         self.optimizer.load_state_dict(unflatten_state(tensors, meta["optimizer"]))
+        if self.discriminator is not None:
+            self.discriminator.load_state_dict(take("disc."))
+            self.disc_optimizer.load_state_dict(unflatten_state(tensors, meta["disc_optimizer"]))
         self.scheduler.load_state_dict(meta["scheduler"])
         self.sampler.load_state_dict(meta["sampler"])
         for name, g in self.generators.items():
@@ -349,12 +409,19 @@ def train_loop(run: Run, loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch
     if config.compile:
         # Compiled around DDP (as PyTorch recommends); checkpoints and the EMA keep using the plain module.
         ddp_model = torch.compile(ddp_model)
+    run.wrapped = {"model": ddp_model}
+    if run.discriminator is not None:
+        run.wrapped["discriminator"] = (DistributedDataParallel(run.discriminator, device_ids=[dist_.local_rank]
+                                                                if dist_.device.type == "cuda" else None)
+                                        if dist_.world_size > 1 else run.discriminator)
     progress = tqdm(total=config.steps, initial=run.step, disable=not dist_.main, dynamic_ncols=True, desc=run.stage)
     window_start, window_images, window_losses = time.perf_counter(), 0, []
+    window_parts: dict[str, list[float]] = {}
     with StopRequest() as stop, progress:
         while run.step < config.steps:
             run.model.train()
             total = torch.zeros((), device=dist_.device)
+            parts_total: dict[str, torch.Tensor] = {}
             for micro in range(config.grad_accum):
                 indices = next(run.sampler)
                 rank, world_size = run.shard
@@ -365,33 +432,52 @@ def train_loop(run: Run, loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch
                 context = ddp_model.no_sync() if not sync else contextlib.nullcontext()
                 with context, torch.autocast(dist_.device.type, dtype=torch.bfloat16, enabled=autocast):
                     loss = loss_fn(ddp_model, x.to(dist_.device), None if labels is None else labels.to(dist_.device))
+                # A loss may come with named parts (the autoencoder's terms) to log beside it.
+                loss, parts = loss if isinstance(loss, tuple) else (loss, {})
                 (loss / config.grad_accum).backward()
                 total += loss.detach() / config.grad_accum
+                for name, value in parts.items():
+                    parts_total[name] = parts_total.get(name, 0.0) + value.detach().float() / config.grad_accum
             total = dist_.mean(total)
-            grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip or float("inf"))
-            if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
+            trainable = [p for p in run.model.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip or float("inf"))
+            disc_grads = run.discriminator is not None and any(p.grad is not None for p in run.discriminator.parameters())
+            disc_norm = (torch.nn.utils.clip_grad_norm_(run.discriminator.parameters(), float("inf")) if disc_grads
+                         else torch.zeros(()))
+            if not (torch.isfinite(total) and torch.isfinite(grad_norm) and torch.isfinite(disc_norm)):
                 last = latest_training_state(run.dir)
+                what = f", discriminator gradient norm {disc_norm.item():.4g}" if disc_grads else ""
                 raise EncdiffError(f"training diverged at step {run.step + 1}: loss {total.item():.4g}, gradient norm "
-                                   f"{grad_norm.item():.4g}; the last good checkpoint is {last or 'none'} (lower --lr "
-                                   "or raise --warmup-steps, then resume)")
+                                   f"{grad_norm.item():.4g}{what}; the last good checkpoint is {last or 'none'} "
+                                   "(lower --lr or raise --warmup-steps, then resume)")
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
+            if disc_grads:
+                run.disc_optimizer.step()
+                run.disc_optimizer.zero_grad(set_to_none=True)
             run.scheduler.step()
             run.step += 1
             run.images_seen += config.batch_size
             run.ema.update(run.model, run.images_seen, config.batch_size)
             window_images += config.batch_size
             window_losses.append(total.item())
+            if parts_total:
+                names = sorted(parts_total)
+                averaged = dist_.mean(torch.stack([parts_total[n] for n in names]))
+                for name, value in zip(names, averaged.tolist()):
+                    window_parts.setdefault(name, []).append(value)
             progress.update(1)
             if run.step % config.log_every == 0 or run.step == config.steps:
                 elapsed = time.perf_counter() - window_start
                 row = {"step": run.step, "images": run.images_seen, "loss": sum(window_losses) / len(window_losses),
                        "lr": run.scheduler.get_last_lr()[0], "images_per_s": window_images / elapsed,
-                       "grad_norm": grad_norm.item()}
+                       "grad_norm": grad_norm.item(),
+                       **{name: sum(values) / len(values) for name, values in window_parts.items()}}
                 progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
                                      img_s=f"{row['images_per_s']:.1f}")
                 run.log(row)
                 window_start, window_images, window_losses = time.perf_counter(), 0, []
+                window_parts = {}
             if config.sample_every and run.step % config.sample_every == 0 and dist_.main:
                 on_sample(run)
             if on_eval is not None and config.eval_every and run.step % config.eval_every == 0 and dist_.main:
@@ -430,19 +516,46 @@ def model_config(table: dict, config: TrainConfig, config_class: type, **fixed: 
 
 # -- stage 1 ----------------------------------------------------------------------------------------------
 def train_autoencoder(config: TrainConfig) -> Path:
-    """Train a KL autoencoder on `config.data`; returns the folder of the final (EMA) autoencoder."""
-    preset(AUTOENCODERS, config.model)  # a bad name fails before the data is decoded
+    """Train a KL autoencoder on `config.data`; returns the folder of the final (EMA) autoencoder.
+
+    With `config.init`, training starts from that autoencoder; with `config.decoder_only` as well, only the decoder
+    (and post_quant_conv) learn: the encoder, its posterior and the stored latent scale/shift stay bit for bit, so
+    the latent space, and every U-Net trained on it, is unchanged."""
+    if config.init:
+        init = Autoencoder.from_pretrained(config.init)  # a bad folder fails before the data is decoded
+    else:
+        preset(AUTOENCODERS, config.model)
     dist_, dataset = prepare(config, "autoencoder")
-    ae_config = model_config(AUTOENCODERS, config, AutoencoderConfig, in_channels=config.channels,
-                             out_channels=config.channels, sample_size=config.resolution)
+    if config.init:
+        ae_config = init.config
+        if (ae_config.in_channels, ae_config.sample_size) != (config.channels, config.resolution):
+            raise EncdiffError(f"--init {config.init}: an autoencoder for {ae_config.in_channels}-channel "
+                               f"{ae_config.sample_size}x{ae_config.sample_size} images; this run has channels "
+                               f"{config.channels}, resolution {config.resolution}")
+    else:
+        ae_config = model_config(AUTOENCODERS, config, AutoencoderConfig, in_channels=config.channels,
+                                 out_channels=config.channels, sample_size=config.resolution)
     if config.resolution % ae_config.downsample_factor:
         raise EncdiffError(f"resolution {config.resolution} is not divisible by the autoencoder's downsampling "
                            f"factor {ae_config.downsample_factor}")
-    torch.manual_seed(config.seed)  # the initial weights
-    run = Run(config, "autoencoder", Autoencoder(ae_config), len(dataset), dist_)
+    torch.manual_seed(config.seed)  # the initial weights (of the discriminator too)
+    autoencoder = Autoencoder(ae_config)
+    if config.init:
+        autoencoder.load_state_dict(init.state_dict())
+    if config.decoder_only:
+        frozen_modules(autoencoder).requires_grad_(False)
+    discriminator = None
+    if config.adv_weight > 0:
+        discriminator = PatchDiscriminator(DiscriminatorConfig(in_channels=config.channels,
+                                                               channels=config.disc_channels, layers=config.disc_layers))
+    run = Run(config, "autoencoder", autoencoder, len(dataset), dist_, discriminator=discriminator)
     run.resume()
-    recon = F.l1_loss if config.recon_loss == "l1" else F.mse_loss
     preview = dataset.batch(torch.arange(0, len(dataset), max(1, len(dataset) // 8))[:8])[0]
+    objective = AutoencoderObjective(
+        recon_loss=config.recon_loss, kl_weight=config.kl_weight, ssim_weight=config.ssim_weight,
+        fft_weight=config.fft_weight, adv_weight=config.adv_weight, adv_start=config.adv_start,
+        fm_weight=config.fm_weight, discriminator=run.discriminator,
+        last_layer=run.model.decoder.conv_out.weight, all_reduce=dist_.mean)
 
     f = ae_config.downsample_factor
 
@@ -452,7 +565,7 @@ def train_autoencoder(config: TrainConfig) -> Path:
         noise = torch.randn((B * world_size, ae_config.latent_channels, H // f, W // f),
                             generator=run.generators["noise"], device=x.device)[rank::world_size]
         reconstruction, posterior = model(x, noise=noise)
-        return recon(reconstruction.float(), x) + config.kl_weight * posterior.kl().mean() / posterior.mean[0].numel()
+        return objective.loss(x, reconstruction, posterior, run.step, run.wrapped.get("discriminator"))
 
     def on_sample(run: Run) -> None:
         with torch.inference_mode():
@@ -466,11 +579,18 @@ def train_autoencoder(config: TrainConfig) -> Path:
         return run.dir
     out = run.dir / "model"
     if dist_.main:
-        autoencoder = measure_latent_statistics(run.ema.model, dataset, dist_.device)
+        # A decoder-only run keeps the latent space, statistics included; otherwise they are measured anew.
+        autoencoder = run.ema.model if config.decoder_only else measure_latent_statistics(run.ema.model, dataset,
+                                                                                          dist_.device)
         autoencoder.save_pretrained(out)
         print(f"autoencoder written to {out} (scaling_factor {autoencoder.config.scaling_factor:.4g})", file=sys.stderr)
     dist_.barrier()
     return out
+
+
+def frozen_modules(autoencoder: Autoencoder) -> torch.nn.ModuleList:
+    """What a decoder-only fine-tune keeps fixed: everything that maps an image to its latent."""
+    return torch.nn.ModuleList([m for m in (autoencoder.encoder, autoencoder.quant_conv) if m is not None])
 
 
 @torch.inference_mode()
@@ -618,6 +738,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bo
         autoencoder = Autoencoder(config_from_dict(AutoencoderConfig, info["model_config"], f"{path} model_config"))
         autoencoder.load_state_dict(ema)
         config = config_from_dict(TrainConfig, meta["config"], f"{path} config")
+        if config.decoder_only:  # the latent space (statistics included) is the init autoencoder's
+            autoencoder.eval().save_pretrained(out, diffusers=diffusers, dtype=dtype)
+            return out
         dataset = ImageDataset(config.data, config.resolution, config.channels, strict=config.strict,
                                cache_dir=Path(run_dir) / "cache", workers=config.workers)
         measure_latent_statistics(autoencoder, dataset, "cpu").save_pretrained(out, diffusers=diffusers, dtype=dtype)
