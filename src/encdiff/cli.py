@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,13 @@ EXAMPLES = """examples:
   encdiff info runs/ldm
   encdiff train-feature-net /tmp/cifar10 --out featurenet.safetensors
   encdiff eval runs/ldm/model --reference data/cifar10/test --num 10000 --out eval/"""
+
+
+EDIT_EXAMPLES = """examples:
+  encdiff edit img2img photo.png --class cat --strength 0.6 --out cat.png
+  encdiff edit inpaint photo.png --mask centre.png --class dog --resample 4
+  encdiff edit invert photo.png --class cat --to-class dog --out swap.png
+  encdiff edit interpolate --seeds 1 2 --class horse --frames 8 --out strip.png --gif strip.gif"""
 
 
 def _train_flags(parser: argparse.ArgumentParser, stage: str) -> None:
@@ -196,6 +204,124 @@ def cmd_export(args: argparse.Namespace) -> int:
                      sampling=sampling)
     print(f"exported the EMA weights of {args.run} to {out}")
     return 0
+
+
+def _ode_settings(args: argparse.Namespace, samplers: tuple[str, ...]) -> dict[str, Any]:
+    if args.sampler not in samplers:
+        raise EncdiffError(f"--sampler {args.sampler}: {args.mode} integrates the ODE deterministically; use one of "
+                           f"{', '.join(samplers)}")
+    return dict(sampler=args.sampler, steps=args.steps)
+
+
+def _check_output(path: Path, suffixes: tuple[str, ...], flag: str) -> Path:
+    """Refuse an output path that cannot be written before any work is done."""
+    if path.suffix.lower() not in suffixes:
+        raise EncdiffError(f"{flag} {path}: expected a file name ending in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise EncdiffError(f"{flag} {path}: is a folder; give a file name")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise EncdiffError(f"{flag} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise EncdiffError(f"{flag} {path}: {parent} is not writable")
+    return path
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from . import editing
+    from .data import load_image
+    from .pipeline import Generator, image_grid, save_png
+
+    out = _check_output(Path(args.out), (".png",), "--out")
+    gif = _check_output(Path(args.gif), (".gif",), "--gif") if getattr(args, "gif", None) else None
+    if args.steps < 1:
+        raise EncdiffError(f"--steps {args.steps}: expected at least 1")
+    generator = Generator.from_pretrained(args.model) if args.model else Generator.bundled()
+    read = lambda path: torch.from_numpy(load_image(path, generator.image_size, generator.image_channels))[None]
+    label = lambda name: (None if name is None else
+                          torch.tensor([generator.class_index(name)]))
+    labels = label(args.class_)
+    if args.guidance is not None and labels is None:
+        raise EncdiffError("--guidance needs --class (the class to guide towards)")
+    common = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
+    if args.mode == "img2img":
+        editing.check_strength(args.strength)
+        image = read(args.image)
+        result = editing.img2img(generator, image, [args.seed], labels, strength=args.strength, **common)
+        print(f"img2img: {editing.steps_run(args.steps, args.strength)} of {args.steps} steps from the encoded image")
+        save_png(image_grid(torch.cat([image, result]), rows=1), out)
+    elif args.mode == "inpaint":
+        image = read(args.image)
+        mask = _read_mask(Path(args.mask), args.image, generator.image_size)
+        if args.resample > 1:
+            per_step = 2 if args.sampler == "heun" else 1
+            print(f"RePaint: {args.steps} steps x {args.resample} resamplings = about "
+                  f"{args.steps * args.resample * per_step} model evaluations ({args.resample}x the cost of plain "
+                  "inpainting)")
+        result = editing.inpaint(generator, image, mask, [args.seed], labels, resample=args.resample, **common)
+        save_png(image_grid(torch.cat([image, (image.float() * (1 - mask)).to(torch.uint8), result]), rows=1), out)
+    elif args.mode == "invert":
+        image = read(args.image)
+        ode = _ode_settings(args, editing.ODE_SAMPLERS)
+        noise = editing.invert(generator, image, labels, **ode)
+        target = label(args.to_class) if args.to_class is not None else labels
+        latents = editing.regenerate_latents(generator, noise, target, guidance_scale=args.guidance, **ode)
+        if args.to_class is None:
+            z0 = generator.encode(image).double()
+            error = (latents.double() - z0).square().mean() / z0.var()
+            print(f"inversion round trip: mean squared latent error {error:.3g} x the latent variance")
+        save_png(image_grid(torch.cat([image, generator.decode(latents)]), rows=1), out)
+    else:
+        frames = args.frames
+        if (args.seeds is None) == (args.images is None):
+            raise EncdiffError("give exactly one of --seeds A B (two noises) or --images A B (two real images)")
+        ode = _ode_settings(args, editing.ODE_SAMPLERS)
+        if args.seeds is not None:
+            from .samplers import noise as draw
+
+            c = generator.unet.config
+            ends = [draw((1, c.in_channels, c.sample_size, c.sample_size), torch.Generator().manual_seed(seed))
+                    * generator.denoiser.sigma_max for seed in args.seeds]
+        else:
+            ends = [editing.invert(generator, read(path), labels, **ode) for path in args.images]
+        path_noise = editing.interpolate_noise(ends[0].double(), ends[1].double(), frames)
+        images = editing.regenerate(generator, path_noise, None if labels is None else labels.expand(frames),
+                                    guidance_scale=args.guidance, **ode)
+        save_png(image_grid(images, rows=1), out)
+        if gif is not None:
+            from PIL import Image
+
+            pictures = [Image.fromarray(i.permute(1, 2, 0).squeeze(-1).numpy()) for i in images]
+            pictures += pictures[-2:0:-1]  # there and back
+            pictures[0].save(gif, save_all=True, append_images=pictures[1:], duration=120, loop=0)
+            print(gif)
+    print(out)
+    return 0
+
+
+def _read_mask(path: Path, image_path: str, resolution: int) -> torch.Tensor:
+    """A binary mask PNG of the image's own size (white = repaint), resized and cropped like the image (nearest)."""
+    import numpy as np
+    from PIL import Image
+
+    from .data import fit
+
+    try:
+        with Image.open(path) as m:
+            mask = m.convert("L")
+        with Image.open(image_path) as im:
+            image_size = im.size
+    except (OSError, ValueError) as e:
+        raise EncdiffError(f"--mask {path}: not a readable image ({e})") from None
+    if mask.size != image_size:
+        raise EncdiffError(f"--mask {path}: {mask.size[0]}x{mask.size[1]} pixels, the image {image_path} is "
+                           f"{image_size[0]}x{image_size[1]}; give a mask of the image's size")
+    values = np.unique(np.asarray(mask)).tolist()
+    if not (set(values) <= {0, 255} or set(values) <= {0, 1}):
+        raise EncdiffError(f"--mask {path}: grey levels {values[:6]}{'...' if len(values) > 6 else ''}; expected a "
+                           "binary mask (black 0 = keep, white 255 = repaint), saved as PNG, not JPEG")
+    binary = Image.fromarray((np.asarray(mask) > 0).astype(np.uint8))
+    return torch.from_numpy(np.asarray(fit(binary, resolution, Image.Resampling.NEAREST)).astype(np.float32))[None, None]
 
 
 def cmd_set_autoencoder(args: argparse.Namespace) -> int:
@@ -468,8 +594,15 @@ def _bits_per_dim(args: argparse.Namespace, generator, ref_data) -> dict:
             "bpd_settings": {**parts[0]["settings"], "num_images": n}}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag or value is one line on stderr and exit status 2, like every other user mistake (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="encdiff", description="Encoder-decoder diffusion models.",
+    parser = OneLineParser(prog="encdiff", description="Encoder-decoder diffusion models.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -511,6 +644,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", help="generator: default sampler of `encdiff sample`")
     p.add_argument("--steps", type=int, help="generator: default sampler steps")
     p.add_argument("--guidance", type=float, help="generator: default classifier-free guidance scale")
+
+    p = commands.add_parser("edit", help="edit real images: img2img, inpaint, invert (class swap), interpolate",
+                            epilog=EDIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = p.add_subparsers(dest="mode", required=True)
+    for mode, help_ in (("img2img", "SDEdit: noise the encoded image part of the way and denoise it"),
+                        ("inpaint", "repaint where a mask is white; every other pixel is kept exactly"),
+                        ("invert", "ODE inversion to noise and back; --to-class regenerates under another class"),
+                        ("interpolate", "a strip between two seeds' noises or two images' inversions")):
+        m = modes.add_parser(mode, help=help_, epilog=EDIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if mode != "interpolate":
+            m.add_argument("image", help="the image to edit (resized and centre-cropped to the model's size)")
+        m.add_argument("--model", help="generator folder (default: the bundled CIFAR-10 model)")
+        m.add_argument("--class", dest="class_", help="class name or index (default: none, the null class)")
+        m.add_argument("--steps", type=int, default=50 if mode in ("invert", "interpolate") else 20,
+                       help="sampler steps of the whole grid")
+        m.add_argument("--sampler", default="euler" if mode in ("invert", "interpolate") else "dpmpp_2m",
+                       help="sampler (inversion and interpolation: euler, ddim or heun)")
+        m.add_argument("--guidance", type=_finite_float, help="classifier-free guidance scale (needs --class)")
+        m.add_argument("--seed", type=int, default=0, help="seed of the noise")
+        m.add_argument("--out", default=f"{mode}.png", help="output PNG")
+        if mode == "img2img":
+            m.add_argument("--strength", type=_finite_float, default=0.5,
+                           help="0 keeps the image (autoencoder round trip), 1 ignores it; runs int(steps x strength) steps")
+        if mode == "inpaint":
+            m.add_argument("--mask", required=True, help="PNG of the image's size: white = repaint, black = keep")
+            m.add_argument("--resample", type=int, default=1, help="RePaint resamplings per step (cost x this)")
+        if mode == "invert":
+            m.add_argument("--to-class", help="regenerate under this class instead (class swap)")
+        if mode == "interpolate":
+            m.add_argument("--seeds", type=int, nargs=2, help="two seeds: interpolate their noises")
+            m.add_argument("--images", nargs=2, help="two images: interpolate their inversions")
+            m.add_argument("--frames", type=int, default=8, help="images in the strip, both ends included")
+            m.add_argument("--gif", help="also write an animated GIF here")
 
     p = commands.add_parser("set-autoencoder", help="put a fine-tuned decoder into a generator (same latent space)")
     p.add_argument("generator", help="generator folder")
@@ -570,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train-autoencoder", "train"):
             return cmd_train(args, "autoencoder" if args.command == "train-autoencoder" else "diffusion")
         return {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "export": cmd_export,
-                "info": cmd_info, "set-autoencoder": cmd_set_autoencoder, "train-feature-net": cmd_train_feature_net,
+                "info": cmd_info, "edit": cmd_edit, "set-autoencoder": cmd_set_autoencoder, "train-feature-net": cmd_train_feature_net,
                 "eval": cmd_eval}[args.command](args)
     except EncdiffError as e:
         print(f"encdiff: error: {e}", file=sys.stderr)

@@ -161,15 +161,20 @@ def load_image(path: str | os.PathLike, resolution: int, channels: int = 3) -> n
     except Exception as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
         raise UnreadableImageError(path, f"not a readable image ({reason})") from None
+    array = np.asarray(fit(image, resolution), dtype=np.uint8)
+    return np.ascontiguousarray(array[None] if channels == 1 else array.transpose(2, 0, 1))
+
+
+def fit(image: Image.Image, resolution: int, resample=Image.Resampling.LANCZOS) -> Image.Image:
+    """The training rule for any image size: the shorter side resized to `resolution` (no resampling when it has
+    that size already), then the centre cropped (an odd leftover pixel goes to the right or bottom)."""
     width, height = image.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
     if size != image.size:
-        image = image.resize(size, Image.Resampling.LANCZOS)
+        image = image.resize(size, resample)
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.uint8)
-    return np.ascontiguousarray(array[None] if channels == 1 else array.transpose(2, 0, 1))
+    return image.crop((left, top, left + resolution, top + resolution))
 
 
 def decode_chunk(paths: list[str], resolution: int, channels: int,

@@ -77,6 +77,15 @@ class Generator:
         return self.unet.config.sample_size * self.autoencoder.downsample_factor
 
     @property
+    def image_channels(self) -> int:
+        ae = self.autoencoder
+        return ae.config.in_channels if isinstance(ae, Autoencoder) else self.unet.config.in_channels
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.autoencoder.downsample_factor
+
+    @property
     def num_classes(self) -> int:
         return self.unet.config.num_classes
 
@@ -104,7 +113,19 @@ class Generator:
         latents = generate(self.denoiser, (len(seeds), c.in_channels, c.sample_size, c.sample_size), generators,
                            sampler=sampler, steps=steps, schedule=schedule, class_labels=class_labels,
                            guidance_scale=guidance_scale, device=device)
-        pixels = self.autoencoder.decode(latents)
+        return self.decode(latents)
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, C, H, W) -> the latents the U-Net works on (the posterior mean; pixels in [-1, 1] for a
+        pixel-space model), float32 on the generator's device."""
+        device = next(self.unet.parameters()).device
+        return self.autoencoder.encode(images.to(device).float() / 127.5 - 1)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> uint8 images (B, C, H, W) on the CPU."""
+        pixels = self.autoencoder.decode(latents.float())
         return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
     def with_autoencoder(self, autoencoder: Autoencoder) -> "Generator":
