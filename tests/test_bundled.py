@@ -29,7 +29,7 @@ def test_bundled_weights_are_half_precision_and_within_the_size_limits():
             assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float16}, f
     generator = Generator.bundled()
     assert generator.class_names[:2] == ["airplane", "automobile"] and generator.num_classes == 10
-    assert generator.image_size == 32 and generator.sampling["guidance_scale"] > 1
+    assert generator.image_size == 32 and generator.sampling.guidance_scale > 1
 
 
 def test_sample_without_a_model_writes_one_row_per_class_of_recognisable_images(tmp_path):
@@ -46,6 +46,9 @@ def test_sample_without_a_model_writes_one_row_per_class_of_recognisable_images(
     assert len(each) == 100
     first = torch.from_numpy(np.array(Image.open(each[3]))).permute(2, 0, 1)
     assert torch.equal(tiles[:, 3, 0], first)
+    # One owner of the sampling settings: the library, with no arguments but seed and class, makes the same image
+    # as `encdiff sample` (the generator's own sampler, steps and guidance 3 in both).
+    assert torch.equal(Generator.bundled().images([3], torch.tensor([3]))[0], first)
     images = tiles.permute(1, 2, 0, 3, 4).reshape(100, 3, 32, 32).float() / 127.5 - 1
     with torch.inference_mode():
         predicted = FeatureNet.load()(images).argmax(1).view(10, 10)

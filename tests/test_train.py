@@ -22,7 +22,7 @@ from conftest import extract_cifar_subset, needs_cifar
 from encdiff import Autoencoder, EncdiffError
 from encdiff.checkpoint import latest_training_state
 from encdiff.data import ImageDataset
-from encdiff.pipeline import Generator
+from encdiff.pipeline import Generator, Sampling
 from encdiff.train import TrainConfig, export_run, load_config, train_autoencoder, train_diffusion
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -270,7 +270,7 @@ def test_cli_sample_reconstruct_export_info_on_trained_models(autoencoder_run, i
     # the sampling defaults travel in generator.json and `sample` uses them unless told otherwise.
     assert cli("export", str(run_dir), str(tmp_path / "half"), "--half", "--steps", "4", "--guidance", "2").returncode == 0
     half = Generator.from_pretrained(tmp_path / "half")
-    assert half.sampling == {"steps": 4, "guidance_scale": 2.0}
+    assert half.sampling == Sampling(steps=4, guidance_scale=2.0)
     size = lambda folder: sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
     assert size(tmp_path / "half") < 0.6 * size(tmp_path / "ours")
     for key, value in full.unet.state_dict().items():

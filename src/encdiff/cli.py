@@ -123,28 +123,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .pipeline import Generator, image_grid, save_png
 
     generator = Generator.from_pretrained(args.model) if args.model else Generator.bundled()
-    # Flags win; then the generator's own defaults (measured for the bundled model); then the library's.
-    settings = {"sampler": "dpmpp_2m", "steps": 20, "guidance_scale": None, **generator.sampling}
-    for flag, key in (("sampler", "sampler"), ("steps", "steps"), ("guidance", "guidance_scale")):
-        if getattr(args, flag) is not None:
-            settings[key] = getattr(args, flag)
     num = args.num
     if num is None:
         # a class-conditional model with no --class: one row of ten per class
         num = 10 * generator.num_classes if generator.num_classes and args.class_ is None else 16
     if num < 1:
         raise EncdiffError(f"--num {num}: expected at least 1 image")
-    labels = None
-    if args.class_ is not None:
-        labels = torch.full((num,), generator.class_index(args.class_), dtype=torch.long)
-    elif generator.num_classes:
-        labels = torch.arange(num) % generator.num_classes  # a spread over the classes
-    if settings["guidance_scale"] is not None and labels is None:
-        if args.guidance is not None:
-            raise EncdiffError("--guidance needs a class-conditional model")
-        settings["guidance_scale"] = None
+    labels = generator.labels(num, args.class_)
+    if args.guidance is not None and labels is None:
+        raise EncdiffError("--guidance needs a class-conditional model")
+    # Flags win over the generator's own sampling settings (measured for the bundled model), as in the library.
+    settings = generator.settings(labels, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
     seeds = [args.seed + i for i in range(num)]
-    images = generator.images(seeds, labels, **settings)
+    images = generator.images(seeds, labels, settings)
     if args.out_dir:
         out_dir = Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -234,7 +225,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     out = _check_output(Path(args.out), (".png",), "--out")
     gif = _check_output(Path(args.gif), (".gif",), "--gif") if getattr(args, "gif", None) else None
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise EncdiffError(f"--steps {args.steps}: expected at least 1")
     generator = Generator.from_pretrained(args.model) if args.model else Generator.bundled()
     read = lambda path: torch.from_numpy(load_image(path, generator.image_size, generator.image_channels))[None]
@@ -248,15 +239,17 @@ def cmd_edit(args: argparse.Namespace) -> int:
         editing.check_strength(args.strength)
         image = read(args.image)
         result = editing.img2img(generator, image, [args.seed], labels, strength=args.strength, **common)
-        print(f"img2img: {editing.steps_run(args.steps, args.strength)} of {args.steps} steps from the encoded image")
+        steps = generator.settings(labels, steps=args.steps).steps
+        print(f"img2img: {editing.steps_run(steps, args.strength)} of {steps} steps from the encoded image")
         save_png(image_grid(torch.cat([image, result]), rows=1), out)
     elif args.mode == "inpaint":
         image = read(args.image)
         mask = _read_mask(Path(args.mask), args.image, generator.image_size)
         if args.resample > 1:
-            per_step = 2 if args.sampler == "heun" else 1
-            print(f"RePaint: {args.steps} steps x {args.resample} resamplings = about "
-                  f"{args.steps * args.resample * per_step} model evaluations ({args.resample}x the cost of plain "
+            settings = generator.settings(labels, sampler=args.sampler, steps=args.steps)
+            per_step = 2 if settings.sampler == "heun" else 1
+            print(f"RePaint: {settings.steps} steps x {args.resample} resamplings = about "
+                  f"{settings.steps * args.resample * per_step} model evaluations ({args.resample}x the cost of plain "
                   "inpainting)")
         result = editing.inpaint(generator, image, mask, [args.seed], labels, resample=args.resample, **common)
         save_png(image_grid(torch.cat([image, (image.float() * (1 - mask)).to(torch.uint8), result]), rows=1), out)
@@ -657,10 +650,11 @@ def build_parser() -> argparse.ArgumentParser:
             m.add_argument("image", help="the image to edit (resized and centre-cropped to the model's size)")
         m.add_argument("--model", help="generator folder (default: the bundled CIFAR-10 model)")
         m.add_argument("--class", dest="class_", help="class name or index (default: none, the null class)")
-        m.add_argument("--steps", type=int, default=50 if mode in ("invert", "interpolate") else 20,
-                       help="sampler steps of the whole grid")
-        m.add_argument("--sampler", default="euler" if mode in ("invert", "interpolate") else "dpmpp_2m",
-                       help="sampler (inversion and interpolation: euler, ddim or heun)")
+        ode = mode in ("invert", "interpolate")
+        m.add_argument("--steps", type=int, default=50 if ode else None,
+                       help="sampler steps of the whole grid (default: " + ("50" if ode else "the generator's") + ")")
+        m.add_argument("--sampler", default="euler" if ode else None,
+                       help="euler, ddim or heun (default: euler)" if ode else "sampler (default: the generator's)")
         m.add_argument("--guidance", type=_finite_float, help="classifier-free guidance scale (needs --class)")
         m.add_argument("--seed", type=int, default=0, help="seed of the noise")
         m.add_argument("--out", default=f"{mode}.png", help="output PNG")
@@ -708,9 +702,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="reference image folder (e.g. a split) or reference-*.safetensors statistics")
     p.add_argument("--num", type=int, default=10000, help="samples to generate (autoencoder: images to reconstruct)")
     p.add_argument("--reference-num", type=int, help="use a seeded random subset of this many reference images")
-    p.add_argument("--sampler", default="dpmpp_2m", help="sampler name (see encdiff.SAMPLERS)")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--sampler", help="sampler name (see encdiff.SAMPLERS; default: the generator's)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the generator's)")
+    p.add_argument("--guidance", type=_finite_float, help="classifier-free guidance scale (default: the generator's; "
+                   "1: none)")
     p.add_argument("--classes", help="comma-separated class names or indices to generate (default: all, balanced)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i; also seeds subsets")
     p.add_argument("--batch-size", type=int, default=100)

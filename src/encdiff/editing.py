@@ -57,11 +57,14 @@ def seeded(seeds: list[int], device) -> list[torch.Generator]:
 
 
 def img2img(generator, images: torch.Tensor, seeds: list[int], class_labels: torch.Tensor | None = None,
-            strength: float = 0.5, sampler: str = "dpmpp_2m", steps: int = 20, guidance_scale: float | None = None,
-            schedule: str = "karras", callback=None) -> torch.Tensor:
+            strength: float = 0.5, sampler: str | None = None, steps: int | None = None,
+            guidance_scale: float | None = None, schedule: str | None = None, callback=None) -> torch.Tensor:
     """SDEdit: noise the encoded images to the level where the last `steps_run(steps, strength)` steps of the
-    sampling grid begin, then run those steps. Strength 0 is the autoencoder round trip, 1 ignores the image."""
+    sampling grid begin, then run those steps. Strength 0 is the autoencoder round trip, 1 ignores the image.
+    Unset sampling settings are the generator's (`Generator.settings`)."""
     check_images(generator, images)
+    s = generator.settings(class_labels, sampler=sampler, steps=steps, guidance_scale=guidance_scale, schedule=schedule)
+    steps = s.steps
     n = steps_run(steps, strength)
     if len(seeds) != len(images):
         raise EncdiffError(f"{len(seeds)} seeds for {len(images)} images: give one seed per image")
@@ -69,11 +72,11 @@ def img2img(generator, images: torch.Tensor, seeds: list[int], class_labels: tor
         z0 = generator.encode(images)
         if n == 0:
             return generator.decode(z0)
-        sigmas = get_sigmas(schedule, steps, generator.denoiser)[steps - n:]
+        sigmas = get_sigmas(s.schedule, steps, generator.denoiser)[steps - n:]
         # The noise of image i comes from its own seed, exactly as `Generator.images` draws it.
         eps = noise(z0.shape, seeded(seeds, z0.device), z0.dtype, z0.device)
-        latents = generate(generator.denoiser, z0.shape, seeded(seeds, z0.device), sampler=sampler, steps=n,
-                           sigmas=sigmas, class_labels=class_labels, guidance_scale=guidance_scale,
+        latents = generate(generator.denoiser, z0.shape, seeded(seeds, z0.device), sampler=s.sampler, steps=n,
+                           sigmas=sigmas, class_labels=class_labels, guidance_scale=s.guidance_scale,
                            x=z0 + sigmas[0].item() * eps, callback=callback)
         return generator.decode(latents)
 
@@ -103,15 +106,17 @@ def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def inpaint(generator, images: torch.Tensor, mask: torch.Tensor, seeds: list[int],
-            class_labels: torch.Tensor | None = None, sampler: str = "dpmpp_2m", steps: int = 20,
-            guidance_scale: float | None = None, schedule: str = "karras", resample: int = 1,
+            class_labels: torch.Tensor | None = None, sampler: str | None = None, steps: int | None = None,
+            guidance_scale: float | None = None, schedule: str | None = None, resample: int = 1,
             callback=None) -> torch.Tensor:
     """Repaint where `mask` is 1 (B or 1, 1, H, W; 0/1 values), keep the rest: the unmasked pixels of the result
     equal the input exactly. `resample` > 1 is RePaint: each step is redone after re-noising its result back to the
     step's starting level, `resample` times in all, for steps x resample model evaluations (one-step samplers:
-    euler, ddim, heun)."""
+    euler, ddim, heun). Unset sampling settings are the generator's."""
     check_images(generator, images)
     mask = check_mask(mask, images)
+    s = generator.settings(class_labels, sampler=sampler, steps=steps, guidance_scale=guidance_scale, schedule=schedule)
+    sampler, steps, guidance_scale = s.sampler, s.steps, s.guidance_scale
     if isinstance(resample, bool) or not isinstance(resample, int) or resample < 1:
         raise EncdiffError(f"resample {resample!r}: expected an integer >= 1 (1: no resampling)")
     if len(seeds) != len(images):
@@ -123,7 +128,7 @@ def inpaint(generator, images: torch.Tensor, mask: torch.Tensor, seeds: list[int
         gens = seeded(seeds, device)
         eps = noise(z0.shape, gens, z0.dtype, device)
         known = KnownRegion(generator.denoiser, z0, eps, m)
-        sigmas = get_sigmas(schedule, steps, generator.denoiser)
+        sigmas = get_sigmas(s.schedule, steps, generator.denoiser)
         x = noise(z0.shape, gens, z0.dtype, device) * sigmas[0].item()
         if resample == 1:
             latents = generate(known, z0.shape, gens, sampler=sampler, steps=steps, sigmas=sigmas,

@@ -264,15 +264,15 @@ def class_accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
             for c in sorted(set(labels.tolist()))}
 
 
-def sample_images(generator, n: int, *, batch_size: int = 100, sampler: str = "dpmpp_2m", steps: int = 20,
-                  guidance_scale: float | None = None, seed: int = 0, class_labels: torch.Tensor | None = None,
-                  progress: bool = False):
-    """Yield uint8 batches of `n` generated images; image i uses seed `seed + i` (and class_labels[i])."""
+def sample_images(generator, n: int, *, batch_size: int = 100, sampling=None, seed: int = 0,
+                  class_labels: torch.Tensor | None = None, progress: bool = False):
+    """Yield uint8 batches of `n` generated images; image i uses seed `seed + i` (and class_labels[i]), with
+    `sampling` (a pipeline.Sampling; default: the generator's)."""
     with tqdm(total=n, desc="sampling", unit="img", disable=not progress) as bar:
         for s in range(0, n, batch_size):
             seeds = list(range(seed + s, seed + min(n, s + batch_size)))
             labels = None if class_labels is None else class_labels[s:s + len(seeds)]
-            batch = generator.images(seeds, labels, sampler=sampler, steps=steps, guidance_scale=guidance_scale)
+            batch = generator.images(seeds, labels, sampling)
             bar.update(len(seeds))
             yield batch
 
@@ -293,12 +293,13 @@ def feature_classes(net: torch.nn.Module, generator_classes: Sequence[str], requ
 
 
 def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: torch.nn.Module | None = None,
-                       batch_size: int = 100, sampler: str = "dpmpp_2m", steps: int = 20,
+                       batch_size: int = 100, sampler: str | None = None, steps: int | None = None,
                        guidance_scale: float | None = None, seed: int = 0, classes: Sequence[int | str] | None = None,
                        kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE, k: int = PR_K,
                        progress: bool = False) -> dict:
     """Generate `n` images and measure them against `reference`: FID, KID, precision, recall and, for a
-    class-conditional model, the feature net's accuracy per requested class. The result also records
+    class-conditional model, the feature net's accuracy per requested class. Unset sampler, steps and guidance are
+    the generator's own (`Generator.settings`; guidance_scale=1 for none). The result also records
     every setting that produced it. This is the call for periodic evaluation during training, e.g.
 
         stats = reference_stats(dataset.images[idx_2k], cache_dir=run_dir / "eval")  # once
@@ -317,10 +318,10 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
         labels = balanced_labels(n, requested)
     elif classes:
         raise EncdiffError("classes were requested but the model is unconditional: it takes no class")
+    sampling = generator.settings(labels, sampler=sampler, steps=steps, guidance_scale=guidance_scale)
     started = time.perf_counter()
-    images = torch.cat(list(sample_images(generator, n, batch_size=batch_size, sampler=sampler, steps=steps,
-                                          guidance_scale=guidance_scale, seed=seed, class_labels=labels,
-                                          progress=progress)))
+    images = torch.cat(list(sample_images(generator, n, batch_size=batch_size, sampling=sampling, seed=seed,
+                                          class_labels=labels, progress=progress)))
     sample_seconds = time.perf_counter() - started
     features = extract_features(net, images, progress=progress, desc="sample features")
     result = compare_features(reference, features, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, k=k,
@@ -335,7 +336,9 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
             result["class_accuracy"] = {name: per_class[net.config.class_names[lookup[c]]]
                                         for name, c in zip(names, requested)}
             result["class_accuracy_mean"] = sum(result["class_accuracy"].values()) / len(requested)
-    result["settings"] = {"num_samples": n, "sampler": sampler, "steps": steps, "guidance_scale": guidance_scale,
+    guidance = sampling.guidance_scale if sampling.guidance_scale != 1 else None
+    result["settings"] = {"num_samples": n, "sampler": sampling.sampler, "steps": sampling.steps,
+                          "schedule": sampling.schedule, "guidance_scale": guidance,
                           "seed": seed, "batch_size": batch_size, "classes": [generator.class_names[c] if
                                                                               generator.class_names else c
                                                                               for c in requested] or None,

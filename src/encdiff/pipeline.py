@@ -7,6 +7,7 @@ for latent diffusion, `autoencoder/` (an Autoencoder folder). Images flow noise 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,11 +17,12 @@ from typing import Any
 import torch
 
 from .autoencoder import Autoencoder, IdentityAutoencoder
-from .checkpoint import atomic_write_bytes, check_field, check_int, check_number, read_json, shipped_file
+from .checkpoint import (atomic_write_bytes, check_field, check_int, check_number, config_from_dict, read_json,
+                         shipped_file)
 from .denoiser import Denoiser, EDMDenoiser, VPDenoiser
 from .errors import EncdiffError
 from .samplers import SAMPLERS, generate
-from .schedules import get_alpha_bars
+from .schedules import SCHEDULES, get_alpha_bars
 from .unet import UNet
 
 GENERATOR_FILE = "generator.json"
@@ -45,25 +47,44 @@ class DenoiserSpec:
         raise EncdiffError(f"unknown denoiser kind {self.kind!r}; valid: edm, vp")
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a generator turns noise into images: stored in its folder, applied by `Generator.images` unless told
+    otherwise, and the one source of the defaults of `encdiff sample`, `encdiff eval`, `encdiff serve`."""
+
+    sampler: str = "dpmpp_2m"  # one of samplers.SAMPLERS
+    steps: int = 20  # sampler steps (one network evaluation each; heun: two, less one)
+    schedule: str = "karras"  # the sigma grid, one of schedules.SCHEDULES
+    guidance_scale: float | None = None  # classifier-free guidance scale (class-conditional models); None or 1: none
+
+    def __post_init__(self):
+        check_field(self.sampler in SAMPLERS, "sampling.sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
+        check_int(self.steps, "sampling.steps")
+        check_field(self.schedule in SCHEDULES, "sampling.schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
+        if self.guidance_scale is not None:
+            check_number(self.guidance_scale, "sampling.guidance_scale", positive=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None, where: str = "sampling") -> "Sampling":
+        return config_from_dict(cls, dict(values or {}), where)
+
+    def but(self, **overrides: Any) -> "Sampling":
+        """These settings with the given ones changed; a None override keeps the current value."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
 class Generator:
     """Everything needed to turn noise into images; `images()` is the one call that does it."""
 
     def __init__(self, unet: UNet, spec: DenoiserSpec, autoencoder: Autoencoder | None = None,
-                 class_names: list[str] | None = None, sampling: dict[str, Any] | None = None):
+                 class_names: list[str] | None = None, sampling: Sampling | dict[str, Any] | None = None):
         self.unet = unet.eval()
-        # The settings `encdiff sample` uses when not told otherwise (sampler, steps, guidance_scale): chosen
-        # by whoever measured the model (for the bundled one, BENCHMARKS.md).
-        self.sampling = dict(sampling or {})
-        unknown = sorted(set(self.sampling) - {"sampler", "steps", "guidance_scale"})
-        if unknown:
-            raise EncdiffError(f"unknown sampling default {unknown[0]!r}; valid: sampler, steps, guidance_scale")
-        if "sampler" in self.sampling:
-            check_field(self.sampling["sampler"] in SAMPLERS, "sampling.sampler", self.sampling["sampler"],
-                        f"one of {', '.join(SAMPLERS)}")
-        if "steps" in self.sampling:
-            check_int(self.sampling["steps"], "sampling.steps")
-        if self.sampling.get("guidance_scale") is not None:
-            check_number(self.sampling["guidance_scale"], "sampling.guidance_scale", positive=True)
+        # The settings `images()` uses when not told otherwise: chosen by whoever measured the model (for the bundled
+        # one, BENCHMARKS.md).
+        self.sampling = sampling if isinstance(sampling, Sampling) else Sampling.from_dict(sampling)
+        if self.sampling.guidance_scale not in (None, 1) and not unet.config.num_classes:
+            raise EncdiffError(f"sampling.guidance_scale = {self.sampling.guidance_scale}: an unconditional model "
+                               "cannot be guided")
         self.spec = spec
         self.denoiser = spec.build(unet)
         self.autoencoder = autoencoder.eval() if autoencoder is not None else IdentityAutoencoder(unet.config.in_channels)
@@ -103,16 +124,40 @@ class Generator:
                                "this model is unconditional: it takes no class")
         return index
 
+    def labels(self, num: int, class_: str | int | None = None) -> torch.Tensor | None:
+        """The class of each of `num` images: all `class_` when given; for a class-conditional model otherwise a
+        spread that cycles through the classes; None for an unconditional model."""
+        if class_ is not None:
+            return torch.full((num,), self.class_index(class_), dtype=torch.long)
+        return torch.arange(num) % self.num_classes if self.num_classes else None
+
+    def settings(self, class_labels: torch.Tensor | None = None, sampling: Sampling | None = None,
+                 **overrides: Any) -> Sampling:
+        """The sampling settings a call uses: `sampling` (default: the generator's) with the non-None `overrides`;
+        a default guidance scale is dropped when there are no class labels to guide towards."""
+        base = sampling or self.sampling
+        if class_labels is None and overrides.get("guidance_scale") is None:
+            base = dataclasses.replace(base, guidance_scale=None)
+        return base.but(**overrides)
+
     @torch.inference_mode()
-    def images(self, seeds: list[int], class_labels: torch.Tensor | None = None, sampler: str = "dpmpp_2m",
-               steps: int = 20, guidance_scale: float | None = None, schedule: str = "karras") -> torch.Tensor:
-        """uint8 images (B, C, H, W), image i made from its own seed (a batch equals images made one by one)."""
+    def images(self, seeds: list[int], class_labels: torch.Tensor | None = None, sampling: Sampling | None = None, *,
+               sampler: str | None = None, steps: int | None = None, guidance_scale: float | None = None,
+               schedule: str | None = None, callback=None) -> torch.Tensor:
+        """uint8 images (B, C, H, W), image i made from its own seed (a batch equals images made one by one).
+
+        The generator's own `sampling` applies unless `sampling` or a keyword changes it (guidance_scale=1 turns
+        guidance off); its default guidance is used only where there are class labels to guide towards.
+        `callback(i, sigma, x, denoised)` runs after every step (see samplers)."""
+        settings = self.settings(class_labels, sampling, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                                 schedule=schedule)
         c = self.unet.config
         device = next(self.unet.parameters()).device
         generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
         latents = generate(self.denoiser, (len(seeds), c.in_channels, c.sample_size, c.sample_size), generators,
-                           sampler=sampler, steps=steps, schedule=schedule, class_labels=class_labels,
-                           guidance_scale=guidance_scale, device=device)
+                           sampler=settings.sampler, steps=settings.steps, schedule=settings.schedule,
+                           class_labels=class_labels, guidance_scale=settings.guidance_scale, device=device,
+                           callback=callback)
         return self.decode(latents)
 
     @torch.inference_mode()
@@ -158,7 +203,7 @@ class Generator:
             self.autoencoder.save_pretrained(folder / "autoencoder", dtype=dtype)
         info = {"encdiff_class": "Generator", "format_version": 1, "denoiser": self.spec.__dict__,
                 "class_names": self.class_names, "latent": isinstance(self.autoencoder, Autoencoder),
-                "sampling": self.sampling}
+                "sampling": dataclasses.asdict(self.sampling)}
         atomic_write_bytes(folder / GENERATOR_FILE, (json.dumps(info, indent=2) + "\n").encode())
         return folder
 
@@ -179,7 +224,7 @@ class Generator:
         unet = UNet.from_pretrained(folder / "unet", device=device)
         autoencoder = Autoencoder.from_pretrained(folder / "autoencoder", device=device) if info.get("latent") else None
         try:
-            return cls(unet, spec, autoencoder, info.get("class_names"), info.get("sampling"))
+            return cls(unet, spec, autoencoder, info.get("class_names"), Sampling.from_dict(info.get("sampling"), "sampling"))
         except EncdiffError as e:
             raise EncdiffError(f"{info_path}: {e}") from None
 
