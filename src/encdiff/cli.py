@@ -317,6 +317,36 @@ def _read_mask(path: Path, image_path: str, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(fit(binary, resolution, Image.Resampling.NEAREST)).astype(np.float32))[None, None]
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ipaddress
+
+    from .pipeline import Generator
+
+    try:
+        from .server import ServerLimits, serve
+        import fastapi  # noqa: F401  (the serve extra)
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise EncdiffError(f"encdiff serve needs FastAPI and uvicorn ({e.name} is missing): "
+                           "pip install 'encdiff[serve]'") from None
+    if not 0 < args.port < 65536:
+        raise EncdiffError(f"--port {args.port}: expected 1..65535")
+    limits = ServerLimits(max_images=args.max_images, max_steps=args.max_steps, queue_size=args.queue_size)
+    for field in ("max_images", "max_steps", "queue_size"):
+        if getattr(limits, field) < 1:
+            raise EncdiffError(f"--{field.replace('_', '-')} {getattr(limits, field)}: expected at least 1")
+    generator = Generator.from_pretrained(args.model) if args.model else Generator.bundled()
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        raise EncdiffError(f"--host {args.host}: expected an IP address to bind (127.0.0.1, ::1, 0.0.0.0, ...)") from None
+    if not loopback:
+        print(f"encdiff: serving on {args.host}, reachable from other machines: anyone who can reach it can use "
+              "this CPU/GPU; add --allowed-host NAME for each host name clients use", file=sys.stderr)
+    serve(generator, args.host, args.port, limits, tuple(args.allowed_host or ()))
+    return 0
+
+
 def cmd_set_autoencoder(args: argparse.Namespace) -> int:
     from .autoencoder import Autoencoder
     from .pipeline import Generator
@@ -672,6 +702,15 @@ def build_parser() -> argparse.ArgumentParser:
             m.add_argument("--frames", type=int, default=8, help="images in the strip, both ends included")
             m.add_argument("--gif", help="also write an animated GIF here")
 
+    p = commands.add_parser("serve", help="an HTTP API and a web page for a generator (needs encdiff[serve])")
+    p.add_argument("model", nargs="?", help="generator folder (default: the bundled CIFAR-10 model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-images", type=int, default=16, help="images per request")
+    p.add_argument("--max-steps", type=int, default=100, help="sampler steps per request")
+    p.add_argument("--queue-size", type=int, default=4, help="requests running or waiting; more get 429")
+    p.add_argument("--allowed-host", action="append", help="a host name clients use (Host/Origin check); repeatable")
+
     p = commands.add_parser("set-autoencoder", help="put a fine-tuned decoder into a generator (same latent space)")
     p.add_argument("generator", help="generator folder")
     p.add_argument("autoencoder", help="autoencoder folder sharing the generator's encoder (a decoder-only fine-tune)")
@@ -731,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train-autoencoder", "train"):
             return cmd_train(args, "autoencoder" if args.command == "train-autoencoder" else "diffusion")
         return {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "export": cmd_export,
-                "info": cmd_info, "edit": cmd_edit, "set-autoencoder": cmd_set_autoencoder, "train-feature-net": cmd_train_feature_net,
+                "info": cmd_info, "edit": cmd_edit, "serve": cmd_serve, "set-autoencoder": cmd_set_autoencoder, "train-feature-net": cmd_train_feature_net,
                 "eval": cmd_eval}[args.command](args)
     except EncdiffError as e:
         print(f"encdiff: error: {e}", file=sys.stderr)
