@@ -208,7 +208,13 @@ class Autoencoder(Pretrained, nn.Module):
         """Normalised latents -> images (nominally in [-1, 1]; not clamped)."""
         if latents.ndim != 4 or latents.shape[1] != self.config.latent_channels:
             raise EncdiffError(f"latents of shape {tuple(latents.shape)}: expected B x {self.config.latent_channels} x h x w")
-        return self.decode_raw(self.denormalize(latents))
+        images = self.decode_raw(self.denormalize(latents))
+        # NaN weights would otherwise give flat grey images and a PSNR of 3 dB, silently (checked when not training).
+        if not images.requires_grad and not torch.isfinite(images).all():
+            raise EncdiffError("the autoencoder's decoder output contains NaN or inf: its weights are not finite "
+                               "(a diverged or damaged model?)" if torch.isfinite(latents).all() else
+                               "latents given to the decoder contain NaN or inf")
+        return images
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
                 sample_posterior: bool = True, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:

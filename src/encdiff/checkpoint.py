@@ -35,6 +35,14 @@ CONFIG = "config.json"
 DIFFUSERS_FORMAT_VERSION = "0.30.0"
 
 
+def default_mode() -> int:
+    """The permissions a plain `open(path, "w")` would give a new file: 0o666 less the umask. (mkstemp makes 0o600
+    files, which other users, or a service, could not read.)"""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the new one, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -42,6 +50,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), default_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -56,6 +65,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         digest = sha256_file(Path(tmp))
+        os.chmod(tmp, default_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -125,9 +135,13 @@ def check_field(ok: bool, field: str, value: Any, expected: str) -> None:
         raise EncdiffError(f"config field {field!r} = {value!r}: expected {expected}")
 
 
-def check_int(value: Any, field: str, minimum: int = 1) -> None:
-    check_field(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, field, value,
-                f"an integer >= {minimum}")
+MAX_SIZE = 65536  # no channel count, image size, layer count or class count of a real model is larger
+
+
+def check_int(value: Any, field: str, minimum: int = 1, maximum: int = MAX_SIZE) -> None:
+    """An integer in [minimum, maximum]: the upper bound stops an absurd size before it reaches the allocator."""
+    check_field(isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= maximum, field, value,
+                f"an integer from {minimum} to {maximum}")
 
 
 def check_number(value: Any, field: str, *, positive: bool = False) -> None:
@@ -148,8 +162,8 @@ def check_tuple(value: Any, field: str, length: int | None, item_check) -> None:
 
 
 def is_positive_int(v: Any) -> bool:
-    """positive integers"""
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+    """positive integers up to 65536"""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SIZE
 
 
 def is_flag(v: Any) -> bool:
@@ -230,6 +244,12 @@ class Pretrained:
                                f"(this encdiff reads {FORMAT_VERSION})")
         if not isinstance(raw.get("config"), dict):
             raise EncdiffError(f"{config_path}: missing the 'config' object")
+        # Our files carry every field: a missing one (sample_size, scaling_factor, ...) would silently take a default
+        # and generate wrongly, so it is an error.
+        missing = [f.name for f in dataclasses.fields(cls.config_class) if f.name not in raw["config"]]
+        if missing:
+            raise EncdiffError(f"{config_path}: config field {missing[0]!r} is missing (an encdiff model folder "
+                               "records every field)")
         config = config_from_dict(cls.config_class, raw["config"], str(config_path))
         if not isinstance(raw.get("weights_sha256"), str):
             raise EncdiffError(f"{config_path}: missing 'weights_sha256' (every encdiff folder records its weights' hash)")

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import EncdiffError
+from .errors import EncdiffError, TrainingInterrupted
 
 EXAMPLES = """examples:
   encdiff sample                                   # the bundled CIFAR-10 model: samples.png, a row per class
@@ -120,36 +120,63 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from .pipeline import Generator, image_grid, save_png
 
-    generator = Generator.from_pretrained(args.model) if args.model else Generator.bundled()
     num = args.num
+    if num is not None and num < 1:
+        raise EncdiffError(f"--num {num}: expected at least 1 image")
+    if args.batch_size < 1:
+        raise EncdiffError(f"--batch-size {args.batch_size}: expected at least 1")
+    grid_path = _check_output(Path(args.out or "samples.png"), (".png",), "--out") if args.out or not args.out_dir \
+        else None
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise EncdiffError(f"--out-dir {out_dir}: is a file, not a folder")
+    generator = Generator.from_pretrained(args.model) if args.model else Generator.bundled()
     if num is None:
         # a class-conditional model with no --class: one row of ten per class
         num = 10 * generator.num_classes if generator.num_classes and args.class_ is None else 16
-    if num < 1:
-        raise EncdiffError(f"--num {num}: expected at least 1 image")
+    if grid_path is not None and num > MAX_GRID_IMAGES:
+        raise EncdiffError(f"--num {num}: a grid of more than {MAX_GRID_IMAGES} images is too large to hold; write "
+                           "the images one by one with --out-dir (and no --out)")
+    if not 0 <= args.seed <= 2**63 - num:
+        raise EncdiffError(f"--seed {args.seed}: expected 0 .. 2**63 - num (image i uses seed + i)")
     labels = generator.labels(num, args.class_)
     if args.guidance is not None and labels is None:
         raise EncdiffError("--guidance needs a class-conditional model")
     # Flags win over the generator's own sampling settings (measured for the bundled model), as in the library.
     settings = generator.settings(labels, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
-    seeds = [args.seed + i for i in range(num)]
-    images = generator.images(seeds, labels, settings)
-    if args.out_dir:
-        out_dir = Path(args.out_dir)
+    if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for seed, image in zip(seeds, images):
-            save_png(image, out_dir / f"{seed:06d}.png")
-    if args.out or not args.out_dir:
-        out = Path(args.out or "samples.png")
-        out.parent.mkdir(parents=True, exist_ok=True)
+    seeds = [args.seed + i for i in range(num)]
+    kept = []  # only for the grid; --out-dir alone streams the images to disk and keeps none
+    # In batches (each image depends on its own seed only, so the pixels equal one big batch's), memory bounded.
+    with tqdm(total=num, desc="sampling", unit="img", disable=num <= args.batch_size) as bar:
+        for start in range(0, num, args.batch_size):
+            batch_seeds = seeds[start:start + args.batch_size]
+            batch_labels = None if labels is None else labels[start:start + args.batch_size]
+            images = generator.images(batch_seeds, batch_labels, settings)
+            if out_dir is not None:
+                for seed, image in zip(batch_seeds, images):
+                    save_png(image, out_dir / f"{seed:06d}.png")
+            if grid_path is not None:
+                kept.append(images)
+            bar.update(len(batch_seeds))
+    if grid_path is not None:
+        images = torch.cat(kept)
+        grid_path.parent.mkdir(parents=True, exist_ok=True)
         spread = labels is not None and args.class_ is None and num % generator.num_classes == 0
         # One row per class when the images cycle through the classes; otherwise a near-square grid.
         rows = min(generator.num_classes, num) if spread else max(1, round(num**0.5))
-        save_png(image_grid(images[_class_major(labels, generator.num_classes)] if spread else images, rows=rows), out)
-        print(out)
+        save_png(image_grid(images[_class_major(labels, generator.num_classes)] if spread else images, rows=rows),
+                 grid_path)
+        print(grid_path)
     return 0
+
+
+MAX_GRID_IMAGES = 10_000  # 10k 32x32 images make a 32 MB grid; beyond that, --out-dir
 
 
 def _class_major(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -158,22 +185,33 @@ def _class_major(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    import warnings
+
     from .autoencoder import Autoencoder
-    from .data import IMAGE_EXTENSIONS, load_image
+    from .data import UnreadableImageError, image_files_under, load_image
     from .pipeline import image_grid, save_png
 
+    _in_range(args.resolution, "--resolution", 1, 4096)
+    if Path(args.out).is_file():
+        raise EncdiffError(f"--out {args.out}: is a file; give a folder for the reconstructions")
     autoencoder = Autoencoder.from_pretrained(args.model)
     source = Path(args.input)
-    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if source.is_dir() else [source]
+    files = image_files_under(source) if source.is_dir() else [source]
     if not files:
         raise EncdiffError(f"{source}: no images found")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     size = args.resolution or autoencoder.config.sample_size
     channels = autoencoder.config.in_channels
-    psnrs = []
+    psnrs, skipped = [], []
     for path in files:
-        pixels = torch.from_numpy(load_image(path, size, channels))
+        try:
+            pixels = torch.from_numpy(load_image(path, size, channels))
+        except UnreadableImageError as e:
+            if not source.is_dir():
+                raise
+            skipped.append(str(e))  # a folder is read like training data: unreadable files are skipped, and said
+            continue
         x = pixels[None].float() / 127.5 - 1
         with torch.inference_mode():
             y = autoencoder.decode(autoencoder.encode(x)).clamp(-1, 1)
@@ -182,6 +220,11 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         psnrs.append(10 * torch.log10(torch.tensor(255.0**2 / max(mse, 1e-10))).item())
         save_png(image_grid(torch.stack([pixels, out]), rows=1), out_dir / f"{path.stem}.png")
         print(f"{path}: PSNR {psnrs[-1]:.2f} dB")
+    if skipped:
+        warnings.warn(f"{source}: skipped {len(skipped)} unreadable image file(s): {'; '.join(skipped[:3])}"
+                      + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""))
+    if not psnrs:
+        raise EncdiffError(f"{source}: no readable images among its {len(files)} image file(s)")
     print(f"mean PSNR over {len(psnrs)} image(s): {sum(psnrs) / len(psnrs):.2f} dB")
     return 0
 
@@ -225,6 +268,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     out = _check_output(Path(args.out), (".png",), "--out")
     gif = _check_output(Path(args.gif), (".gif",), "--gif") if getattr(args, "gif", None) else None
+    _in_range(args.seed, "--seed", 0, 2**63 - 1)
     if args.steps is not None and args.steps < 1:
         raise EncdiffError(f"--steps {args.steps}: expected at least 1")
     generator = Generator.from_pretrained(args.model) if args.model else Generator.bundled()
@@ -528,10 +572,26 @@ def _load_reference(args: argparse.Namespace, net, resolution: int, where: str):
     return reference_stats(images, net, args.cache_dir, str(ref), progress=True), data
 
 
+def _in_range(value: int | None, flag: str, minimum: int, maximum: int | None = None) -> None:
+    """A numeric flag checked before any work: one line naming the flag and what it accepts."""
+    if value is not None and (value < minimum or (maximum is not None and value > maximum)):
+        raise EncdiffError(f"{flag} {value}: expected {minimum}" + (f" .. {maximum}" if maximum is not None else " or more"))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import evaluate
     from .featurenet import FeatureNet, load_inception
 
+    for flag, value, minimum in (("--num", args.num, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--kid-subsets", args.kid_subsets, 1), ("--kid-subset-size", args.kid_subset_size, 2),
+                                 ("--k", args.k, 1), ("--bpd-images", args.bpd_images, 1),
+                                 ("--reference-num", args.reference_num, 1), ("--steps", args.steps, 1),
+                                 ("--resolution", args.resolution, 1), ("--bpd-timesteps", args.bpd_timesteps, 1)):
+        _in_range(value, flag, minimum)
+    _in_range(args.seed, "--seed", 0, 2**63 - args.num)
+    _in_range(args.resolution, "--resolution", 1, 4096)
+    if args.out and Path(args.out).is_file():
+        raise EncdiffError(f"--out {args.out}: is a file; give a folder for metrics.json and metrics.md")
     target = Path(args.target)
     kind = _eval_kind(target)
     if args.inception and args.feature_net:
@@ -646,11 +706,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="class_", help="class name or index")
     p.add_argument("--sampler", help="sampler name (see encdiff.SAMPLERS; default: the generator's, else dpmpp_2m)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the generator's, else 20)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1: none "
+    p.add_argument("--guidance", type=_finite_float, help="classifier-free guidance scale, 1: none "
                    "(default: the generator's, else none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--out", help="grid PNG (default samples.png unless --out-dir)")
-    p.add_argument("--out-dir", help="also write one PNG per image here")
+    p.add_argument("--out-dir", help="also write one PNG per image here (alone: no grid, any --num)")
+    p.add_argument("--batch-size", type=int, default=100, help="images generated at once (memory)")
 
     p = commands.add_parser("reconstruct", help="encode and decode images; side-by-side PNGs and PSNR")
     p.add_argument("model", help="autoencoder folder (encdiff or diffusers)")
@@ -766,12 +827,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import warnings
+
+    # A warning (skipped files, a cache rebuilt) is one line, like an error, not Python's file:line form.
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: print(
+        f"encdiff: warning: {message}", file=sys.stderr)
     try:
         if args.command in ("train-autoencoder", "train"):
             return cmd_train(args, "autoencoder" if args.command == "train-autoencoder" else "diffusion")
         return {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "export": cmd_export,
                 "info": cmd_info, "edit": cmd_edit, "serve": cmd_serve, "set-autoencoder": cmd_set_autoencoder, "train-feature-net": cmd_train_feature_net,
                 "eval": cmd_eval}[args.command](args)
+    except TrainingInterrupted as e:
+        print(f"encdiff: {e}", file=sys.stderr)
+        return 128 + int(e.signum)  # 130 after Ctrl-C, 143 after SIGTERM: `a && b` does not carry on
     except EncdiffError as e:
         print(f"encdiff: error: {e}", file=sys.stderr)
         return 2

@@ -55,30 +55,61 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(path) and path.is_file()
 
 
-def image_files_under(folder: Path) -> list[Path]:
-    """Image files anywhere below `folder` (hidden files and folders skipped), sorted by their path parts."""
+def image_files_under(folder: Path, visited: set[tuple[int, int]] | None = None, skipped: list[Path] | None = None,
+                      exclude: tuple[Path, ...] = ()) -> list[Path]:
+    """Image files anywhere below `folder` (hidden files and folders skipped), sorted by their path parts.
+
+    Symbolic links to folders are followed, but every real folder is visited once (tracked in `visited` by device
+    and inode, shared across calls): a link loop or a second link to the same folder would otherwise count its
+    images again. Folders passed over that way, and the `exclude` folders (a run folder inside the data), are
+    appended to `skipped`."""
+    visited = set() if visited is None else visited
+    excluded = {p.resolve() for p in exclude}
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        here = Path(dirpath)
+        stat = here.stat()
+        if (stat.st_dev, stat.st_ino) in visited or here.resolve() in excluded:
+            dirnames[:] = []
+            if skipped is not None:
+                skipped.append(here)
+            continue
+        visited.add((stat.st_dev, stat.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(p for p in (Path(dirpath, name) for name in filenames) if is_image_file(p))
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
 
 
-def scan_folder(root: str | os.PathLike) -> tuple[list[Path], list[int] | None, list[str]]:
+def scan_folder(root: str | os.PathLike, exclude: tuple[Path, ...] = ()) -> tuple[list[Path], list[int] | None, list[str]]:
     """The image files of a folder (sorted), their labels and the class names.
 
     A flat folder (images directly in `root`) is unconditional: labels None, class names []. Otherwise each
     subfolder holding image files (at any depth) is a class, labelled by its position among the sorted names;
     subfolders without image files are ignored. Non-image extensions and hidden files and folders are ignored.
+    Each real folder is read once (see `image_files_under`); the `exclude` folders are never read, and what was
+    passed over is said in one warning.
     """
     root = Path(root)
     if not root.exists():
         raise EncdiffError(f"{root}: image folder not found")
     if not root.is_dir():
         raise EncdiffError(f"{root}: not a folder (expected a folder of images, or of class subfolders of images)")
+    excluded = {p.resolve() for p in exclude}
     entries = sorted(p for p in root.iterdir() if not is_hidden(p))
     direct = [p for p in entries if is_image_file(p)]
-    classes = {p.name: files for p in entries if p.is_dir() and (files := image_files_under(p))}
+    stat = root.stat()
+    visited, skipped = {(stat.st_dev, stat.st_ino)}, []
+    classes = {}
+    for p in sorted(entries, key=lambda p: p.is_symlink()):  # real folders claim their images before links to them
+        if p.is_dir():
+            if p.resolve() in excluded:
+                skipped.append(p)
+            elif files := image_files_under(p, visited, skipped, exclude):
+                classes[p.name] = files
+    if skipped:
+        names = ", ".join(str(p) for p in skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        warnings.warn(f"{root}: not read as data: {names} (a folder already read through another link, a link "
+                      "loop, or the run's own folder)", stacklevel=2)
     if direct and classes:
         raise EncdiffError(f"{direct[0]}: image file next to class subfolders ({', '.join(sorted(classes)[:3])}"
                            f"{', ...' if len(classes) > 3 else ''}) in {root}; put every image in a class "
@@ -221,14 +252,16 @@ class ImageDataset:
     """
 
     def __init__(self, root: str | os.PathLike, resolution: int, channels: int = 3, strict: bool = False,
-                 cache_dir: str | os.PathLike | None = None, workers: int | None = None, progress: bool = True):
+                 cache_dir: str | os.PathLike | None = None, workers: int | None = None, progress: bool = True,
+                 exclude: tuple[Path, ...] = ()):
         check_image_args(resolution, channels)
         if workers is not None and not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0):
             raise EncdiffError(f"workers = {workers!r}: expected an integer >= 0")
         self.root = Path(root)
         self.resolution, self.channels = resolution, channels
-        files, labels, self.class_names = scan_folder(self.root)
+        files, labels, self.class_names = scan_folder(self.root, exclude)
         cache_path, key = self.cache_location(files, cache_dir) if cache_dir is not None else (None, None)
+        self.key: str | None = key  # the data's fingerprint (files, sizes, times, decoding settings) when cached
         loaded = self.read_cache(cache_path, key, files) if cache_path is not None and cache_path.is_file() else None
         if loaded is None:
             images, failed = self.decode(files, strict, default_workers() if workers is None else workers, progress)

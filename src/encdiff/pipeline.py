@@ -39,6 +39,15 @@ class DenoiserSpec:
     prediction: str = "epsilon"  # vp: what the network predicts: epsilon, v or x0
     options: dict[str, Any] = field(default_factory=dict)  # vp: schedule options (beta_start, ...)
 
+    def __post_init__(self):
+        check_field(self.kind in ("edm", "vp"), "denoiser.kind", self.kind, "edm or vp")
+        for name in ("sigma_data", "sigma_min", "sigma_max"):
+            check_number(getattr(self, name), f"denoiser.{name}", positive=True)
+        check_field(self.sigma_min < self.sigma_max, "denoiser.sigma_min", self.sigma_min, "below sigma_max")
+        check_field(self.prediction in ("epsilon", "v", "x0"), "denoiser.prediction", self.prediction, "epsilon, v or x0")
+        check_field(isinstance(self.schedule, str), "denoiser.schedule", self.schedule, "a schedule name")
+        check_field(isinstance(self.options, dict), "denoiser.options", self.options, "an object")
+
     def build(self, net: torch.nn.Module) -> Denoiser:
         if self.kind == "edm":
             return EDMDenoiser(net, sigma_data=self.sigma_data, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
@@ -201,7 +210,7 @@ class Generator:
         self.unet.save_pretrained(folder / "unet", dtype=dtype)
         if isinstance(self.autoencoder, Autoencoder):
             self.autoencoder.save_pretrained(folder / "autoencoder", dtype=dtype)
-        info = {"encdiff_class": "Generator", "format_version": 1, "denoiser": self.spec.__dict__,
+        info = {"encdiff_class": "Generator", "format_version": 1, "denoiser": dataclasses.asdict(self.spec),
                 "class_names": self.class_names, "latent": isinstance(self.autoencoder, Autoencoder),
                 "sampling": dataclasses.asdict(self.sampling)}
         atomic_write_bytes(folder / GENERATOR_FILE, (json.dumps(info, indent=2) + "\n").encode())
@@ -217,12 +226,22 @@ class Generator:
         info = read_json(info_path)
         if info.get("encdiff_class") != "Generator":
             raise EncdiffError(f"{info_path}: encdiff_class is {info.get('encdiff_class')!r}, expected 'Generator'")
-        try:
-            spec = DenoiserSpec(**info.get("denoiser", {}))
-        except TypeError as e:
-            raise EncdiffError(f"{info_path}: bad 'denoiser' entry ({e})") from None
+        if info.get("format_version") != 1:
+            raise EncdiffError(f"{info_path}: format_version {info.get('format_version')!r} is not supported "
+                               "(this encdiff reads 1)")
+        # Every entry is required and typed: a missing one must not fall back to settings that draw other images.
+        for key, kind, what in (("denoiser", dict, "an object"), ("class_names", list, "a list of names"),
+                                ("latent", bool, "true or false"), ("sampling", dict, "an object")):
+            if not isinstance(info.get(key), kind):
+                raise EncdiffError(f"{info_path}: entry {key!r} = {info.get(key)!r}: expected {what}")
+        if not all(isinstance(n, str) for n in info["class_names"]):
+            raise EncdiffError(f"{info_path}: entry 'class_names' = {info['class_names']!r}: expected strings")
+        unknown = sorted(set(info) - {"encdiff_class", "format_version", "denoiser", "class_names", "latent", "sampling"})
+        if unknown:
+            raise EncdiffError(f"{info_path}: unknown entry {unknown[0]!r}")
+        spec = config_from_dict(DenoiserSpec, info["denoiser"], f"{info_path} denoiser")
         unet = UNet.from_pretrained(folder / "unet", device=device)
-        autoencoder = Autoencoder.from_pretrained(folder / "autoencoder", device=device) if info.get("latent") else None
+        autoencoder = Autoencoder.from_pretrained(folder / "autoencoder", device=device) if info["latent"] else None
         try:
             return cls(unet, spec, autoencoder, info.get("class_names"), Sampling.from_dict(info.get("sampling"), "sampling"))
         except EncdiffError as e:

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +33,7 @@ from .checkpoint import (atomic_write_bytes, config_from_dict, flatten_state, la
 from .data import BatchSampler, ImageDataset, random_flips
 from .denoiser import training_loss
 from .ema import EMA
-from .errors import EncdiffError
+from .errors import EncdiffError, TrainingInterrupted
 from .pipeline import DenoiserSpec, Generator, image_grid, save_png
 from .presets import AUTOENCODERS, UNETS, preset
 from .unet import UNet, UNetConfig
@@ -96,34 +97,73 @@ class TrainConfig:
     eval_every: int = 0  # stage 2: steps between FID/KID/P&R evaluations of the EMA weights (0: never); best kept in best/
     eval_samples: int = 2000  # images generated per evaluation (at least 257, the feature dimension + 1)
     workers: int | None = None  # image-decoding processes (None: up to 8)
+    accept_data_change: bool = False  # resume although the data folder's files differ from the checkpoint's
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum", "resolution", "log_every", "checkpoint_every", "keep_last"):
+        """Every field is checked here, before any data is read or any step is taken."""
+        def integer(name: str, minimum: int, maximum: int | None = None) -> None:
             value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise EncdiffError(f"config field {name!r} = {value!r}: expected an integer >= 1")
-        if self.channels not in (1, 3):
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+                    and (maximum is None or value <= maximum)):
+                bound = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+                raise EncdiffError(f"config field {name!r} = {value!r}: expected {bound}")
+
+        def number(name: str, minimum: float = 0.0, strict: bool = False, maximum: float | None = None,
+                   optional: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  and (value > minimum if strict else value >= minimum) and (maximum is None or value < maximum))
+            if not ok:
+                bound = f"{'>' if strict else '>='} {minimum:g}" + (f" and < {maximum:g}" if maximum is not None else "")
+                raise EncdiffError(f"config field {name!r} = {value!r}: expected a finite number {bound}"
+                                   + (" or null" if optional else ""))
+
+        def choice(name: str, valid) -> None:
+            if getattr(self, name) not in valid:
+                raise EncdiffError(f"config field {name!r} = {getattr(self, name)!r}: expected one of "
+                                   f"{', '.join(map(str, valid))}")
+
+        for name in ("steps", "batch_size", "grad_accum", "resolution", "log_every", "checkpoint_every", "keep_last",
+                     "sample_steps", "disc_channels", "disc_layers"):
+            integer(name, 1)
+        for name in ("warmup_steps", "sample_every", "eval_every", "adv_start"):
+            integer(name, 0)
+        integer("seed", 0, 2**63 // 1000 - 1)  # the RNG streams are seeded with seed * 1000 + k
+        integer("eval_samples", 257)  # FID needs more images than the 256 feature dimensions
+        if self.workers is not None:
+            integer("workers", 0)
+        if self.resolution > 4096:
+            raise EncdiffError(f"config field 'resolution' = {self.resolution}: expected at most 4096")
+        number("lr", strict=True)
+        number("disc_lr", strict=True, optional=True)
+        number("ema_halflife_images", strict=True)
+        number("ema_rampup", strict=True, optional=True)
+        number("sigma_data", strict=True)
+        number("label_dropout", maximum=1.0)
+        for name in ("weight_decay", "grad_clip", "kl_weight", "ssim_weight", "fft_weight", "adv_weight", "fm_weight"):
+            number(name)
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas)):
+            raise EncdiffError(f"config field 'betas' = {self.betas!r}: expected two numbers in [0, 1)")
+        for name in ("strict", "compile", "decoder_only", "accept_data_change"):
+            if not isinstance(getattr(self, name), bool):
+                raise EncdiffError(f"config field {name!r} = {getattr(self, name)!r}: expected true or false")
+        if self.bf16 is not None and not isinstance(self.bf16, bool):
+            raise EncdiffError(f"config field 'bf16' = {self.bf16!r}: expected true, false or null")
+        if self.channels not in (1, 3) or isinstance(self.channels, bool):
             raise EncdiffError(f"config field 'channels' = {self.channels!r}: expected 1 or 3")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise EncdiffError(f"config field 'lr_schedule' = {self.lr_schedule!r}: expected constant or cosine")
-        if self.recon_loss not in ("l1", "l2"):
-            raise EncdiffError(f"config field 'recon_loss' = {self.recon_loss!r}: expected l1 or l2")
-        if not 0 <= self.label_dropout < 1:
-            raise EncdiffError(f"config field 'label_dropout' = {self.label_dropout!r}: expected a probability in [0, 1)")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise EncdiffError(f"config field 'lr' = {self.lr!r}: expected a positive number")
-        for name in ("kl_weight", "ssim_weight", "fft_weight", "adv_weight", "fm_weight"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                    and value >= 0):
-                raise EncdiffError(f"config field {name!r} = {value!r}: expected a finite number >= 0")
-        if self.disc_lr is not None and not (isinstance(self.disc_lr, (int, float)) and math.isfinite(self.disc_lr)
-                                             and self.disc_lr > 0):
-            raise EncdiffError(f"config field 'disc_lr' = {self.disc_lr!r}: expected a positive number or null")
-        for name in ("adv_start",):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-                raise EncdiffError(f"config field {name!r} = {value!r}: expected an integer >= 0")
+        from .denoiser import LOSS_WEIGHTS, NOISE_LEVELS
+        from .schedules import TRAIN_SCHEDULES
+
+        choice("lr_schedule", ("constant", "cosine"))
+        choice("recon_loss", ("l1", "l2"))
+        choice("denoiser", ("edm", "vp"))
+        choice("prediction", ("epsilon", "v", "x0"))
+        choice("noise_level", tuple(NOISE_LEVELS))
+        choice("weighting", tuple(LOSS_WEIGHTS))
+        choice("train_schedule", tuple(TRAIN_SCHEDULES))
         if self.decoder_only and not self.init:
             raise EncdiffError("config field 'decoder_only' = true needs 'init': the autoencoder whose decoder "
                                "is fine-tuned (--init MODEL)")
@@ -165,7 +205,9 @@ def stage_fields(stage: str) -> list[str]:
 
 # Fields a resumed run may change: more steps extend training, the rest only touch logging and files.
 RESUMABLE_CHANGES = frozenset({"steps", "log_every", "checkpoint_every", "keep_last", "sample_every", "sample_steps",
-                               "workers", "eval_every", "eval_samples"})
+                               "workers", "eval_every", "eval_samples", "run_dir", "accept_data_change"})
+# Fields holding paths: a resumed run compares the folders they name, not their spelling.
+PATH_FIELDS = ("data", "autoencoder", "init")
 
 
 class Distributed:
@@ -212,6 +254,7 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.signum = 0
         self._previous = {}
 
     def __enter__(self):
@@ -221,6 +264,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.requested = True
+        self.signum = signum
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -242,9 +286,12 @@ def lr_factor(config: TrainConfig) -> Callable[[int], float]:
 class Run:
     """The state shared by both stages: data, model, optimizer, EMA, RNG streams, checkpoints and logs."""
 
-    def __init__(self, config: TrainConfig, stage: str, model: torch.nn.Module, dataset_len: int, dist_: Distributed,
+    def __init__(self, config: TrainConfig, stage: str, model: torch.nn.Module, dataset: ImageDataset, dist_: Distributed,
                  export_info: dict[str, Any] | None = None, discriminator: torch.nn.Module | None = None):
         self.config, self.stage, self.dist = config, stage, dist_
+        # The data's fingerprint (every file's path, size and time): a resumed run must train on the same data.
+        self.data = {"images": len(dataset), "key": dataset.key}
+        dataset_len = len(dataset)
         # What `export_run` needs to rebuild the model from any checkpoint: its config, and for a generator
         # the denoiser spec, class names and autoencoder folder.
         self.export_info = {"model_config": dataclasses.asdict(model.config), **(export_info or {})}
@@ -313,7 +360,7 @@ class Run:
                     "world_size": self.dist.world_size, "sampler": self.sampler.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "optimizer": optimizer_skeleton,
                     "config": config_to_json(self.config), "history": self.history, "export": self.export_info,
-                    "disc_optimizer": disc_skeleton}
+                    "disc_optimizer": disc_skeleton, "data": self.data}
             path = save_training_state(self.dir, self.step, tensors, meta, keep_last=self.config.keep_last)
         self.dist.barrier()
         return path
@@ -322,6 +369,8 @@ class Run:
         """Load the newest complete checkpoint of the run folder, if any."""
         path = latest_training_state(self.dir)
         if path is None:
+            if self.dist.main:
+                write_run_config(self.dir, self.stage, self.config)
             return False
         tensors, meta = load_training_state(path)
         if meta.get("stage") != self.stage:
@@ -330,13 +379,22 @@ class Run:
         if meta.get("world_size") != self.dist.world_size:
             raise EncdiffError(f"{path}: written by {meta.get('world_size')} processes, resumed with "
                                f"{self.dist.world_size}; exact resume needs the same number")
-        now = config_to_json(self.config)
-        changed = sorted(k for k in set(meta["config"]) | set(now)
-                         if meta["config"].get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+        now, then = config_to_json(self.config), dict(meta["config"])
+        for field in PATH_FIELDS:  # `data/` and `/abs/data` are the same folder
+            if then.get(field) and now.get(field) and Path(then[field]).resolve() == Path(now[field]).resolve():
+                then[field] = now[field]
+        changed = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
         if changed:
-            raise EncdiffError(f"{path}: the run was started with a different config (fields {', '.join(changed)}); "
-                               f"resume with the same settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may "
-                               "change) or use another --run-dir")
+            values = "; ".join(f"{k}: checkpoint {then.get(k)!r}, now {now.get(k)!r}" for k in changed)
+            raise EncdiffError(f"{path}: the run was started with a different config ({values}); resume with the "
+                               f"same settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may change) or use "
+                               "another --run-dir")
+        data = meta.get("data")
+        if data is not None and data != self.data and not self.config.accept_data_change:
+            raise EncdiffError(f"{path}: the data folder {self.config.data} is not what the run trained on "
+                               f"(checkpoint: {data['images']} images, fingerprint {str(data['key'])[:16]}; now: "
+                               f"{self.data['images']} images, fingerprint {str(self.data['key'])[:16]}); restore "
+                               "the data, or pass --accept-data-change to continue on the new data")
         take = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         self.model.load_state_dict(take("model."))
         self.ema.load_state_dict(take("ema."))
@@ -350,6 +408,7 @@ class Run:
             set_rng_state(g, tensors[f"rng.{name}.rank{self.dist.rank}"])
         self.step, self.images_seen, self.history = meta["step"], meta["images_seen"], meta["history"]
         if self.dist.main:
+            write_run_config(self.dir, self.stage, self.config)
             # Rows logged after the checkpoint are about to be redone: the log restarts from the checkpoint's.
             atomic_write_bytes(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history).encode())
             print(f"resumed from {path} at step {self.step}", file=sys.stderr)
@@ -400,7 +459,8 @@ def plot_loss(history: list[dict[str, float]], path: Path) -> None:
 def train_loop(run: Run, loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor],
                images_of: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
                on_sample: Callable[[Run], None], on_eval: Callable[[Run], None] | None = None) -> str:
-    """The optimizer loop shared by both stages; returns "done" or "interrupted"."""
+    """The optimizer loop shared by both stages; returns "done", or raises TrainingInterrupted after a SIGINT or
+    SIGTERM once the step in flight is finished and checkpointed."""
     config, dist_ = run.config, run.dist
     autocast = config.bf16 if config.bf16 is not None else dist_.device.type == "cuda"
     ddp_model = run.model
@@ -484,10 +544,52 @@ def train_loop(run: Run, loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch
                 on_eval(run)
             stopping = dist_.any(stop.requested)
             if run.step % config.checkpoint_every == 0 or run.step == config.steps or stopping:
-                run.save()
+                path = run.save()
             if stopping:
-                return "interrupted"
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, run.step,
+                                          str(path) if path else str(latest_training_state(run.dir)))
     return "done"
+
+
+def write_run_config(run_dir: Path, stage: str, config: TrainConfig) -> None:
+    """The resolved config beside the run; written once the run is known to start or resume, so a refused resume
+    leaves the original in place."""
+    atomic_write_bytes(run_dir / "config.json",
+                       (json.dumps({"stage": stage, **config_to_json(config)}, indent=2) + "\n").encode())
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of a training call (rank 0 holds it): two runs writing the same
+    checkpoints would corrupt each other. The second is refused, naming the process that holds the folder."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / ".lock"
+        self.file = None
+
+    def __enter__(self):
+        if os.environ.get("RANK", "0") != "0":
+            return self
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise EncdiffError(f"{self.path.parent}: the run folder is in use by process {holder}; wait for it to "
+                               "finish or stop it (it resumes exactly), or use another --run-dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()  # closing releases the lock
 
 
 def prepare(config: TrainConfig, stage: str) -> tuple[Distributed, ImageDataset]:
@@ -495,13 +597,13 @@ def prepare(config: TrainConfig, stage: str) -> tuple[Distributed, ImageDataset]
     run_dir = Path(config.run_dir)
     if dist_.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run_dir / "config.json",
-                           (json.dumps({"stage": stage, **config_to_json(config)}, indent=2) + "\n").encode())
     dist_.barrier()
 
     def load() -> ImageDataset:
+        # The run folder is never data, even inside the data folder (`cd images && encdiff train .`).
         return ImageDataset(config.data, config.resolution, config.channels, strict=config.strict,
-                            cache_dir=run_dir / "cache", workers=config.workers, progress=dist_.main)
+                            cache_dir=run_dir / "cache", workers=config.workers, progress=dist_.main,
+                            exclude=(run_dir,))
 
     # Rank 0 decodes and caches; the other ranks then read the cache instead of decoding again.
     dataset = load() if dist_.main else None
@@ -516,6 +618,12 @@ def model_config(table: dict, config: TrainConfig, config_class: type, **fixed: 
 
 # -- stage 1 ----------------------------------------------------------------------------------------------
 def train_autoencoder(config: TrainConfig) -> Path:
+    """Train a KL autoencoder; see `_train_autoencoder`. The run folder is locked while it trains."""
+    with RunLock(config.run_dir):
+        return _train_autoencoder(config)
+
+
+def _train_autoencoder(config: TrainConfig) -> Path:
     """Train a KL autoencoder on `config.data`; returns the folder of the final (EMA) autoencoder.
 
     With `config.init`, training starts from that autoencoder; with `config.decoder_only` as well, only the decoder
@@ -548,7 +656,7 @@ def train_autoencoder(config: TrainConfig) -> Path:
     if config.adv_weight > 0:
         discriminator = PatchDiscriminator(DiscriminatorConfig(in_channels=config.channels,
                                                                channels=config.disc_channels, layers=config.disc_layers))
-    run = Run(config, "autoencoder", autoencoder, len(dataset), dist_, discriminator=discriminator)
+    run = Run(config, "autoencoder", autoencoder, dataset, dist_, discriminator=discriminator)
     run.resume()
     preview = dataset.batch(torch.arange(0, len(dataset), max(1, len(dataset) // 8))[:8])[0]
     objective = AutoencoderObjective(
@@ -627,7 +735,13 @@ def encode_dataset(autoencoder: Autoencoder, dataset: ImageDataset, device, batc
 
 
 def train_diffusion(config: TrainConfig) -> Path:
-    """Train a (latent or pixel) diffusion U-Net; returns the folder of the final (EMA) generator."""
+    """Train a (latent or pixel) diffusion U-Net; returns the folder of the final (EMA) generator. The run folder
+    is locked while it trains."""
+    with RunLock(config.run_dir):
+        return _train_diffusion(config)
+
+
+def _train_diffusion(config: TrainConfig) -> Path:
     preset(UNETS, config.model)  # a bad name fails before the data is decoded
     dist_, dataset = prepare(config, "diffusion")
     autoencoder = (Autoencoder.from_pretrained(config.autoencoder, device=dist_.device)
@@ -645,7 +759,7 @@ def train_diffusion(config: TrainConfig) -> Path:
     torch.manual_seed(config.seed)
     export_info = {"denoiser": dataclasses.asdict(spec), "class_names": dataset.class_names,
                    "autoencoder": str(Path(config.autoencoder).resolve()) if config.autoencoder else None}
-    run = Run(config, "diffusion", UNet(unet_config), len(dataset), dist_, export_info)
+    run = Run(config, "diffusion", UNet(unet_config), dataset, dist_, export_info)
     run.resume()
 
     if autoencoder is not None:
@@ -693,18 +807,21 @@ def train_diffusion(config: TrainConfig) -> Path:
             generator.save_pretrained(run.dir / "best")
             atomic_write_bytes(run.dir / "best" / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
 
-    status = train_loop(run, loss_fn, images_of, on_sample, on_eval)
+    train_loop(run, loss_fn, images_of, on_sample, on_eval)
     out = run.dir / "model"
-    if status == "done" and dist_.main:
+    if dist_.main:
         Generator(run.ema.model, spec, autoencoder, dataset.class_names).save_pretrained(out)
         print(f"generator written to {out}", file=sys.stderr)
     dist_.barrier()
-    return out if status == "done" else run.dir
+    return out
 
 
 def cached_latents(autoencoder: Autoencoder, dataset: ImageDataset, cache_dir: Path, key: str,
                    dist_: Distributed) -> torch.Tensor:
-    """Encode the data set once (rank 0) and keep it in the run's cache folder; every rank then loads it."""
+    """Encode the data set once (rank 0) and keep it in the run's cache folder; every rank then loads it.
+
+    The file is named by the autoencoder's weights and the images' content key (every file's path, size and time):
+    replacing an image, or the autoencoder, encodes again. A damaged file is encoded again with a warning."""
     from safetensors.torch import load_file
 
     from .checkpoint import atomic_save_tensors, sha256_file
@@ -713,8 +830,21 @@ def cached_latents(autoencoder: Autoencoder, dataset: ImageDataset, cache_dir: P
     weights = next((p for p in (ae_folder / "model.safetensors", ae_folder / "diffusion_pytorch_model.safetensors")
                     if p.is_file()), None)
     tag = sha256_file(weights)[:16] if weights else "unknown"
-    path = cache_dir / f"latents-{tag}-{len(dataset)}.safetensors"
-    if dist_.main and not path.is_file():
+    path = cache_dir / f"latents-{tag}-{(dataset.key or 'nokey')[:16]}-{len(dataset)}.safetensors"
+
+    def usable() -> bool:
+        try:
+            latents = load_file(str(path))["latents"]
+        except Exception as e:  # any damage: truncated, not safetensors, no such key
+            warnings.warn(f"{path}: ignoring a damaged latent cache ({type(e).__name__}); encoding again", stacklevel=3)
+            return False
+        if tuple(latents.shape[:3]) != (len(dataset), 2, autoencoder.latent_channels):
+            warnings.warn(f"{path}: ignoring a latent cache of shape {tuple(latents.shape)}; encoding again",
+                          stacklevel=3)
+            return False
+        return True
+
+    if dist_.main and not (path.is_file() and usable()):
         cache_dir.mkdir(parents=True, exist_ok=True)
         atomic_save_tensors({"latents": encode_dataset(autoencoder, dataset, dist_.device)}, path)
     dist_.barrier()

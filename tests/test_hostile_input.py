@@ -1,0 +1,241 @@
+"""What a careless or hostile user does: link loops in the data, absurd numbers, a run inside its own data, data
+that changed under a run, damaged caches and configs, two runs in one folder, NaN weights. Each case gets a clear
+one-line refusal (or a warning and the right result), never a traceback, a hang or a silently wrong result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from encdiff import Autoencoder, EncdiffError
+from encdiff.data import ImageDataset, scan_folder
+from encdiff.pipeline import Generator
+from encdiff.train import RunLock, TrainConfig, train_autoencoder, train_diffusion
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+COMMON = dict(model="tiny", resolution=16, batch_size=8, log_every=2, sample_every=0, workers=0, warmup_steps=2)
+
+
+def make_folder(root: Path, classes: int = 2, per_class: int = 6, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "encdiff", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and "error" in lines[0] and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_symlink_loop_is_read_once_and_said(tmp_path):
+    data = make_folder(tmp_path / "data")
+    (data / "c0" / "loop").symlink_to(data / "c0", target_is_directory=True)
+    (data / "c1" / "up").symlink_to(data, target_is_directory=True)
+    (data / "alias").symlink_to(data / "c1", target_is_directory=True)  # the same class twice
+    with pytest.warns(UserWarning, match="not read as data"):
+        files, labels, names = scan_folder(data)
+    assert len(files) == 12 and names == ["c0", "c1"]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("grad_clip", -1.0), ("grad_clip", float("nan")), ("lr", float("inf")), ("kl_weight", -1e-6),
+    ("warmup_steps", -5), ("sample_every", -1), ("sample_steps", 0), ("eval_samples", 100), ("seed", 2**64),
+    ("ema_halflife_images", 0.0), ("label_dropout", 1.0), ("betas", (0.9, 1.5)), ("resolution", 10**6),
+    ("denoiser", "ddpm"), ("noise_level", "uniform?"), ("workers", -1), ("steps", True),
+])
+def test_every_numeric_option_is_range_checked_up_front(field, value):
+    with pytest.raises(EncdiffError, match=f"'{field}'"):
+        TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", ".", "--pixel", "--model", "tiny", "--grad-clip", "-1"], "'grad_clip' = -1"),
+    (["train", ".", "--pixel", "--model", "tiny", "--grad-clip", "nan"], "not a finite number"),
+    (["train", ".", "--pixel", "--model", "tiny", "--sample-steps", "0"], "'sample_steps' = 0"),
+    (["sample", "--guidance", "nan"], "not a finite number"),
+    (["sample", "--guidance", "-2"], "sampling.guidance_scale"),
+    (["sample", "--seed", str(2**70)], "--seed"),
+    (["sample", "--num", "20000"], "--out-dir"),
+    (["sample", "--out", "dir/"], "ending in .png"),
+    (["sample", "--out", "grid.jpg"], "ending in .png"),
+    (["eval", "x", "--num", "0"], "--num 0"),
+    (["eval", "x", "--kid-subsets", "0"], "--kid-subsets 0"),
+    (["reconstruct", "x", "y", "--resolution", "100000"], "--resolution 100000"),
+])
+def test_bad_values_exit_2_with_one_line_before_any_work(tmp_path, args, message):
+    (tmp_path / "dir").mkdir()
+    one_line_error(cli(*args, cwd=tmp_path), message)
+
+
+def test_an_output_path_under_a_regular_file_is_refused_before_sampling(tmp_path):
+    (tmp_path / "file").write_text("x")
+    started = time.monotonic()
+    one_line_error(cli("sample", "--out", "file/grid.png", cwd=tmp_path), "is not a folder")
+    one_line_error(cli("sample", "--out-dir", "file", cwd=tmp_path), "is a file")
+    assert time.monotonic() - started < 60
+
+
+def test_sample_in_batches_equals_one_batch_and_streams_out_dir(tmp_path):
+    one = cli("sample", "--num", "7", "--steps", "3", "--out-dir", "one", "--batch-size", "7", cwd=tmp_path)
+    small = cli("sample", "--num", "7", "--steps", "3", "--out-dir", "small", "--batch-size", "3", cwd=tmp_path)
+    assert one.returncode == 0 and small.returncode == 0, one.stderr + small.stderr
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert len(names) == 7 and not (tmp_path / "samples.png").exists()  # --out-dir alone: no grid
+    # Each image depends on its own seed only; the batch size changes only float rounding inside the convolutions
+    # (oneDNN picks other kernels for other batch sizes), so a pixel may move by one level, rarely.
+    for name in names:
+        a, b = (np.asarray(Image.open(tmp_path / d / name), dtype=np.int16) for d in ("one", "small"))
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.002, name
+
+
+def test_a_run_folder_inside_the_data_is_never_read_as_data(tmp_path):
+    data = make_folder(tmp_path / "data")
+    config = TrainConfig(data=str(data), run_dir=str(data / "run"), steps=2, checkpoint_every=1,
+                         **{**COMMON, "sample_every": 1})
+    train_autoencoder(config)
+    assert list((data / "run").glob("reconstructions-*.png"))  # PNGs now lie inside the data folder
+    with pytest.warns(UserWarning, match="not read as data"):
+        dataset = ImageDataset(data, 16, workers=0, progress=False, exclude=(data / "run",))
+    assert len(dataset) == 12 and dataset.class_names == ["c0", "c1"]
+    train_autoencoder(TrainConfig(**{**config.__dict__, "steps": 4}))  # resumes: same data, same fingerprint
+
+
+def test_resume_refuses_changed_data_showing_both_and_continues_only_when_asked(tmp_path):
+    data = make_folder(tmp_path / "data")
+    base = dict(data=str(data), run_dir=str(tmp_path / "run"), checkpoint_every=2, **COMMON)
+    train_autoencoder(TrainConfig(steps=2, **base))
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(data / "c0" / "0.png")  # one image replaced
+    with pytest.raises(EncdiffError, match=r"not what the run trained on \(checkpoint: 12 images, fingerprint \w+; "
+                                           r"now: 12 images, fingerprint \w+\)"):
+        train_autoencoder(TrainConfig(steps=4, **base))
+    train_autoencoder(TrainConfig(steps=4, accept_data_change=True, **base))
+
+
+def test_resume_compares_folders_not_their_spelling(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    base = dict(run_dir=str(tmp_path / "run"), checkpoint_every=2, **COMMON)
+    train_autoencoder(TrainConfig(data="data/", steps=2, **base))
+    train_autoencoder(TrainConfig(data=str(data.resolve()), steps=4, **base))  # same folder, other spelling
+    with pytest.raises(EncdiffError, match=r"lr: checkpoint 0\.0002, now 0\.001"):
+        train_autoencoder(TrainConfig(data="data", steps=6, **{**base, "lr": 1e-3}))
+    # a refused resume leaves the run's own config.json as it was
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 2e-4
+
+
+def test_the_latent_cache_follows_the_images_and_a_damaged_one_is_rebuilt(tmp_path):
+    data = make_folder(tmp_path / "data")
+    ae = train_autoencoder(TrainConfig(data=str(data), run_dir=str(tmp_path / "ae"), steps=2, checkpoint_every=2,
+                                       **COMMON))
+    base = dict(data=str(data), autoencoder=str(ae), checkpoint_every=2, **COMMON)
+    train_diffusion(TrainConfig(run_dir=str(tmp_path / "ldm"), steps=2, **base))
+    cache = tmp_path / "ldm" / "cache"
+    first = sorted(cache.glob("latents-*"))
+    assert len(first) == 1
+    first[0].write_bytes(first[0].read_bytes()[:100])  # damaged
+    with pytest.warns(UserWarning, match="damaged latent cache"):
+        train_diffusion(TrainConfig(run_dir=str(tmp_path / "ldm"), steps=4, **base))
+    # the same number of images, one replaced: other latents (a count-keyed cache would reuse the stale ones)
+    Image.fromarray(np.full((16, 16, 3), 255, np.uint8)).save(data / "c1" / "3.png")
+    train_diffusion(TrainConfig(run_dir=str(tmp_path / "ldm2"), steps=2, **base))
+    assert (sorted(p.name for p in (tmp_path / "ldm2" / "cache").glob("latents-*"))
+            != sorted(p.name for p in cache.glob("latents-*")))
+
+
+def test_a_run_folder_in_use_is_refused_naming_the_process(tmp_path):
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(EncdiffError, match=f"in use by process {os.getpid()}"):
+            with RunLock(tmp_path / "run"):
+                pass
+    with RunLock(tmp_path / "run"):  # released
+        pass
+
+
+def test_written_files_respect_the_umask(tmp_path):
+    from encdiff.checkpoint import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+        Autoencoder(__import__("encdiff.presets", fromlist=["AUTOENCODERS"]).AUTOENCODERS["tiny"]).save_pretrained(
+            tmp_path / "model")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "a.json", tmp_path / "model" / "config.json", tmp_path / "model" / "model.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_nan_autoencoder_weights_are_an_error_not_grey_images(tmp_path):
+    from encdiff.presets import AUTOENCODERS
+
+    ae = Autoencoder(AUTOENCODERS["tiny"])
+    with torch.no_grad():
+        ae.decoder.conv_out.weight.fill_(float("nan"))
+    with pytest.raises(EncdiffError, match="decoder output contains NaN"):
+        with torch.no_grad():
+            ae.decode(torch.zeros(1, 4, 8, 8))
+
+
+def test_generator_json_is_validated_like_the_model_configs(tmp_path):
+    import shutil
+
+    from encdiff.pipeline import bundled_path
+
+    folder = tmp_path / "gen"
+    shutil.copytree(bundled_path(), folder)
+    info = json.loads((folder / "generator.json").read_text())
+    cases = [({k: v for k, v in info.items() if k != "denoiser"}, "entry 'denoiser'"),
+             ({**info, "format_version": 7}, "format_version 7"),
+             ({**info, "latent": "yes"}, "entry 'latent'"),
+             ({**info, "class_names": [1, 2]}, "class_names"),
+             ({**info, "denoiser": {**info["denoiser"], "sigma_data": "one"}}, "denoiser.sigma_data"),
+             ({**info, "sampling": {"steps": 0}}, "sampling.steps"),
+             ({**info, "surprise": 1}, "unknown entry 'surprise'")]
+    for bad, message in cases:
+        (folder / "generator.json").write_text(json.dumps(bad))
+        with pytest.raises(EncdiffError, match=message):
+            Generator.from_pretrained(folder)
+    (folder / "generator.json").write_text(json.dumps(info))
+    config = json.loads((folder / "autoencoder" / "config.json").read_text())
+    del config["config"]["scaling_factor"]
+    (folder / "autoencoder" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EncdiffError, match="'scaling_factor' is missing"):
+        Generator.from_pretrained(folder)
+    config["config"]["scaling_factor"] = 1.0
+    config["config"]["block_out_channels"] = [32, 64, 10**9]
+    (folder / "autoencoder" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EncdiffError, match="block_out_channels"):
+        Generator.from_pretrained(folder)
+
+
+def test_reconstruct_skips_an_unreadable_file_in_a_folder_and_says_so(tmp_path):
+    from encdiff.pipeline import bundled_path
+
+    make_folder(tmp_path / "data", classes=1, per_class=2)
+    (tmp_path / "data" / "c0" / "broken.png").write_bytes(b"not a png")
+    result = cli("reconstruct", str(bundled_path() / "autoencoder"), str(tmp_path / "data"), "--out",
+                 str(tmp_path / "out"), "--resolution", "32")
+    assert result.returncode == 0, result.stderr
+    assert "mean PSNR over 2 image(s)" in result.stdout
+    warning = [line for line in result.stderr.splitlines() if "broken.png" in line]
+    assert len(warning) == 1 and warning[0].startswith("encdiff: warning:")
