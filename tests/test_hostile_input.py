@@ -239,3 +239,34 @@ def test_reconstruct_skips_an_unreadable_file_in_a_folder_and_says_so(tmp_path):
     assert "mean PSNR over 2 image(s)" in result.stdout
     warning = [line for line in result.stderr.splitlines() if "broken.png" in line]
     assert len(warning) == 1 and warning[0].startswith("encdiff: warning:")
+
+
+def test_info_does_not_vouch_for_truncated_missing_or_pickled_weights(tmp_path):
+    import shutil
+
+    from encdiff.pipeline import bundled_path
+
+    folder = tmp_path / "gen"
+    shutil.copytree(bundled_path(), folder)
+    assert cli("info", str(folder)).returncode == 0
+    weights = folder / "unet" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    one_line_error(cli("info", str(folder)), "sha256 differs")
+    weights.write_bytes(b"\x80\x04\x95 a pickle")
+    one_line_error(cli("info", str(folder)), "sha256 differs")
+    weights.unlink()
+    one_line_error(cli("info", str(folder)), "weights file not found")
+
+
+def test_eval_skips_a_decompression_bomb_in_a_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    Image.new("L", (20000, 20000)).save(tmp_path / "imgs" / "bomb.png", optimize=True)
+    result = cli("eval", str(tmp_path / "imgs"), "--reference", str(tmp_path / "imgs"))
+    # three readable images are too few for FID: the clear refusal, not a DecompressionBombError traceback
+    one_line_error_or_warning = [line for line in result.stderr.splitlines() if line.startswith("encdiff:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert any("bomb.png" in line for line in one_line_error_or_warning) and "too few" in result.stderr

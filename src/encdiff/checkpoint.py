@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import EncdiffError
@@ -256,13 +256,27 @@ class Pretrained:
         return config, folder / OUR_WEIGHTS, raw["weights_sha256"]
 
     @classmethod
+    def verify(cls, path: str | os.PathLike):
+        """The config and weights file of a model folder, refused unless the weights are there, are safetensors and,
+        for our format, match the recorded sha256 (a truncated, swapped or pickled file is named)."""
+        config, weights_path, sha256 = cls.read_config(path)
+        if not weights_path.is_file():
+            raise EncdiffError(f"{weights_path}: weights file not found")
+        if sha256 is not None and sha256_file(weights_path) != sha256:
+            raise EncdiffError(f"{weights_path}: sha256 differs from the one recorded in {CONFIG} "
+                               f"(the file was modified or truncated)")
+        try:
+            with safe_open(str(weights_path), framework="pt") as f:
+                f.keys()
+        except Exception as e:
+            raise EncdiffError(f"{weights_path}: not a readable safetensors file ({type(e).__name__})") from None
+        return config, weights_path
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu"):
         """Load a model folder written by encdiff or by diffusers' `save_pretrained`."""
-        config, weights_path, sha256 = cls.read_config(path)
-        if sha256 is not None and weights_path.is_file() and sha256_file(weights_path) != sha256:
-            raise EncdiffError(f"{weights_path}: sha256 differs from the one recorded in {CONFIG} "
-                               f"(the file was modified or truncated)")
+        config, weights_path = cls.verify(path)
         state = read_weights(weights_path)
         with torch.device("meta"):
             model = cls(config)

@@ -446,7 +446,7 @@ def _describe_model(folder: Path) -> None:
         raw.get("encdiff_class") or raw.get("_class_name"))
     if cls is None:
         raise EncdiffError(f"{folder / CONFIG}: not an encdiff or diffusers model config")
-    config, weights, _ = cls.read_config(folder)
+    config, weights = cls.verify(folder)  # the weights are there, safetensors, and match their recorded hash
     fmt = "diffusers" if "_class_name" in raw else "encdiff"
     print(f"{folder}: {cls.__name__} ({fmt} format, weights {weights.name})")
     for key, value in dataclasses.asdict(config).items():
@@ -499,8 +499,8 @@ def _image_sizes(folder: Path) -> dict[tuple[int, int], list[Path]]:
         try:
             with Image.open(f) as image:
                 sizes.setdefault(image.size, []).append(f)
-        except OSError:
-            continue  # unreadable: ImageDataset reports it when decoding
+        except Exception:  # unreadable or a decompression bomb (any PIL error type): ImageDataset skips and reports it
+            continue
     return sizes
 
 
