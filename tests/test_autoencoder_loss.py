@@ -20,7 +20,7 @@ from conftest import randomize_
 from encdiff import Autoencoder, EncdiffError
 from encdiff.autoencoder_loss import (AutoencoderObjective, DiscriminatorConfig, PatchDiscriminator, adaptive_weight,
                                       focal_frequency_loss, hinge_discriminator_loss, ssim)
-from encdiff.checkpoint import latest_training_state
+from encdiff.train_state import latest_training_state
 from encdiff.presets import AUTOENCODERS
 from encdiff.train import TrainConfig, train_autoencoder
 

@@ -99,7 +99,7 @@ def test_unknown_schedule_lists_valid_names():
     valid = "karras, exponential, linspace, leading, trailing"
     with pytest.raises(EncdiffError, match=f"unknown schedule 'karas'; valid: {valid}"):
         get_sigmas("karas", 10, vp_denoiser())
-    with pytest.raises(EncdiffError, match="unknown training schedule 'cos'; valid: cosine, linear, scaled_linear"):
+    with pytest.raises(EncdiffError, match="unknown training schedule 'cos'; valid: linear, scaled_linear, cosine"):
         get_alpha_bars("cos")
     assert list(SCHEDULES) == ["karras", "exponential", "linspace", "leading", "trailing"]
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import extract_cifar_subset, needs_cifar
 from encdiff import Autoencoder, EncdiffError
-from encdiff.checkpoint import latest_training_state
+from encdiff.train_state import latest_training_state
 from encdiff.data import ImageDataset
 from encdiff.pipeline import Generator, Sampling
 from encdiff.train import TrainConfig, export_run, load_config, train_autoencoder, train_diffusion

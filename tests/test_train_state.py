@@ -15,8 +15,9 @@ from torch import nn
 
 from encdiff import EncdiffError
 from encdiff import checkpoint
-from encdiff.checkpoint import (flatten_state, latest_training_state, load_training_state, rng_state,
-                                save_training_state, set_rng_state, unflatten_state)
+from encdiff import train_state
+from encdiff.train_state import (flatten_state, latest_training_state, load_training_state, rng_state,
+                                 save_training_state, set_rng_state, unflatten_state)
 
 
 def assert_same(a, b, where="state"):
@@ -171,7 +172,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypat
         real_replace(src, dst)
 
     if crash_at == "marker":
-        monkeypatch.setattr(checkpoint, "atomic_write_bytes", write)
+        monkeypatch.setattr(train_state, "atomic_write_bytes", write)
     else:
         monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError):

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import (Pretrained, check_bool, check_field, check_int, check_number, check_tuple, is_finite_number,
-                         is_flag, is_positive_int, refuse_unsupported)
-from .errors import EncdiffError
+from .checkpoint import Pretrained, refuse_unsupported
+from .errors import (MAX_SIZE, EncdiffError, check_bool, check_field, check_int, check_number, check_tuple, is_finite_number,
+                     is_flag, is_positive_int)
 from .layers import CHANNELS_LAST, Downsample, Level, MidBlock, ResnetBlock, SelfAttention, Upsample, norm_silu, run_block
 
 
@@ -41,7 +41,7 @@ class AutoencoderConfig:
         check_tuple(self.attention_levels, "attention_levels", len(self.block_out_channels), is_flag)
         for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
                      "sample_size"):
-            check_int(getattr(self, name), name)
+            check_int(getattr(self, name), name, maximum=MAX_SIZE)
         check_field(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "norm_num_groups",
                     self.norm_num_groups, f"a divisor of every block_out_channels value {self.block_out_channels}")
         for name in ("mid_attention", "use_quant_conv", "use_post_quant_conv"):
@@ -250,7 +250,7 @@ class Autoencoder(Pretrained, nn.Module):
         check_field(len(down) == levels, "down_block_types", v["down_block_types"], f"{levels} entries, one per level")
         check_field(up == down[::-1], "up_block_types", v["up_block_types"],
                     "the mirror of down_block_types (attention at the same levels)")
-        check_int(v["latent_channels"], "latent_channels")
+        check_int(v["latent_channels"], "latent_channels", maximum=MAX_SIZE)
         check_number(v["scaling_factor"], "scaling_factor", positive=True)
         channels, shift, scale = v["latent_channels"], v["shift_factor"], v["scaling_factor"]
         if v["latents_mean"] is not None or v["latents_std"] is not None:

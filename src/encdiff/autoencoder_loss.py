@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .checkpoint import check_int
+from .errors import MAX_SIZE, check_int
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class DiscriminatorConfig:
 
     def __post_init__(self):
         for name in ("in_channels", "channels", "layers", "norm_num_groups"):
-            check_int(getattr(self, name), name)
+            check_int(getattr(self, name), name, maximum=MAX_SIZE)
 
 
 class PatchDiscriminator(nn.Module):

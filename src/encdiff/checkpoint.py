@@ -12,10 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import re
-import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -25,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import EncdiffError
+from .errors import EncdiffError, config_from_dict
 
 FORMAT_VERSION = 1
 OUR_WEIGHTS = "model.safetensors"
@@ -105,75 +102,12 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise EncdiffError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def config_from_dict(config_class: type, values: dict[str, Any], where: str):
-    """Build a frozen config dataclass from JSON values; unknown fields are an error, lists become tuples."""
-    names = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise EncdiffError(f"{where}: unknown field {unknown[0]!r} for {config_class.__name__} "
-                           f"(known: {', '.join(sorted(names))})")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    try:
-        return config_class(**values)
-    except EncdiffError as e:
-        raise EncdiffError(f"{where}: {e}") from None
-    except TypeError as e:
-        raise EncdiffError(f"{where}: {e}") from None
-
-
 def shipped_file(name: str, what: str, instead: str) -> Path:
     """A file shipped inside the package under encdiff/weights/, with an error saying what to use instead."""
     path = Path(str(resources.files("encdiff") / "weights" / name))
     if not path.is_file():
         raise EncdiffError(f"{path}: the shipped {what} is missing (a broken install?); {instead}")
     return path
-
-
-def check_field(ok: bool, field: str, value: Any, expected: str) -> None:
-    """Config validation: raise an error naming the field, its value and what would be valid."""
-    if not ok:
-        raise EncdiffError(f"config field {field!r} = {value!r}: expected {expected}")
-
-
-MAX_SIZE = 65536  # no channel count, image size, layer count or class count of a real model is larger
-
-
-def check_int(value: Any, field: str, minimum: int = 1, maximum: int = MAX_SIZE) -> None:
-    """An integer in [minimum, maximum]: the upper bound stops an absurd size before it reaches the allocator."""
-    check_field(isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= maximum, field, value,
-                f"an integer from {minimum} to {maximum}")
-
-
-def check_number(value: Any, field: str, *, positive: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    check_field(ok and (value > 0 or not positive), field, value, "a positive finite number" if positive else
-                "a finite number")
-
-
-def check_bool(value: Any, field: str) -> None:
-    check_field(isinstance(value, bool), field, value, "true or false")
-
-
-def check_tuple(value: Any, field: str, length: int | None, item_check) -> None:
-    """A list/tuple (of `length` items, if given) whose every item passes `item_check(item) -> bool`."""
-    ok = isinstance(value, (tuple, list)) and len(value) > 0 and (length is None or len(value) == length)
-    check_field(ok and all(item_check(v) for v in value), field, value,
-                f"a list of {length or 'one or more'} {item_check.__doc__}")
-
-
-def is_positive_int(v: Any) -> bool:
-    """positive integers up to 65536"""
-    return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SIZE
-
-
-def is_flag(v: Any) -> bool:
-    """true/false values"""
-    return isinstance(v, bool)
-
-
-def is_finite_number(v: Any) -> bool:
-    """finite numbers"""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | str) -> None:
@@ -314,204 +248,3 @@ def refuse_unsupported(values: dict[str, Any], supported: dict[str, Any], where:
     if unknown:
         raise EncdiffError(f"{where} field {unknown[0]!r} = {values[unknown[0]]!r} is not supported by encdiff")
     return {**supported, **values}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Training checkpoints: run_dir/checkpoints/step-XXXXXXXX/ with every tensor in one safetensors file, the
-# rest in JSON, and a COMPLETE marker (the sha256 of both) written last. Nested states such as an
-# optimizer's are split into tensors plus a JSON skeleton (`flatten_state`), so no pickle is involved.
-
-CHECKPOINTS = "checkpoints"
-STATE_TENSORS = "state.safetensors"
-STATE_META = "state.json"
-MARKER = "COMPLETE"
-CHECKPOINT_NAME = re.compile(r"step-(\d{8,})")
-# Temp and replaced-checkpoint dirs start with a dot: never mistaken for a checkpoint, deleted by the next save.
-TEMP_PREFIXES = (".tmp-", ".old-")
-# Skeleton tags. A dict whose keys are all strings not starting with "__" stays a plain JSON object so that
-# state.json reads naturally; any other dict (the optimizer's int param ids) is stored as a list of pairs.
-TENSOR_TAG, TUPLE_TAG, DICT_TAG = "__tensor__", "__tuple__", "__dict__"
-
-
-def flatten_state(state: Any, prefix: str) -> tuple[dict[str, torch.Tensor], Any]:
-    """Split a nested state (dicts/lists/tuples of tensors, numbers, strings, None, e.g.
-    `optimizer.state_dict()`) into {prefix + dotted path: tensor} and a JSON-able skeleton in which each
-    tensor is replaced by its key; `unflatten_state(tensors, skeleton)` rebuilds it exactly."""
-    tensors: dict[str, torch.Tensor] = {}
-
-    def walk(value: Any, path: tuple[str, ...]) -> Any:
-        where = prefix + ".".join(path)
-        if isinstance(value, torch.Tensor):
-            if where in tensors:  # e.g. {"a.b": x, "a": {"b": y}}
-                raise EncdiffError(f"state key {where!r} occurs twice; keys containing '.' collide")
-            tensors[where] = value
-            return {TENSOR_TAG: where}
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        if isinstance(value, tuple):
-            return {TUPLE_TAG: [walk(v, path + (str(i),)) for i, v in enumerate(value)]}
-        if isinstance(value, list):
-            return [walk(v, path + (str(i),)) for i, v in enumerate(value)]
-        if isinstance(value, dict):
-            for key in value:
-                if not (isinstance(key, str) or (isinstance(key, int) and not isinstance(key, bool))):
-                    raise EncdiffError(f"state key {where!r}: dict key {key!r} is neither a string nor an integer")
-            items = {k: walk(v, path + (str(k),)) for k, v in value.items()}
-            if all(isinstance(k, str) and not k.startswith("__") for k in items):
-                return items
-            return {DICT_TAG: [[k, v] for k, v in items.items()]}
-        raise EncdiffError(f"state key {where!r}: a {type(value).__name__} cannot be stored in a checkpoint "
-                           f"(tensors, numbers, strings, None, lists, tuples and dicts can)")
-
-    return tensors, walk(state, ())
-
-
-def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
-    """The nested state that `flatten_state` split into `tensors` and `skeleton`."""
-    if isinstance(skeleton, list):
-        return [unflatten_state(tensors, v) for v in skeleton]
-    if not isinstance(skeleton, dict):
-        return skeleton
-    if len(skeleton) == 1 and TENSOR_TAG in skeleton:
-        key = skeleton[TENSOR_TAG]
-        if key not in tensors:
-            raise EncdiffError(f"state key {key!r} is missing from the checkpoint's tensors")
-        return tensors[key]
-    if len(skeleton) == 1 and TUPLE_TAG in skeleton:
-        return tuple(unflatten_state(tensors, v) for v in skeleton[TUPLE_TAG])
-    if len(skeleton) == 1 and DICT_TAG in skeleton:
-        return {k: unflatten_state(tensors, v) for k, v in skeleton[DICT_TAG]}
-    return {k: unflatten_state(tensors, v) for k, v in skeleton.items()}
-
-
-def rng_state(generator: torch.Generator) -> torch.Tensor:
-    """The state of a torch generator (CPU or CUDA) as a uint8 CPU tensor, for `set_rng_state`."""
-    return generator.get_state()
-
-
-def set_rng_state(generator: torch.Generator, state: torch.Tensor) -> None:
-    try:
-        generator.set_state(state.cpu())
-    except (RuntimeError, TypeError) as e:
-        raise EncdiffError(f"RNG state ({state.dtype}, {state.numel()} values) does not fit a "
-                           f"{generator.device} generator ({e})") from None
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or file creation inside `path` durable (the directory entry itself is data)."""
-    if not hasattr(os, "O_DIRECTORY"):  # Windows cannot open a directory to fsync it
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """The step of a complete checkpoint dir (named step-N, holding the marker), else None."""
-    match = CHECKPOINT_NAME.fullmatch(path.name)
-    return int(match.group(1)) if match and (path / MARKER).is_file() else None
-
-
-def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, dir) of every complete checkpoint of a run, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [(step, p) for p in root.iterdir() if p.is_dir() and (step := checkpoint_step(p)) is not None]
-    return sorted(found)
-
-
-def save_training_state(run_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], meta: dict,
-                        keep_last: int = 3) -> Path:
-    """Write run_dir/checkpoints/step-{step:08d}/ (state.safetensors, state.json, then the COMPLETE marker
-    with both files' sha256) inside a temp dir renamed into place, replacing a dir of the same step; then
-    delete complete checkpoints beyond the newest `keep_last` (never this one) and leftover temp dirs."""
-    check_int(step, "step", minimum=0)
-    check_int(keep_last, "keep_last")
-    root = Path(run_dir) / CHECKPOINTS
-    final = root / f"step-{step:08d}"
-    bad = next((k for k, v in tensors.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
-    if bad is not None:
-        raise EncdiffError(f"{final}: tensors[{bad!r}] is not a tensor under a string key")
-    try:  # before anything is written, so a bad meta leaves the run dir untouched
-        meta_bytes = (json.dumps(meta, indent=1) + "\n").encode()
-    except (TypeError, ValueError) as e:
-        raise EncdiffError(f"{final / STATE_META}: meta is not JSON-serialisable ({e})") from None
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TEMP_PREFIXES[0]}{final.name}-"))
-    old = None
-    try:
-        tensors_sha = atomic_save_tensors(unshare(tensors), tmp / STATE_TENSORS)
-        atomic_write_bytes(tmp / STATE_META, meta_bytes)
-        marker = {"format_version": FORMAT_VERSION, "step": step,
-                  "sha256": {STATE_TENSORS: tensors_sha, STATE_META: hashlib.sha256(meta_bytes).hexdigest()}}
-        atomic_write_bytes(tmp / MARKER, (json.dumps(marker, indent=1) + "\n").encode())
-        fsync_dir(tmp)
-        if final.exists():
-            # rename() cannot replace a non-empty dir: move the old one aside, and back if the swap fails.
-            old = Path(tempfile.mkdtemp(dir=root, prefix=f"{TEMP_PREFIXES[1]}{final.name}-"))
-            os.replace(final, old / final.name)
-            try:
-                os.replace(tmp, final)
-            except BaseException:
-                os.replace(old / final.name, final)
-                raise
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and final.exists():  # else the old checkpoint may still be in there
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    complete = complete_checkpoints(run_dir)
-    newest = {p for _, p in complete[-keep_last:]}
-    for _, path in complete:
-        if path not in newest and path != final:
-            shutil.rmtree(path)
-    for path in root.iterdir():
-        if path.is_dir() and path.name.startswith(TEMP_PREFIXES):
-            shutil.rmtree(path, ignore_errors=True)
-    return final
-
-
-def unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors sharing memory (tied weights, views): clone all but the first of each."""
-    seen: set[tuple[str, int]] = set()
-    out = {}
-    for key, t in tensors.items():
-        storage = (str(t.device), t.untyped_storage().data_ptr())
-        out[key] = t.clone() if storage in seen and t.numel() else t
-        seen.add(storage)
-    return out
-
-
-def latest_training_state(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint dir of a run (incomplete and temp dirs ignored), or None."""
-    complete = complete_checkpoints(run_dir)
-    return complete[-1][1] if complete else None
-
-
-def load_training_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """The (tensors, meta) of a complete checkpoint dir, after checking both files against the marker's
-    sha256; a missing marker or file, a hash mismatch, a truncated file or bad JSON raise naming the file."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise EncdiffError(f"{folder}: not a checkpoint directory")
-    marker_path = folder / MARKER
-    if not marker_path.is_file():
-        raise EncdiffError(f"{marker_path}: marker not found; the checkpoint is incomplete "
-                           f"(interrupted while being written?)")
-    digests = read_json(marker_path).get("sha256")
-    for name in (STATE_TENSORS, STATE_META):
-        file = folder / name
-        if not isinstance(digests, dict) or not isinstance(digests.get(name), str):
-            raise EncdiffError(f"{marker_path}: no sha256 recorded for {name}")
-        if not file.is_file():
-            raise EncdiffError(f"{file}: file not found")
-        if sha256_file(file) != digests[name]:
-            raise EncdiffError(f"{file}: sha256 differs from the one recorded in {MARKER} "
-                               f"(the file was modified or truncated)")
-    return read_weights(folder / STATE_TENSORS), read_json(folder / STATE_META)

@@ -100,7 +100,7 @@ def _train_overrides(args: argparse.Namespace, stage: str) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace, stage: str) -> int:
-    from .checkpoint import latest_training_state
+    from .train_state import latest_training_state
     from .train import config_to_json, load_config, train_autoencoder, train_diffusion
 
     if stage == "diffusion" and bool(args.autoencoder) == bool(args.pixel):
@@ -407,7 +407,8 @@ def cmd_set_autoencoder(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoint import CONFIG, latest_training_state, load_training_state, read_json
+    from .checkpoint import CONFIG, read_json
+    from .train_state import latest_training_state, load_training_state
 
     path = Path(args.path)
     if (path / "generator.json").is_file():

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from encdiff.errors import EncdiffError
+from encdiff.errors import EncdiffError, lookup
 from encdiff.schedules import vp_sigmas
 
 
@@ -127,8 +127,7 @@ class VPDenoiser(Denoiser):
 
     def __init__(self, net, alpha_bars, prediction="epsilon", quantize=False):
         super().__init__(net)
-        if prediction not in self.PREDICTIONS:
-            raise EncdiffError(f"unknown prediction {prediction!r}; valid: {', '.join(self.PREDICTIONS)}")
+        lookup(dict.fromkeys(self.PREDICTIONS), prediction, "prediction")
         self.prediction = prediction
         self.quantize = quantize
         alpha_bars = torch.as_tensor(alpha_bars, dtype=torch.float64)
@@ -293,18 +292,12 @@ NOISE_LEVELS = {
 }
 
 
-def _lookup(registry, name, what):
-    if name not in registry:
-        raise EncdiffError(f"unknown {what} {name!r}; valid: {', '.join(registry)}")
-    return registry[name]
-
-
 def denoising_loss(denoiser, x0, sigma, eps, class_labels=None, weighting="epsilon", **weighting_options):
     """Per-image loss lambda(sigma) * mean || D(x0 + sigma eps; sigma) - x0 ||^2 (EDM eqs. 2 and 8), shape (B,).
 
     Deterministic given (sigma, eps); ``training_loss`` draws them. Works for pixels and latents alike.
     """
-    lambda_fn = _lookup(LOSS_WEIGHTS, weighting, "loss weighting")
+    lambda_fn = lookup(LOSS_WEIGHTS, weighting, "loss weighting")
     sigma = _as_batch(sigma, x0)
     # The forward process in sigma space (EDM eq. 2 with s(t) = 1); VP scaling happens inside the denoiser.
     x = x0 + _per_image(sigma, x0) * eps
@@ -332,8 +325,8 @@ def training_loss(
     processes train exactly like one process with the global batch, each with different noise.
     """
     rank, world_size = shard
-    sample_sigma = _lookup(NOISE_LEVELS, noise_level, "noise level")
-    lambda_fn = _lookup(LOSS_WEIGHTS, weighting, "loss weighting")
+    sample_sigma = lookup(NOISE_LEVELS, noise_level, "noise level")
+    lambda_fn = lookup(LOSS_WEIGHTS, weighting, "loss weighting")
     if label_dropout:
         if class_labels is None or not denoiser.null_class:
             raise EncdiffError("label_dropout needs class_labels and a model with a null class (config.null_class)")

@@ -28,7 +28,7 @@ import math
 import torch
 
 from .errors import EncdiffError
-from .samplers import generate, get_sampler, noise
+from .samplers import generate, noise
 from .schedules import get_sigmas
 
 ODE_SAMPLERS = ("euler", "ddim", "heun")  # deterministic one-step methods: inversion and RePaint steps use them

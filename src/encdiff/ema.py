@@ -8,7 +8,9 @@ import copy
 import torch
 from torch import nn
 
-from .checkpoint import check_state_dict, is_finite_number
+from .checkpoint import check_state_dict
+
+from .errors import is_finite_number
 from .errors import EncdiffError
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from .autoencoder import Autoencoder, IdentityAutoencoder
-from .checkpoint import (atomic_write_bytes, check_field, check_int, check_number, config_from_dict, read_json,
-                         shipped_file)
+from .checkpoint import atomic_write_bytes, read_json, shipped_file
+from .errors import check_field, check_int, check_number, config_from_dict
 from .denoiser import Denoiser, EDMDenoiser, VPDenoiser
 from .errors import EncdiffError
 from .samplers import SAMPLERS, generate

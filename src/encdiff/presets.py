@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .autoencoder import AutoencoderConfig
-from .errors import EncdiffError
+from .errors import lookup
 from .unet import UNetConfig
 
 AUTOENCODERS: dict[str, AutoencoderConfig] = {
@@ -47,6 +47,4 @@ UNETS: dict[str, UNetConfig] = {
 
 def preset(table: dict, name: str):
     """Look up a named config, with an error listing the valid names."""
-    if name not in table:
-        raise EncdiffError(f"unknown preset {name!r}; valid: {', '.join(sorted(table))}")
-    return table[name]
+    return lookup(table, name, "preset")

@@ -30,7 +30,7 @@ import math
 import torch
 
 from encdiff.denoiser import GuidedDenoiser
-from encdiff.errors import EncdiffError
+from encdiff.errors import EncdiffError, lookup
 from encdiff.schedules import get_sigmas
 
 
@@ -222,9 +222,7 @@ SAMPLERS = {
 
 def get_sampler(name):
     """The sampler function registered as ``name`` in ``SAMPLERS``."""
-    if name not in SAMPLERS:
-        raise EncdiffError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]
+    return lookup(SAMPLERS, name, "sampler")
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from encdiff.errors import EncdiffError
+from encdiff.errors import EncdiffError, lookup
 
 # ---------------------------------------------------------------------------------------------
 # Training schedules of discrete VP models: alpha_bar_t = prod_{s <= t} (1 - beta_s).
@@ -65,9 +65,7 @@ TRAIN_SCHEDULES = {
 
 def get_alpha_bars(name, num_train_timesteps=1000, **options):
     """alpha_bar_t of the named training schedule (one of ``TRAIN_SCHEDULES``)."""
-    if name not in TRAIN_SCHEDULES:
-        raise EncdiffError(f"unknown training schedule {name!r}; valid: {', '.join(sorted(TRAIN_SCHEDULES))}")
-    return TRAIN_SCHEDULES[name](num_train_timesteps, **options)
+    return lookup(TRAIN_SCHEDULES, name, "training schedule")(num_train_timesteps, **options)
 
 
 def vp_sigmas(alpha_bars):
@@ -148,8 +146,7 @@ def get_sigmas(schedule, n, denoiser, final_sigma=0.0, **options):
     ``final_sigma=0`` ends on the denoised image; ``denoiser.sigma_min`` ends one noise level above it
     (diffusers' ``final_sigmas_type="sigma_min"`` / DDIM ``set_alpha_to_one=False``).
     """
-    if schedule not in SCHEDULES:
-        raise EncdiffError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    lookup(SCHEDULES, schedule, "schedule")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise EncdiffError(f"number of steps must be an integer >= 1, got {n!r}")
     T = getattr(denoiser, "num_train_timesteps", None)

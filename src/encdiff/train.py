@@ -22,18 +22,18 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .autoencoder import Autoencoder, AutoencoderConfig
 from .autoencoder_loss import AutoencoderObjective, DiscriminatorConfig, PatchDiscriminator
-from .checkpoint import (atomic_write_bytes, config_from_dict, flatten_state, latest_training_state,
-                         load_training_state, rng_state, save_training_state, set_rng_state, unflatten_state)
+from .checkpoint import atomic_write_bytes
+from .train_state import (flatten_state, latest_training_state, load_training_state, rng_state, save_training_state,
+                          set_rng_state, unflatten_state)
 from .data import BatchSampler, ImageDataset, random_flips
 from .denoiser import training_loss
 from .ema import EMA
-from .errors import EncdiffError, TrainingInterrupted
+from .errors import EncdiffError, TrainingInterrupted, config_from_dict
 from .pipeline import DenoiserSpec, Generator, image_grid, save_png
 from .presets import AUTOENCODERS, UNETS, preset
 from .unet import UNet, UNetConfig

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from .autoencoder import _block_attention
-from .checkpoint import (Pretrained, check_bool, check_field, check_int, check_number, check_tuple, is_flag,
-                         is_positive_int, refuse_unsupported)
-from .errors import EncdiffError
+from .checkpoint import Pretrained, refuse_unsupported
+from .errors import (MAX_SIZE, EncdiffError, check_bool, check_field, check_int, check_number, check_tuple, is_flag,
+                     is_positive_int)
 from .layers import (CHANNELS_LAST, Downsample, Level, MidBlock, NoiseEmbedding, ResnetBlock, SelfAttention, Upsample, run_block,
                      norm_silu, sinusoidal_embedding, zero_init)
 
@@ -48,24 +48,24 @@ class UNetConfig:
         check_tuple(self.block_out_channels, "block_out_channels", None, is_positive_int)
         check_tuple(self.attention_levels, "attention_levels", len(self.block_out_channels), is_flag)
         for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups", "sample_size"):
-            check_int(getattr(self, name), name)
+            check_int(getattr(self, name), name, maximum=MAX_SIZE)
         check_field(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "norm_num_groups",
                     self.norm_num_groups, f"a divisor of every block_out_channels value {self.block_out_channels}")
         for name in ("mid_attention", "mid_attention_norm", "scale_shift", "flip_sin_to_cos", "null_class"):
             check_bool(getattr(self, name), name)
         if self.attention_head_dim is not None:
-            check_int(self.attention_head_dim, "attention_head_dim")
+            check_int(self.attention_head_dim, "attention_head_dim", maximum=MAX_SIZE)
             attended = [c for c, a in zip(self.block_out_channels, self.attention_levels) if a]
             attended += [self.block_out_channels[-1]] if self.mid_attention else []
             check_field(all(c % self.attention_head_dim == 0 for c in attended), "attention_head_dim",
                         self.attention_head_dim, "a divisor of the channels of every attention level")
         if self.emb_channels is not None:
-            check_int(self.emb_channels, "emb_channels")
+            check_int(self.emb_channels, "emb_channels", maximum=MAX_SIZE)
         check_number(self.norm_eps, "norm_eps", positive=True)
         check_number(self.freq_shift, "freq_shift")
         check_field(self.freq_shift < self.block_out_channels[0] // 2, "freq_shift", self.freq_shift,
                     f"less than half of block_out_channels[0] ({self.block_out_channels[0] // 2})")
-        check_int(self.num_classes, "num_classes", minimum=0)
+        check_int(self.num_classes, "num_classes", minimum=0, maximum=MAX_SIZE)
         check_field(self.downsample_padding in (0, 1), "downsample_padding", self.downsample_padding, "0 or 1")
         check_number(self.dropout, "dropout")
         check_field(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a probability in [0, 1)")
