@@ -19,7 +19,8 @@ from torch.utils.data import DistributedSampler
 import encdiff.data as data
 from encdiff import EncdiffError
 from conftest import extract_cifar_subset, needs_cifar
-from encdiff.data import IMAGE_EXTENSIONS, BatchSampler, ImageDataset, load_image, random_flips, scan_folder
+from encdiff.data import IMAGE_EXTENSIONS, BatchSampler, ImageDataset, random_flips, scan_folder
+from encdiff.images import load_image
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -238,7 +238,7 @@ CLASSES = ["airplane", "cat", "ship"]
 
 
 def write_folder(folder, n, size=32, seed=0, classes=None):
-    from encdiff.pipeline import save_png
+    from encdiff.images import save_png
 
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)

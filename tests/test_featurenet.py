@@ -95,7 +95,7 @@ def test_shipped_weights_small_and_loadable():
 
 def test_cli_train_feature_net(tmp_path):
     images, labels = toy_data(30)
-    from encdiff.pipeline import save_png
+    from encdiff.images import save_png
 
     for split in ("train", "test"):
         for i in range(len(images)):

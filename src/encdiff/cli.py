@@ -122,7 +122,8 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .pipeline import Generator, image_grid, save_png
+    from .images import image_grid, save_png
+    from .pipeline import Generator
 
     num = args.num
     if num is not None and num < 1:
@@ -188,8 +189,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     import warnings
 
     from .autoencoder import Autoencoder
-    from .data import UnreadableImageError, image_files_under, load_image
-    from .pipeline import image_grid, save_png
+    from .data import image_files_under
+    from .images import UnreadableImageError, image_grid, load_image, save_png, to_uint8, to_unit
 
     _in_range(args.resolution, "--resolution", 1, 4096)
     if Path(args.out).is_file():
@@ -212,10 +213,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
                 raise
             skipped.append(str(e))  # a folder is read like training data: unreadable files are skipped, and said
             continue
-        x = pixels[None].float() / 127.5 - 1
         with torch.inference_mode():
-            y = autoencoder.decode(autoencoder.encode(x)).clamp(-1, 1)
-        out = ((y[0] + 1) * 127.5).round().to(torch.uint8)
+            out = to_uint8(autoencoder.decode(autoencoder.encode(to_unit(pixels[None]))))[0]
         mse = (out.double() - pixels.double()).square().mean().item()
         psnrs.append(10 * torch.log10(torch.tensor(255.0**2 / max(mse, 1e-10))).item())
         save_png(image_grid(torch.stack([pixels, out]), rows=1), out_dir / f"{path.stem}.png")
@@ -263,8 +262,8 @@ def _check_output(path: Path, suffixes: tuple[str, ...], flag: str) -> Path:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from . import editing
-    from .data import load_image
-    from .pipeline import Generator, image_grid, save_png
+    from .images import image_grid, load_image, save_png
+    from .pipeline import Generator
 
     out = _check_output(Path(args.out), (".png",), "--out")
     gif = _check_output(Path(args.gif), (".gif",), "--gif") if getattr(args, "gif", None) else None
@@ -341,7 +340,7 @@ def _read_mask(path: Path, image_path: str, resolution: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    from .data import fit
+    from .images import fit
 
     try:
         with Image.open(path) as m:

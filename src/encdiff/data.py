@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import safe_open
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from .checkpoint import atomic_save_tensors
 from .errors import EncdiffError
+from .images import UnreadableImageError, check_image_args, load_image, to_unit
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
 # Bump whenever load_image's output for a given file changes, so that stale caches are never read.
@@ -36,15 +36,6 @@ LISTED = 10
 # back from a worker, large enough that the per-task overhead does not matter.
 CHUNK_FILES = 256
 CHUNK_BYTES = 32 << 20
-EXIF_ORIENTATION = 0x0112
-
-
-class UnreadableImageError(EncdiffError):
-    """A file that is not a decodable image; `reason` says why without repeating the path."""
-
-    def __init__(self, path: Path, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = path, reason
 
 
 def is_hidden(path: Path) -> bool:
@@ -123,89 +114,6 @@ def scan_folder(root: str | os.PathLike, exclude: tuple[Path, ...] = ()) -> tupl
     files = [f for name in class_names for f in classes[name]]
     labels = [label for label, name in enumerate(class_names) for _ in classes[name]]
     return files, labels, class_names
-
-
-def check_image_args(resolution: int, channels: int) -> None:
-    if not (isinstance(resolution, int) and not isinstance(resolution, bool) and resolution >= 1):
-        raise EncdiffError(f"resolution = {resolution!r}: expected an integer >= 1")
-    if channels not in (1, 3) or isinstance(channels, bool):
-        raise EncdiffError(f"channels = {channels!r}: expected 1 (grayscale) or 3 (RGB)")
-
-
-def high_depth_to_8bit(image: Image.Image) -> Image.Image:
-    """I;16*, I and F images as 8-bit grayscale, scaled rather than clipped at 255.
-
-    I;16 spans 0..65535. I and F carry no range of their own, so the smallest usual range holding the
-    image's values is taken: [0, 1] (F only), [0, 255], [0, 65535], else [0, the image's maximum].
-    """
-    values = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
-    if image.mode.startswith("I;16"):
-        top = 65535.0
-    else:
-        peak = float(values.max(initial=0.0))
-        top = next((t for t in (1.0, 255.0, 65535.0) if peak <= t and (t > 1.0 or image.mode == "F")), peak)
-    return Image.fromarray(np.rint(values * (255.0 / top)).clip(0, 255).astype(np.uint8), "L")
-
-
-def to_8bit(image: Image.Image, channels: int) -> Image.Image:
-    """Any PIL mode as "RGB" (channels=3) or "L" (channels=1); transparent pixels are composited on white."""
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        image = high_depth_to_8bit(image)
-    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert("RGB" if channels == 3 else "L")
-
-
-def upright(image: Image.Image) -> Image.Image:
-    """The image as a viewer shows it (EXIF orientation applied); a damaged EXIF block leaves it as stored,
-    since the pixels themselves are fine."""
-    try:
-        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
-            return ImageOps.exif_transpose(image)
-    except Exception:
-        pass
-    return image
-
-
-def load_image(path: str | os.PathLike, resolution: int, channels: int = 3) -> np.ndarray:
-    """Decode an image file (its first frame) to uint8 (channels, resolution, resolution).
-
-    EXIF orientation is applied, any mode is converted (see `to_8bit`), the shorter side is resized to
-    `resolution` with Lanczos (antialiased; no resampling when it already has that size), and the centre is
-    cropped (an odd leftover pixel goes to the right or bottom). An unreadable file raises EncdiffError.
-    """
-    check_image_args(resolution, channels)
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            raise UnreadableImageError(path, "empty file (0 bytes)")
-        # Everything that touches the file's bytes stays inside this try: a corrupt file can make any PIL
-        # plugin raise any exception type. Truncated files fail in load() (LOAD_TRUNCATED_IMAGES stays off).
-        with Image.open(path) as image:
-            image.load()
-            image = to_8bit(upright(image), channels)
-    except EncdiffError:
-        raise
-    except UnidentifiedImageError:
-        raise UnreadableImageError(path, "not an image (PIL cannot identify its format)") from None
-    except Exception as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-        raise UnreadableImageError(path, f"not a readable image ({reason})") from None
-    array = np.asarray(fit(image, resolution), dtype=np.uint8)
-    return np.ascontiguousarray(array[None] if channels == 1 else array.transpose(2, 0, 1))
-
-
-def fit(image: Image.Image, resolution: int, resample=Image.Resampling.LANCZOS) -> Image.Image:
-    """The training rule for any image size: the shorter side resized to `resolution` (no resampling when it has
-    that size already), then the centre cropped (an odd leftover pixel goes to the right or bottom)."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    if size != image.size:
-        image = image.resize(size, resample)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
 
 
 def decode_chunk(paths: list[str], resolution: int, channels: int,
@@ -297,7 +205,7 @@ class ImageDataset:
         """Images `indices` as float32 in [-1, 1] (x / 127.5 - 1), mirrored left-right where `flips` is True,
         and their labels (None for a flat folder)."""
         indices = indices.cpu()
-        x = self.images[indices].float().div_(127.5).sub_(1.0)
+        x = to_unit(self.images[indices])
         if flips is not None:
             if flips.shape != indices.shape:
                 raise EncdiffError(f"flips has shape {tuple(flips.shape)}; expected {tuple(indices.shape)} "

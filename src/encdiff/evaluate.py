@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_save_tensors, atomic_write_bytes, read_weights
 from .errors import EncdiffError
+from .images import to_uint8, to_unit
 
 KID_SUBSET_SIZE = 1000  # Bińkowski et al.'s default; smaller sets use all their images per subset
 KID_SUBSETS = 100
@@ -82,7 +83,7 @@ def extract_features(net: torch.nn.Module, images: torch.Tensor | Iterable[torch
         for batch in batches:
             if batch.dtype != torch.uint8:
                 raise EncdiffError(f"images have dtype {batch.dtype}; expected uint8 (0..255)")
-            x = batch.float() / 127.5 - 1
+            x = to_unit(batch)
             out.append(net.features(x.contiguous(memory_format=torch.channels_last)).float().cpu())
             bar.update(len(batch))
     return torch.cat(out)
@@ -258,7 +259,7 @@ def class_accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     logits = []
     with torch.inference_mode():
         for s in range(0, len(images), 250):
-            logits.append(net(images[s:s + 250].float() / 127.5 - 1).float())
+            logits.append(net(to_unit(images[s:s + 250])).float())
     predicted = torch.cat(logits).argmax(1)
     return {class_names[c]: float((predicted[labels == c] == c).double().mean())
             for c in sorted(set(labels.tolist()))}
@@ -395,10 +396,10 @@ def reconstruct(autoencoder, images: torch.Tensor, batch_size: int = 100, progre
     """uint8 images -> uint8 reconstructions through the posterior mode (deterministic)."""
     out = []
     for s in tqdm(range(0, len(images), batch_size), desc="reconstructing", disable=not progress):
-        x = images[s:s + batch_size].float() / 127.5 - 1
+        x = to_unit(images[s:s + batch_size])
         z = autoencoder.posterior(x).mode()
         pixels = autoencoder.decode_raw(z)
-        out.append(((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+        out.append(to_uint8(pixels))
     return torch.cat(out)
 
 

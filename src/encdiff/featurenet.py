@@ -28,6 +28,7 @@ from torch import nn
 
 from .checkpoint import atomic_save_tensors, read_weights, shipped_file
 from .errors import EncdiffError
+from .images import to_unit
 
 SHIPPED_WEIGHTS = "featurenet-cifar10.safetensors"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -193,7 +194,7 @@ def accuracy(net: FeatureNet, images: torch.Tensor, labels: torch.Tensor, batch_
     net.eval()
     correct = 0
     for s in range(0, len(images), batch_size):
-        x = images[s:s + batch_size].float() / 127.5 - 1
+        x = to_unit(images[s:s + batch_size])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             correct += (net(x).argmax(1) == labels[s:s + batch_size]).sum().item()
     return correct / len(images)
@@ -206,7 +207,7 @@ def calibrate_feature_scale(net: FeatureNet, images: torch.Tensor, n: int = 5000
 
     net.eval()
     idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
-    f = torch.cat([net.pooled(images[idx[s:s + 500]].float() / 127.5 - 1).double() for s in range(0, len(idx), 500)])
+    f = torch.cat([net.pooled(to_unit(images[idx[s:s + 500]])).double() for s in range(0, len(idx), 500)])
     scale = float((f.square().sum(1).mean() / f.shape[1]) ** -0.5)
     calibrated = FeatureNet(replace(net.config, feature_scale=scale))
     calibrated.load_state_dict(net.state_dict())
@@ -282,7 +283,7 @@ def train_feature_net(train_images: torch.Tensor, train_labels: torch.Tensor, ou
         t0, loss_sum = time.perf_counter(), 0.0
         for i in range(steps_per_epoch):
             idx = order[i * settings.batch_size:(i + 1) * settings.batch_size]
-            x = augment(train_images[idx], g) / 127.5 - 1
+            x = to_unit(augment(train_images[idx], g))
             for group in opt.param_groups:
                 group["lr"] = lr_at(epoch * steps_per_epoch + i)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):

@@ -20,6 +20,7 @@ from .autoencoder import Autoencoder, IdentityAutoencoder
 from .checkpoint import atomic_write_bytes, read_json, shipped_file
 from .errors import check_field, check_int, check_number, config_from_dict
 from .denoiser import Denoiser, EDMDenoiser, VPDenoiser
+from .images import to_uint8, to_unit
 from .errors import EncdiffError
 from .samplers import SAMPLERS, generate
 from .schedules import SCHEDULES, get_alpha_bars
@@ -174,13 +175,12 @@ class Generator:
         """uint8 images (B, C, H, W) -> the latents the U-Net works on (the posterior mean; pixels in [-1, 1] for a
         pixel-space model), float32 on the generator's device."""
         device = next(self.unet.parameters()).device
-        return self.autoencoder.encode(images.to(device).float() / 127.5 - 1)
+        return self.autoencoder.encode(to_unit(images.to(device)))
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> uint8 images (B, C, H, W) on the CPU."""
-        pixels = self.autoencoder.decode(latents.float())
-        return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+        return to_uint8(self.autoencoder.decode(latents.float()))
 
     def with_autoencoder(self, autoencoder: Autoencoder) -> "Generator":
         """The same generator with another decoder: `autoencoder` must share this one's latent space (the same
@@ -256,22 +256,3 @@ class Generator:
 def bundled_path() -> Path:
     return shipped_file(f"{BUNDLED}/{GENERATOR_FILE}", "generator", "pass a generator folder written by "
                         "`encdiff train` or `encdiff export`").parent
-
-
-def image_grid(images: torch.Tensor, rows: int) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> one uint8 (C, rows*H, cols*W) grid, filled row by row."""
-    B, C, H, W = images.shape
-    cols = -(-B // rows)
-    grid = torch.zeros(C, rows * H, cols * W, dtype=torch.uint8)
-    for i in range(B):
-        r, c = divmod(i, cols)
-        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = images[i]
-    return grid
-
-
-def save_png(image: torch.Tensor, path: str | os.PathLike) -> None:
-    """uint8 (C, H, W) with C = 1 or 3 -> PNG file."""
-    from PIL import Image
-
-    array = image.permute(1, 2, 0).numpy()
-    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)

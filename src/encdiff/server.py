@@ -13,7 +13,6 @@ One model worker thread runs the jobs in arrival order; a job whose client went 
 import asyncio
 import base64
 import dataclasses
-import io
 import json
 import queue
 import secrets
@@ -26,6 +25,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 
 from .errors import EncdiffError
+from .images import png_bytes
 from .pipeline import Generator
 from .samplers import SAMPLERS
 
@@ -120,12 +120,7 @@ class Worker:
 
 
 def png_base64(image: torch.Tensor) -> str:
-    from PIL import Image
-
-    array = image.permute(1, 2, 0).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(png_bytes(image)).decode("ascii")
 
 
 def static_file(name: str) -> bytes:

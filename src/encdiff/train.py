@@ -34,7 +34,8 @@ from .data import BatchSampler, ImageDataset, random_flips
 from .denoiser import training_loss
 from .ema import EMA
 from .errors import EncdiffError, TrainingInterrupted, config_from_dict
-from .pipeline import DenoiserSpec, Generator, image_grid, save_png
+from .images import image_grid, save_png, to_uint8
+from .pipeline import DenoiserSpec, Generator
 from .presets import AUTOENCODERS, UNETS, preset
 from .unet import UNet, UNetConfig
 
@@ -679,7 +680,7 @@ def _train_autoencoder(config: TrainConfig) -> Path:
         with torch.inference_mode():
             out = run.ema.model.decode(run.ema.model.encode(preview.to(dist_.device))).clamp(-1, 1).cpu()
         pairs = torch.stack([preview, out], 1).flatten(0, 1)  # original | reconstruction, side by side
-        save_png(image_grid(((pairs + 1) * 127.5).round().to(torch.uint8), rows=len(preview) // 2),
+        save_png(image_grid(to_uint8(pairs), rows=len(preview) // 2),
                  run.dir / f"reconstructions-{run.step:08d}.png")
 
     status = train_loop(run, loss_fn, dataset.batch, on_sample)

@@ -1,0 +1,143 @@
+"""Images in and out: one pixel convention (uint8 <-> float in [-1, 1]), files read with the training rule (any
+mode, EXIF orientation, shorter side resized with Lanczos, centre crop), PNGs written, and grids.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import EncdiffError
+
+EXIF_ORIENTATION = 0x0112
+
+
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1]: x / 127.5 - 1, the range every network in encdiff takes."""
+    return pixels.float() / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float images nominally in [-1, 1] -> uint8 pixels (clamped, rounded), on the CPU."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+class UnreadableImageError(EncdiffError):
+    """A file that is not a decodable image; `reason` says why without repeating the path."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def check_image_args(resolution: int, channels: int) -> None:
+    if not (isinstance(resolution, int) and not isinstance(resolution, bool) and resolution >= 1):
+        raise EncdiffError(f"resolution = {resolution!r}: expected an integer >= 1")
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise EncdiffError(f"channels = {channels!r}: expected 1 (grayscale) or 3 (RGB)")
+
+
+def high_depth_to_8bit(image: Image.Image) -> Image.Image:
+    """I;16*, I and F images as 8-bit grayscale, scaled rather than clipped at 255.
+
+    I;16 spans 0..65535. I and F carry no range of their own, so the smallest usual range holding the
+    image's values is taken: [0, 1] (F only), [0, 255], [0, 65535], else [0, the image's maximum].
+    """
+    values = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    else:
+        peak = float(values.max(initial=0.0))
+        top = next((t for t in (1.0, 255.0, 65535.0) if peak <= t and (t > 1.0 or image.mode == "F")), peak)
+    return Image.fromarray(np.rint(values * (255.0 / top)).clip(0, 255).astype(np.uint8), "L")
+
+
+def to_8bit(image: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode as "RGB" (channels=3) or "L" (channels=1); transparent pixels are composited on white."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        image = high_depth_to_8bit(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB" if channels == 3 else "L")
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it (EXIF orientation applied); a damaged EXIF block leaves it as stored,
+    since the pixels themselves are fine."""
+    try:
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            return ImageOps.exif_transpose(image)
+    except Exception:
+        pass
+    return image
+
+
+def load_image(path: str | os.PathLike, resolution: int, channels: int = 3) -> np.ndarray:
+    """Decode an image file (its first frame) to uint8 (channels, resolution, resolution).
+
+    EXIF orientation is applied, any mode is converted (see `to_8bit`), the shorter side is resized to
+    `resolution` with Lanczos (antialiased; no resampling when it already has that size), and the centre is
+    cropped (an odd leftover pixel goes to the right or bottom). An unreadable file raises EncdiffError.
+    """
+    check_image_args(resolution, channels)
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise UnreadableImageError(path, "empty file (0 bytes)")
+        # Everything that touches the file's bytes stays inside this try: a corrupt file can make any PIL
+        # plugin raise any exception type. Truncated files fail in load() (LOAD_TRUNCATED_IMAGES stays off).
+        with Image.open(path) as image:
+            image.load()
+            image = to_8bit(upright(image), channels)
+    except EncdiffError:
+        raise
+    except UnidentifiedImageError:
+        raise UnreadableImageError(path, "not an image (PIL cannot identify its format)") from None
+    except Exception as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise UnreadableImageError(path, f"not a readable image ({reason})") from None
+    array = np.asarray(fit(image, resolution), dtype=np.uint8)
+    return np.ascontiguousarray(array[None] if channels == 1 else array.transpose(2, 0, 1))
+
+
+def fit(image: Image.Image, resolution: int, resample=Image.Resampling.LANCZOS) -> Image.Image:
+    """The training rule for any image size: the shorter side resized to `resolution` (no resampling when it has
+    that size already), then the centre cropped (an odd leftover pixel goes to the right or bottom)."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if size != image.size:
+        image = image.resize(size, resample)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def image_grid(images: torch.Tensor, rows: int) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> one uint8 (C, rows*H, cols*W) grid, filled row by row."""
+    B, C, H, W = images.shape
+    cols = -(-B // rows)
+    grid = torch.zeros(C, rows * H, cols * W, dtype=torch.uint8)
+    for i in range(B):
+        r, c = divmod(i, cols)
+        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = images[i]
+    return grid
+
+
+def save_png(image: torch.Tensor, path: str | os.PathLike) -> None:
+    """uint8 (C, H, W) with C = 1 or 3 -> PNG file."""
+    array = image.permute(1, 2, 0).numpy()
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """uint8 (C, H, W) with C = 1 or 3 -> the bytes of a PNG file."""
+    array = image.permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format="PNG")
+    return buffer.getvalue()
