@@ -9,12 +9,11 @@ model-ready latents (z - shift) * scale and `decode` undoes it, so callers never
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoint import Pretrained, refuse_unsupported
+from .checkpoint import Pretrained
 from .errors import (MAX_SIZE, EncdiffError, check_bool, check_field, check_int, check_number, check_tuple, is_finite_number,
                      is_flag, is_positive_int)
 from .layers import CHANNELS_LAST, Downsample, Level, MidBlock, ResnetBlock, SelfAttention, Upsample, norm_silu, run_block
@@ -228,84 +227,6 @@ class Autoencoder(Pretrained, nn.Module):
         if images.ndim != 4 or images.shape[1] != self.config.in_channels or images.shape[2] % f or images.shape[3] % f:
             raise EncdiffError(f"images of shape {tuple(images.shape)}: expected B x {self.config.in_channels} x H x W "
                                f"with H and W divisible by {f}")
-
-    # diffusers' AutoencoderKL config <-> ours
-    _DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(64,), layers_per_block=1, act_fn="silu", latent_channels=4, norm_num_groups=32,
-        sample_size=32, scaling_factor=0.18215, shift_factor=None, latents_mean=None, latents_std=None,
-        force_upcast=True, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
-    )
-
-    @classmethod
-    def config_from_diffusers(cls, values: dict[str, Any]) -> AutoencoderConfig:
-        v = refuse_unsupported(values, cls._DIFFUSERS_DEFAULTS, "AutoencoderKL config")
-        down = _block_attention(v["down_block_types"], "down_block_types",
-                                {"DownEncoderBlock2D": False, "AttnDownEncoderBlock2D": True})
-        up = _block_attention(v["up_block_types"], "up_block_types",
-                              {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True})
-        check_field(v["act_fn"] == "silu", "act_fn", v["act_fn"], '"silu"')
-        check_tuple(v["block_out_channels"], "block_out_channels", None, is_positive_int)
-        levels = len(v["block_out_channels"])
-        check_field(len(down) == levels, "down_block_types", v["down_block_types"], f"{levels} entries, one per level")
-        check_field(up == down[::-1], "up_block_types", v["up_block_types"],
-                    "the mirror of down_block_types (attention at the same levels)")
-        check_int(v["latent_channels"], "latent_channels", maximum=MAX_SIZE)
-        check_number(v["scaling_factor"], "scaling_factor", positive=True)
-        channels, shift, scale = v["latent_channels"], v["shift_factor"], v["scaling_factor"]
-        if v["latents_mean"] is not None or v["latents_std"] is not None:
-            # Per-channel statistics (as SDXL-style pipelines use them): (z - mean) * scale / std.
-            check_field(shift is None, "shift_factor", shift, "null when latents_mean is given")
-            if v["latents_mean"] is not None:
-                check_tuple(v["latents_mean"], "latents_mean", channels, is_finite_number)
-            std = v["latents_std"] or [1.0] * channels
-            check_tuple(std, "latents_std", channels, lambda s: is_finite_number(s) and s > 0)
-            check_field(len(set(std)) == 1, "latents_std", v["latents_std"], "one value repeated (a per-channel "
-                        "scale is not supported)")
-            scale = scale / std[0]
-            shift = tuple(v["latents_mean"]) if v["latents_mean"] is not None else None
-        elif shift is not None:
-            check_number(shift, "shift_factor")
-            shift = (float(shift),) * channels
-        sample_size = v["sample_size"]
-        if isinstance(sample_size, (list, tuple)):
-            sample_size = sample_size[0]
-        return AutoencoderConfig(
-            in_channels=v["in_channels"], out_channels=v["out_channels"],
-            block_out_channels=tuple(v["block_out_channels"]), attention_levels=tuple(down),
-            layers_per_block=v["layers_per_block"], latent_channels=v["latent_channels"],
-            norm_num_groups=v["norm_num_groups"], mid_attention=v["mid_block_add_attention"],
-            use_quant_conv=v["use_quant_conv"], use_post_quant_conv=v["use_post_quant_conv"],
-            scaling_factor=float(scale), shift_factor=shift, sample_size=sample_size,
-        )
-
-    @staticmethod
-    def config_to_diffusers(config: AutoencoderConfig) -> dict[str, Any]:
-        shift, mean = None, None
-        if config.shift_factor is not None and len(set(config.shift_factor)) == 1:
-            shift = config.shift_factor[0]
-        elif config.shift_factor is not None:
-            mean = list(config.shift_factor)
-        return dict(
-            in_channels=config.in_channels, out_channels=config.out_channels,
-            down_block_types=["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in config.attention_levels],
-            up_block_types=["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in config.attention_levels[::-1]],
-            block_out_channels=list(config.block_out_channels), layers_per_block=config.layers_per_block,
-            act_fn="silu", latent_channels=config.latent_channels, norm_num_groups=config.norm_num_groups,
-            sample_size=config.sample_size, scaling_factor=config.scaling_factor, shift_factor=shift,
-            latents_mean=mean, latents_std=None if mean is None else [1.0] * config.latent_channels,
-            force_upcast=True, use_quant_conv=config.use_quant_conv, use_post_quant_conv=config.use_post_quant_conv,
-            mid_block_add_attention=config.mid_attention,
-        )
-
-
-def _block_attention(types: Any, field: str, known: dict[str, bool]) -> list[bool]:
-    """diffusers block type names -> attention on/off per level; an unknown name is refused."""
-    check_field(isinstance(types, (list, tuple)) and len(types) > 0, field, types, "a non-empty list of block types")
-    for t in types:
-        check_field(t in known, field, types, f"block types among {sorted(known)}")
-    return [known[t] for t in types]
-
 
 class IdentityAutoencoder(nn.Module):
     """The autoencoder interface for pixel-space diffusion: latents are the images themselves."""

@@ -136,8 +136,8 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
 class Pretrained:
     """`from_pretrained` / `save_pretrained` for a model with a frozen config dataclass.
 
-    A subclass sets `config_class` and `diffusers_class_name` and converts its config to and from
-    diffusers' (`config_from_diffusers`, `config_to_diffusers`).
+    A subclass sets `config_class` and `diffusers_class_name`; diffusers_format.py converts its config to and from
+    diffusers'.
     """
 
     config_class: ClassVar[type]
@@ -145,11 +145,17 @@ class Pretrained:
 
     @classmethod
     def config_from_diffusers(cls, values: dict[str, Any]):
-        raise NotImplementedError
+        """diffusers' config (a dict of config.json) -> our config dataclass (diffusers_format.py)."""
+        from .diffusers_format import CONVERTERS
 
-    @staticmethod
-    def config_to_diffusers(config) -> dict[str, Any]:
-        raise NotImplementedError
+        return CONVERTERS[cls.diffusers_class_name][0](values)
+
+    @classmethod
+    def config_to_diffusers(cls, config) -> dict[str, Any]:
+        """Our config dataclass -> diffusers' config.json fields (diffusers_format.py)."""
+        from .diffusers_format import CONVERTERS
+
+        return CONVERTERS[cls.diffusers_class_name][1](config)
 
     @classmethod
     def read_config(cls, path: str | os.PathLike):
@@ -238,13 +244,3 @@ class Pretrained:
         # The config goes last: with our format, its sha256 vouches for the weights written before it.
         atomic_write_bytes(folder / CONFIG, (json.dumps(config, indent=2) + "\n").encode())
         return folder
-
-
-def refuse_unsupported(values: dict[str, Any], supported: dict[str, Any], where: str) -> dict[str, Any]:
-    """Take diffusers config fields, with defaults; an unknown field is refused, never ignored.
-    Keys starting with "_" are bookkeeping (diffusers' own `_class_name`, ours `_encdiff_*`)."""
-    values = {k: v for k, v in values.items() if not k.startswith("_")}
-    unknown = sorted(set(values) - set(supported))
-    if unknown:
-        raise EncdiffError(f"{where} field {unknown[0]!r} = {values[unknown[0]]!r} is not supported by encdiff")
-    return {**supported, **values}

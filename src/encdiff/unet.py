@@ -9,13 +9,11 @@ F(x, noise_labels, class_labels) -> tensor. It knows nothing of schedules: what 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from .autoencoder import _block_attention
-from .checkpoint import Pretrained, refuse_unsupported
+from .checkpoint import Pretrained
 from .errors import (MAX_SIZE, EncdiffError, check_bool, check_field, check_int, check_number, check_tuple, is_flag,
                      is_positive_int)
 from .layers import (CHANNELS_LAST, Downsample, Level, MidBlock, NoiseEmbedding, ResnetBlock, SelfAttention, Upsample, run_block,
@@ -167,78 +165,3 @@ class UNet(Pretrained, nn.Module):
             if level.resample is not None:
                 h = level.resample(h)  # B, C, 2H, 2W
         return self.conv_out(norm_silu(self.conv_norm_out, h))
-
-    # diffusers' UNet2DModel config <-> ours
-    _DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
-        sample_size=None, in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
-        time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-        mid_block_type="UNetMidBlock2D",
-        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1, downsample_padding=1,
-        downsample_type="conv", upsample_type="conv", dropout=0.0, act_fn="silu", attention_head_dim=8,
-        norm_num_groups=32, attn_norm_num_groups=None, norm_eps=1e-5, resnet_time_scale_shift="default",
-        add_attention=True, class_embed_type=None, num_class_embeds=None, num_train_timesteps=None,
-    )
-
-    @classmethod
-    def config_from_diffusers(cls, values: dict[str, Any]) -> UNetConfig:
-        v = refuse_unsupported(values, cls._DIFFUSERS_DEFAULTS, "UNet2DModel config")
-        fixed = dict(center_input_sample=False, time_embedding_type="positional", mid_block_type="UNetMidBlock2D",
-                     mid_block_scale_factor=1, downsample_type="conv", upsample_type="conv", act_fn="silu",
-                     class_embed_type=None)
-        for field, value in fixed.items():
-            check_field(v[field] == value, field, v[field], f"{value!r} (the only value encdiff supports)")
-        check_field(v["resnet_time_scale_shift"] in ("default", "scale_shift"), "resnet_time_scale_shift",
-                    v["resnet_time_scale_shift"], '"default" or "scale_shift"')
-        check_field(v["attn_norm_num_groups"] in (None, v["norm_num_groups"]), "attn_norm_num_groups",
-                    v["attn_norm_num_groups"], f"null or equal to norm_num_groups ({v['norm_num_groups']})")
-        down = _block_attention(v["down_block_types"], "down_block_types", {"DownBlock2D": False, "AttnDownBlock2D": True})
-        up = _block_attention(v["up_block_types"], "up_block_types", {"UpBlock2D": False, "AttnUpBlock2D": True})
-        check_tuple(v["block_out_channels"], "block_out_channels", None, is_positive_int)
-        levels = len(v["block_out_channels"])
-        check_field(len(down) == levels, "down_block_types", v["down_block_types"], f"{levels} entries, one per level")
-        check_field(up == down[::-1], "up_block_types", v["up_block_types"],
-                    "the mirror of down_block_types (attention at the same levels)")
-        scale_shift = v["resnet_time_scale_shift"] == "scale_shift"
-        sample_size = v["sample_size"]
-        if isinstance(sample_size, (list, tuple)):
-            sample_size = sample_size[0]
-        classes = v["num_class_embeds"] or 0
-        check_int(classes, "num_class_embeds", minimum=0)
-        return UNetConfig(
-            in_channels=v["in_channels"], out_channels=v["out_channels"], sample_size=sample_size or 32,
-            block_out_channels=tuple(v["block_out_channels"]), attention_levels=tuple(down),
-            layers_per_block=v["layers_per_block"], attention_head_dim=v["attention_head_dim"],
-            mid_attention=v["add_attention"],
-            # diffusers' mid block normalises its attention only for "default" blocks, unless told the groups.
-            mid_attention_norm=not scale_shift or v["attn_norm_num_groups"] is not None,
-            norm_num_groups=v["norm_num_groups"], norm_eps=v["norm_eps"], emb_channels=v["time_embedding_dim"],
-            scale_shift=scale_shift, flip_sin_to_cos=v["flip_sin_to_cos"], freq_shift=v["freq_shift"],
-            downsample_padding=v["downsample_padding"], dropout=v["dropout"],
-            # A diffusers table has no reserved row unless we wrote it: then its last row is the null class.
-            num_classes=classes - 1 if classes and values.get("_encdiff_null_class") else classes,
-            null_class=bool(values.get("_encdiff_null_class")) if classes else UNetConfig.null_class,
-        )
-
-    @staticmethod
-    def config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
-        if not (config.mid_attention_norm or config.scale_shift):
-            raise EncdiffError("mid_attention_norm = False needs scale_shift = True to be expressed in diffusers' format")
-        return dict(
-            _encdiff_null_class=bool(config.num_classes and config.null_class),
-            sample_size=config.sample_size, in_channels=config.in_channels, out_channels=config.out_channels,
-            center_input_sample=False, time_embedding_type="positional", time_embedding_dim=config.emb_channels,
-            freq_shift=config.freq_shift, flip_sin_to_cos=config.flip_sin_to_cos,
-            down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels],
-            mid_block_type="UNetMidBlock2D",
-            up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in config.attention_levels[::-1]],
-            block_out_channels=list(config.block_out_channels), layers_per_block=config.layers_per_block,
-            mid_block_scale_factor=1, downsample_padding=config.downsample_padding, downsample_type="conv",
-            upsample_type="conv", dropout=config.dropout, act_fn="silu", attention_head_dim=config.attention_head_dim,
-            norm_num_groups=config.norm_num_groups,
-            attn_norm_num_groups=config.norm_num_groups if config.scale_shift and config.mid_attention_norm else None,
-            norm_eps=config.norm_eps, resnet_time_scale_shift="scale_shift" if config.scale_shift else "default",
-            add_attention=config.mid_attention, class_embed_type=None,
-            num_class_embeds=config.class_embeddings or None, num_train_timesteps=None,
-        )
