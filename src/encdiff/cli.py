@@ -406,11 +406,12 @@ def cmd_set_autoencoder(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoint import CONFIG, read_json
+    from .checkpoint import folder_kind, read_json
     from .train_state import latest_training_state, load_training_state
 
     path = Path(args.path)
-    if (path / "generator.json").is_file():
+    kind = folder_kind(path)
+    if kind == "generator":
         info = read_json(path / "generator.json")
         print(f"{path}: generator ({'latent' if info.get('latent') else 'pixel'} diffusion), denoiser "
               f"{info['denoiser']['kind']}, classes: {', '.join(info.get('class_names') or []) or 'none'}")
@@ -418,7 +419,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             if (path / sub).is_dir():
                 _describe_model(path / sub)
         return 0
-    if (path / "checkpoints").is_dir():
+    if kind == "run":
         latest = latest_training_state(path)
         if latest is None:
             print(f"{path}: run folder without a complete checkpoint")
@@ -430,7 +431,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  last logged loss {meta['history'][-1]['loss']:.4f}")
         print(f"  finished model: {path / 'model'}" if (path / "model").is_dir() else "  not finished")
         return 0
-    if (path / CONFIG).is_file():
+    if kind is not None:
         _describe_model(path)
         return 0
     raise EncdiffError(f"{path}: neither a model folder, a generator folder nor a run folder")
@@ -520,20 +521,17 @@ def _single_size(folder: Path, what: str) -> int:
 
 
 def _eval_kind(path: Path) -> str:
-    from .checkpoint import CONFIG, read_json
+    from .checkpoint import folder_kind
     from .data import image_files_under
 
-    if (path / "generator.json").is_file():
-        return "generator"
-    if (path / CONFIG).is_file():
-        raw = read_json(path / CONFIG)
-        if raw.get("encdiff_class") == "Autoencoder" or raw.get("_class_name") == "AutoencoderKL":
-            return "autoencoder"
-        kind = raw.get("encdiff_class") or raw.get("_class_name")
-        raise EncdiffError(f"{path}: a {kind} model folder is not a generator: evaluate a generator folder "
+    kind = folder_kind(path)
+    if kind in ("generator", "autoencoder"):
+        return kind
+    if kind in ("unet", "model"):
+        raise EncdiffError(f"{path}: a model folder that is not a generator: evaluate a generator folder "
                            "(with generator.json, written by `encdiff train` or `encdiff export`), an autoencoder "
                            "folder, or a folder of generated images")
-    if (path / "checkpoints").is_dir():
+    if kind == "run":
         raise EncdiffError(f"{path}: a training run folder, not a generator: evaluate its model ({path / 'model'}) "
                            f"or export one with `encdiff export {path} OUT`")
     if path.is_dir() and image_files_under(path):

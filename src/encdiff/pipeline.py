@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .autoencoder import Autoencoder, IdentityAutoencoder
-from .checkpoint import atomic_write_bytes, read_json, shipped_file
+from .checkpoint import atomic_write_bytes, folder_kind, read_json, shipped_file
 from .errors import check_field, check_int, check_number, config_from_dict
 from .denoiser import Denoiser, EDMDenoiser, VPDenoiser
 from .images import to_uint8, to_unit
@@ -221,7 +221,11 @@ class Generator:
         folder = Path(path)
         info_path = folder / GENERATOR_FILE
         if not info_path.is_file():
-            raise EncdiffError(f"{folder}: not a generator folder (no {GENERATOR_FILE}); a generator is written by "
+            kind = folder_kind(folder) if folder.is_dir() else None
+            hint = {"run": f"a training run folder: use its model ({folder / 'model'}) or `encdiff export {folder} OUT`",
+                    "autoencoder": "an autoencoder folder", "unet": "a U-Net folder without its generator.json"}
+            raise EncdiffError(f"{folder}: not a generator folder (no {GENERATOR_FILE}"
+                               + (f"; {hint[kind]}" if kind in hint else "") + "); a generator is written by "
                                "`encdiff train` or `encdiff export`")
         info = read_json(info_path)
         if info.get("encdiff_class") != "Generator":
