@@ -52,9 +52,12 @@ def test_a_symlink_loop_is_read_once_and_said(tmp_path):
     (data / "c0" / "loop").symlink_to(data / "c0", target_is_directory=True)
     (data / "c1" / "up").symlink_to(data, target_is_directory=True)
     (data / "alias").symlink_to(data / "c1", target_is_directory=True)  # the same class twice
-    with pytest.warns(UserWarning, match="not read as data"):
+    (data / "c0" / "gone.png").symlink_to(data / "c0" / "nowhere.png")  # dangling
+    (data / "c1" / "self.png").symlink_to(data / "c1" / "self.png")  # a link to itself
+    with pytest.warns(UserWarning, match="not read as data") as record:
         files, labels, names = scan_folder(data)
     assert len(files) == 12 and names == ["c0", "c1"]
+    assert "gone.png" in str(record[0].message) and "self.png" in str(record[0].message)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -270,3 +273,15 @@ def test_eval_skips_a_decompression_bomb_in_a_folder(tmp_path):
     one_line_error_or_warning = [line for line in result.stderr.splitlines() if line.startswith("encdiff:")]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert any("bomb.png" in line for line in one_line_error_or_warning) and "too few" in result.stderr
+
+
+def test_a_pickled_inception_file_is_refused_without_relaying_torchs_allowlist_advice(tmp_path):
+    import functools
+
+    from encdiff.featurenet import load_inception
+
+    path = tmp_path / "pt_inception.pth"
+    torch.save({"weights": functools.partial(print, "ran")}, path)  # a pickled callable, not a tensor
+    with pytest.raises(EncdiffError, match="pickled Python objects") as info:
+        load_inception(path)
+    assert "safe_globals" not in str(info.value) and "weights_only" not in str(info.value)

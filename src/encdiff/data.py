@@ -67,8 +67,17 @@ def image_files_under(folder: Path, visited: set[tuple[int, int]] | None = None,
             continue
         visited.add((stat.st_dev, stat.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(p for p in (Path(dirpath, name) for name in filenames) if is_image_file(p))
+        for p in (Path(dirpath, name) for name in filenames):
+            if is_image_file(p):
+                found.append(p)
+            elif skipped is not None and is_broken_link(p):
+                skipped.append(p)
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def is_broken_link(path: Path) -> bool:
+    """A link named like an image whose target is missing (or itself): not an image, but worth saying."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(path) and path.is_symlink() and not path.exists()
 
 
 def scan_folder(root: str | os.PathLike, exclude: tuple[Path, ...] = ()) -> tuple[list[Path], list[int] | None, list[str]]:
@@ -89,7 +98,7 @@ def scan_folder(root: str | os.PathLike, exclude: tuple[Path, ...] = ()) -> tupl
     entries = sorted(p for p in root.iterdir() if not is_hidden(p))
     direct = [p for p in entries if is_image_file(p)]
     stat = root.stat()
-    visited, skipped = {(stat.st_dev, stat.st_ino)}, []
+    visited, skipped = {(stat.st_dev, stat.st_ino)}, [p for p in entries if is_broken_link(p)]
     classes = {}
     for p in sorted(entries, key=lambda p: p.is_symlink()):  # real folders claim their images before links to them
         if p.is_dir():
@@ -99,8 +108,8 @@ def scan_folder(root: str | os.PathLike, exclude: tuple[Path, ...] = ()) -> tupl
                 classes[p.name] = files
     if skipped:
         names = ", ".join(str(p) for p in skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
-        warnings.warn(f"{root}: not read as data: {names} (a folder already read through another link, a link "
-                      "loop, or the run's own folder)", stacklevel=2)
+        warnings.warn(f"{root}: not read as data: {names} (a broken link, a folder already read through another "
+                      "link, a link loop, or the run's own folder)", stacklevel=2)
     if direct and classes:
         raise EncdiffError(f"{direct[0]}: image file next to class subfolders ({', '.join(sorted(classes)[:3])}"
                            f"{', ...' if len(classes) > 3 else ''}) in {root}; put every image in a class "

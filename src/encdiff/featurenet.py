@@ -490,7 +490,10 @@ def load_inception(path: str | os.PathLike) -> FIDInceptionV3:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a corrupt or pickled-object file
-        raise EncdiffError(f"{path}: not a loadable state-dict file ({type(e).__name__}: {e})") from None
+        # torch's own message for a pickled object suggests allow-listing globals: never relayed, it is unsafe advice
+        reason = "it holds pickled Python objects, which encdiff never loads" if "weights_only" in str(e) else \
+            f"{type(e).__name__}"
+        raise EncdiffError(f"{path}: not a loadable state-dict file ({reason})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise EncdiffError(f"{path}: expected a state dict of tensors (pytorch-fid's Inception weights)")
     net = FIDInceptionV3()

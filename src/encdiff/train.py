@@ -327,6 +327,7 @@ class Run:
         self.step = 0
         self.images_seen = 0
         self.history: list[dict[str, float]] = []
+        self.window: dict[str, Any] = {"loss": [], "parts": {}}  # per-step values since the last log row
         self.tensorboard = None
         if dist_.main:
             try:  # TensorBoard is optional: metrics.jsonl always has the same numbers
@@ -361,7 +362,7 @@ class Run:
                     "world_size": self.dist.world_size, "sampler": self.sampler.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "optimizer": optimizer_skeleton,
                     "config": config_to_json(self.config), "history": self.history, "export": self.export_info,
-                    "disc_optimizer": disc_skeleton, "data": self.data}
+                    "disc_optimizer": disc_skeleton, "data": self.data, "window": self.window}
             path = save_training_state(self.dir, self.step, tensors, meta, keep_last=self.config.keep_last)
         self.dist.barrier()
         return path
@@ -408,6 +409,7 @@ class Run:
         for name, g in self.generators.items():
             set_rng_state(g, tensors[f"rng.{name}.rank{self.dist.rank}"])
         self.step, self.images_seen, self.history = meta["step"], meta["images_seen"], meta["history"]
+        self.window = meta.get("window") or {"loss": [], "parts": {}}
         if self.dist.main:
             write_run_config(self.dir, self.stage, self.config)
             # Rows logged after the checkpoint are about to be redone: the log restarts from the checkpoint's.
@@ -476,8 +478,9 @@ def train_loop(run: Run, loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch
                                                                 if dist_.device.type == "cuda" else None)
                                         if dist_.world_size > 1 else run.discriminator)
     progress = tqdm(total=config.steps, initial=run.step, disable=not dist_.main, dynamic_ncols=True, desc=run.stage)
-    window_start, window_images, window_losses = time.perf_counter(), 0, []
-    window_parts: dict[str, list[float]] = {}
+    # The losses since the last log row live in the run (and its checkpoints): a resumed run logs the same averages.
+    window_start, window_images = time.perf_counter(), 0
+    window_losses, window_parts = run.window["loss"], run.window["parts"]
     with StopRequest() as stop, progress:
         while run.step < config.steps:
             run.model.train()
@@ -537,8 +540,9 @@ def train_loop(run: Run, loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch
                 progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
                                      img_s=f"{row['images_per_s']:.1f}")
                 run.log(row)
-                window_start, window_images, window_losses = time.perf_counter(), 0, []
-                window_parts = {}
+                window_start, window_images = time.perf_counter(), 0
+                window_losses.clear()
+                window_parts.clear()
             if config.sample_every and run.step % config.sample_every == 0 and dist_.main:
                 on_sample(run)
             if on_eval is not None and config.eval_every and run.step % config.eval_every == 0 and dist_.main:
