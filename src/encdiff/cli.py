@@ -488,88 +488,6 @@ def cmd_train_feature_net(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_sizes(folder: Path) -> dict[tuple[int, int], list[Path]]:
-    """{(width, height): files} of an image folder, reading headers only."""
-    from PIL import Image
-
-    from .data import scan_folder
-
-    files, _, _ = scan_folder(folder)
-    sizes: dict[tuple[int, int], list[Path]] = {}
-    for f in files:
-        try:
-            with Image.open(f) as image:
-                sizes.setdefault(image.size, []).append(f)
-        except Exception:  # unreadable or a decompression bomb (any PIL error type): ImageDataset skips and reports it
-            continue
-    return sizes
-
-
-def _single_size(folder: Path, what: str) -> int:
-    sizes = _image_sizes(folder)
-    if not sizes:
-        raise EncdiffError(f"{folder}: no readable images ({what})")
-    if len(sizes) > 1:
-        listed = "; ".join(f"{w}x{h} ({len(fs)} files, e.g. {fs[0].name})" for (w, h), fs in
-                           sorted(sizes.items(), key=lambda kv: -len(kv[1]))[:4])
-        raise EncdiffError(f"{folder}: mismatched image sizes in the {what}: {listed}; pass --resolution R to "
-                           "resize and centre-crop every image to R x R")
-    (w, h), = sizes
-    if w != h:
-        raise EncdiffError(f"{folder}: {w}x{h} images are not square; pass --resolution R to centre-crop them")
-    return w
-
-
-def _eval_kind(path: Path) -> str:
-    from .checkpoint import folder_kind
-    from .data import image_files_under
-
-    kind = folder_kind(path)
-    if kind in ("generator", "autoencoder"):
-        return kind
-    if kind in ("unet", "model"):
-        raise EncdiffError(f"{path}: a model folder that is not a generator: evaluate a generator folder "
-                           "(with generator.json, written by `encdiff train` or `encdiff export`), an autoencoder "
-                           "folder, or a folder of generated images")
-    if kind == "run":
-        raise EncdiffError(f"{path}: a training run folder, not a generator: evaluate its model ({path / 'model'}) "
-                           f"or export one with `encdiff export {path} OUT`")
-    if path.is_dir() and image_files_under(path):
-        return "images"
-    raise EncdiffError(f"{path}: not a generator folder, an autoencoder folder or a folder of images")
-
-
-def _load_reference(args: argparse.Namespace, net, resolution: int, where: str):
-    """The reference: a statistics file from a previous run, or an image folder (at `resolution`)."""
-    from .data import ImageDataset
-    from .evaluate import ReferenceStats, reference_stats
-
-    if not args.reference:
-        raise EncdiffError(f"--reference is required to evaluate {where}: an image folder (e.g. the training "
-                           "or test split) or a reference-*.safetensors file from --cache-dir")
-    ref = Path(args.reference)
-    if ref.is_file():
-        stats = ReferenceStats.load(ref)
-        if stats.resolution != resolution:
-            raise EncdiffError(f"{ref}: reference images were {stats.resolution}x{stats.resolution}, {where} is "
-                               f"{resolution}x{resolution}")
-        return stats, None
-    if not ref.is_dir():
-        raise EncdiffError(f"{ref}: reference not found (give an image folder or a reference statistics file)")
-    if args.resolution is None:
-        native = _single_size(ref, "reference")
-        if native != resolution:
-            raise EncdiffError(f"mismatched image sizes: the reference {ref} has {native}x{native} images, {where} "
-                               f"{resolution}x{resolution}; pass --resolution {resolution} to resize the reference")
-    data = ImageDataset(ref, resolution, cache_dir=args.cache_dir, workers=args.workers)
-    images = data.images
-    if args.reference_num is not None and args.reference_num < len(images):
-        # seeded random subset: folders are often ordered by class
-        keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.reference_num]
-        images = images[keep.sort().values]
-    return reference_stats(images, net, args.cache_dir, str(ref), progress=True), data
-
-
 def _in_range(value: int | None, flag: str, minimum: int, maximum: int | None = None) -> None:
     """A numeric flag checked before any work: one line naming the flag and what it accepts."""
     if value is not None and (value < minimum or (maximum is not None and value > maximum)):
@@ -577,8 +495,7 @@ def _in_range(value: int | None, flag: str, minimum: int, maximum: int | None = 
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import evaluate
-    from .featurenet import FeatureNet, load_inception
+    from .evaluate import EvalRequest, run_evaluation
 
     for flag, value, minimum in (("--num", args.num, 1), ("--batch-size", args.batch_size, 1),
                                  ("--kid-subsets", args.kid_subsets, 1), ("--kid-subset-size", args.kid_subset_size, 2),
@@ -590,89 +507,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _in_range(args.resolution, "--resolution", 1, 4096)
     if args.out and Path(args.out).is_file():
         raise EncdiffError(f"--out {args.out}: is a file; give a folder for metrics.json and metrics.md")
-    target = Path(args.target)
-    kind = _eval_kind(target)
-    if args.inception and args.feature_net:
-        raise EncdiffError("give at most one of --inception and --feature-net")
-    net = load_inception(args.inception) if args.inception else FeatureNet.load(args.feature_net)
-    common = {"kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size, "k": args.k}
-    if kind == "generator":
-        from .pipeline import Generator
-
-        generator = Generator.from_pretrained(target)
-        if args.resolution is not None and args.resolution != generator.image_size:
-            raise EncdiffError(f"--resolution {args.resolution}: the generator makes {generator.image_size}x"
-                               f"{generator.image_size} images; compare at that size")
-        reference, ref_data = _load_reference(args, net, generator.image_size, f"the generator {target}")
-        classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-        result = evaluate.evaluate_generator(generator, reference, args.num, net=net, batch_size=args.batch_size,
-                                             sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
-                                             seed=args.seed, classes=classes, progress=True, **common)
-        if args.bpd:
-            result.update(_bits_per_dim(args, generator, ref_data))
-        result["settings"]["model"] = str(target)
-    elif kind == "autoencoder":
-        from .autoencoder import Autoencoder
-        from .data import ImageDataset
-
-        autoencoder = Autoencoder.from_pretrained(target).eval()
-        if not args.reference:
-            raise EncdiffError(f"--reference is required to evaluate the autoencoder {target}: the image folder "
-                               "(split) to reconstruct")
-        resolution = args.resolution or _single_size(Path(args.reference), "reference")
-        data = ImageDataset(args.reference, resolution, cache_dir=args.cache_dir, workers=args.workers)
-        images = data.images
-        if args.num is not None and args.num < len(images):
-            keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.num]
-            images = images[keep.sort().values]
-        result = evaluate.evaluate_autoencoder(autoencoder, images, net=net, source=str(args.reference),
-                                               batch_size=args.batch_size, cache_dir=args.cache_dir, progress=True)
-        result["settings"].update({"model": str(target), "resolution": resolution, "seed": args.seed})
-    else:
-        from .data import ImageDataset
-
-        resolution = args.resolution or _single_size(target, "samples")
-        samples = ImageDataset(target, resolution, cache_dir=None, workers=args.workers).images
-        reference, _ = _load_reference(args, net, resolution, f"the samples in {target}")
-        result = evaluate.evaluate_images(samples, reference, net=net, source=str(target), seed=args.seed,
-                                          progress=True, **common)
-    result["settings"]["feature_weights"] = str(args.inception or args.feature_net or "shipped encdiff-featurenet")
-    out = Path(args.out or f"eval-{target.name}")
-    json_path, md_path = evaluate.write_report(result, out, f"encdiff eval {target}")
+    request = EvalRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalRequest)})
+    json_path, md_path = run_evaluation(request)
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
     return 0
-
-
-def _bits_per_dim(args: argparse.Namespace, generator, ref_data) -> dict:
-    from .denoiser import VPDenoiser
-    from .evaluate import bits_per_dim
-
-    from .autoencoder import IdentityAutoencoder
-
-    if not isinstance(generator.denoiser, VPDenoiser) or not isinstance(generator.autoencoder, IdentityAutoencoder):
-        raise EncdiffError("--bpd needs a pixel-space VP (DDPM-style) generator: bits/dim of a latent or EDM model "
-                           "is not defined by this bound")
-    if ref_data is None:
-        raise EncdiffError("--bpd needs the reference as an image folder (the images to score), not a statistics file")
-    n = min(args.bpd_images, len(ref_data))
-    idx = torch.randperm(len(ref_data), generator=torch.Generator().manual_seed(args.seed))[:n].sort().values
-    x0, labels = ref_data.batch(idx)
-    if generator.num_classes and labels is None:
-        raise EncdiffError("--bpd with a class-conditional model needs a reference folder with class subfolders")
-    per_image, parts = [], []
-    for s in range(0, n, args.batch_size):
-        r = bits_per_dim(generator.denoiser, x0[s:s + args.batch_size],
-                         class_labels=None if not generator.num_classes else labels[s:s + args.batch_size],
-                         timesteps=args.bpd_timesteps, seed=args.seed + s)
-        per_image.append(r.pop("per_image"))
-        parts.append(r)
-    total = torch.cat(per_image)
-    weights = [p["settings"]["num_images"] / n for p in parts]
-    return {"bits_per_dim": float(total.mean()),
-            "bits_per_dim_std_err": float(total.std() / total.numel() ** 0.5) if n > 1 else None,
-            **{k: sum(w * p[k] for w, p in zip(weights, parts)) for k in ("prior_bpd", "diffusion_bpd", "decoder_bpd")},
-            "bpd_settings": {**parts[0]["settings"], "num_images": n}}
 
 
 class OneLineParser(argparse.ArgumentParser):
