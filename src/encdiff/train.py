@@ -176,8 +176,11 @@ class TrainConfig:
 # Named training setups: the resolved config of every run is saved beside it.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "cifar10": {
+        # L1 first; SSIM, the PatchGAN (adaptive weight) and feature matching once reconstructions are sound (LDM
+        # starts its discriminator late too): the weights the decoder ablation of BENCHMARKS.md chose.
         "autoencoder": dict(model="cifar10_f4", resolution=32, steps=20000, batch_size=64, lr=2e-4,
-                            ema_halflife_images=100_000.0),
+                            ema_halflife_images=100_000.0, ssim_weight=0.2, adv_weight=0.5, adv_start=5000,
+                            fm_weight=1.0),
         "diffusion": dict(model="latent_8x8", resolution=32, steps=100_000, batch_size=128, lr=2e-4,
                           ema_halflife_images=500_000.0),
     },
