@@ -285,3 +285,68 @@ def test_a_pickled_inception_file_is_refused_without_relaying_torchs_allowlist_a
     with pytest.raises(EncdiffError, match="pickled Python objects") as info:
         load_inception(path)
     assert "safe_globals" not in str(info.value) and "weights_only" not in str(info.value)
+
+
+class Trap:
+    """Unpickling this creates a file: the proof that a loader ran pickle."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_malicious_pickles_under_every_accepted_file_name_never_run(tmp_path):
+    import hashlib
+    import shutil
+
+    from encdiff.evaluate import ReferenceStats
+    from encdiff.featurenet import FeatureNet
+    from encdiff.pipeline import bundled_path
+    from encdiff.train_state import load_training_state
+
+    marker = tmp_path / "pwned"
+
+    def plant(path: Path) -> None:
+        torch.save({"weights": Trap(marker)}, path)  # torch's own zip+pickle format, named like our files
+
+    # a model folder whose recorded sha256 matches the planted file: the safetensors parser must refuse it
+    folder = tmp_path / "ae"
+    shutil.copytree(bundled_path() / "autoencoder", folder)
+    plant(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    config["weights_sha256"] = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EncdiffError, match="safetensors"):
+        Autoencoder.from_pretrained(folder)
+    # a diffusers folder (no hash to check)
+    from encdiff.diffusers_format import autoencoder_config_to_diffusers
+
+    (tmp_path / "vae").mkdir()
+    plant(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(
+        {"_class_name": "AutoencoderKL", **autoencoder_config_to_diffusers(Autoencoder.from_pretrained(
+            bundled_path() / "autoencoder").config)}))
+    with pytest.raises(EncdiffError):
+        Autoencoder.from_pretrained(tmp_path / "vae")
+    # a feature net, reference statistics, a training checkpoint
+    plant(tmp_path / "featurenet.safetensors")
+    with pytest.raises(EncdiffError):
+        FeatureNet.load(tmp_path / "featurenet.safetensors")
+    plant(tmp_path / "reference.safetensors")
+    with pytest.raises(EncdiffError):
+        ReferenceStats.load(tmp_path / "reference.safetensors")
+    data = make_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    train_autoencoder(TrainConfig(data=str(data), run_dir=str(run), steps=1, checkpoint_every=1, **COMMON))
+    state = next((run / "checkpoints").iterdir())
+    plant(state / "state.safetensors")
+    with pytest.raises(EncdiffError):
+        load_training_state(state)
+    # the image cache: refused with a warning, the images decoded again
+    cache = next((run / "cache").glob("*.safetensors"))
+    plant(cache)
+    with pytest.warns(UserWarning, match="ignoring an unreadable image cache"):
+        assert len(ImageDataset(data, 16, workers=0, progress=False, cache_dir=run / "cache")) == 12
+    assert not marker.exists()
