@@ -253,12 +253,12 @@ def folder_kind(path: str | os.PathLike) -> str | None:
     folder = Path(path)
     if (folder / "generator.json").is_file():
         return "generator"
+    if (folder / "checkpoints").is_dir():  # before config.json: a run folder keeps its resolved config there too
+        return "run"
     if (folder / CONFIG).is_file():
         raw = read_json(folder / CONFIG)
         name = raw.get("encdiff_class") or raw.get("_class_name")
         return {"Autoencoder": "autoencoder", "AutoencoderKL": "autoencoder", "UNet": "unet",
                 "UNet2DModel": "unet"}.get(name, "model")
-    if (folder / "checkpoints").is_dir():
-        return "run"
     return None
 
