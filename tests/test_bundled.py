@@ -46,9 +46,11 @@ def test_sample_without_a_model_writes_one_row_per_class_of_recognisable_images(
     assert len(each) == 100
     first = torch.from_numpy(np.array(Image.open(each[3]))).permute(2, 0, 1)
     assert torch.equal(tiles[:, 3, 0], first)
-    # One owner of the sampling settings: the library, with no arguments but seed and class, makes the same image
-    # as `encdiff sample` (the generator's own sampler, steps and guidance 3 in both).
-    assert torch.equal(Generator.bundled().images([3], torch.tensor([3]))[0], first)
+    # One owner of the sampling settings: the library, with no arguments but seeds and classes, makes the same images
+    # as `encdiff sample` (the generator's own sampler, steps and guidance 3 in both). Same batch, so the same
+    # convolution kernels: a batch of another size may move a rare pixel by one level (float rounding).
+    library = Generator.bundled().images(list(range(100)), torch.arange(100) % 10)
+    assert torch.equal(library[3], first)
     images = tiles.permute(1, 2, 0, 3, 4).reshape(100, 3, 32, 32).float() / 127.5 - 1
     with torch.inference_mode():
         predicted = FeatureNet.load()(images).argmax(1).view(10, 10)

@@ -76,10 +76,11 @@ def test_inpainting_keeps_every_unmasked_pixel_exactly(latent):
     x = images(2)
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., 4:12, 2:10] = 1
-    out = editing.inpaint(generator, x, mask, [0, 1], torch.tensor([0, 2]), steps=6)
-    keep = (mask == 0).expand_as(x)
-    assert torch.equal(out[keep], x[keep])
-    assert not torch.equal(out[~keep], x[~keep])  # the hole is repainted
+    for guidance in (None, 2.0):  # guided too: the known region is replaced around the guided denoiser
+        out = editing.inpaint(generator, x, mask, [0, 1], torch.tensor([0, 2]), steps=6, guidance_scale=guidance)
+        keep = (mask == 0).expand_as(x)
+        assert torch.equal(out[keep], x[keep])
+        assert not torch.equal(out[~keep], x[~keep])  # the hole is repainted
 
 
 def test_repaint_resampling_costs_steps_times_resample_evaluations():

@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from .denoiser import GuidedDenoiser
 from .errors import EncdiffError
 from .samplers import generate, noise
 from .schedules import get_sigmas
@@ -127,17 +128,20 @@ def inpaint(generator, images: torch.Tensor, mask: torch.Tensor, seeds: list[int
         m = latent_mask(mask.to(device), generator.downsample_factor).expand_as(z0)
         gens = seeded(seeds, device)
         eps = noise(z0.shape, gens, z0.dtype, device)
-        known = KnownRegion(generator.denoiser, z0, eps, m)
+        # Guidance inside, the replacement outside: the guided denoiser evaluates both halves at the same input.
+        guided = (GuidedDenoiser(generator.denoiser, guidance_scale) if guidance_scale not in (None, 1)
+                  else generator.denoiser)
+        known = KnownRegion(guided, z0, eps, m)
         sigmas = get_sigmas(s.schedule, steps, generator.denoiser)
         x = noise(z0.shape, gens, z0.dtype, device) * sigmas[0].item()
         if resample == 1:
             latents = generate(known, z0.shape, gens, sampler=sampler, steps=steps, sigmas=sigmas,
-                               class_labels=class_labels, guidance_scale=guidance_scale, x=x, callback=callback)
+                               class_labels=class_labels, x=x, callback=callback)
         else:
             if sampler not in ODE_SAMPLERS:
                 raise EncdiffError(f"RePaint resampling steps one noise level at a time: use a one-step sampler "
                                    f"({', '.join(ODE_SAMPLERS)}), not {sampler!r}")
-            latents = repaint(known, x, sigmas, gens, class_labels, sampler, guidance_scale, resample, callback)
+            latents = repaint(known, x, sigmas, gens, class_labels, sampler, resample, callback)
         # The known region of the final state is the clean encoding (sigma = 0), then the pixels themselves.
         latents = m * latents + (1 - m) * z0
         out = generator.decode(latents)
@@ -145,14 +149,14 @@ def inpaint(generator, images: torch.Tensor, mask: torch.Tensor, seeds: list[int
         return torch.where(keep, images.to(out.device), out)
 
 
-def repaint(denoiser, x, sigmas, generators, class_labels, sampler, guidance_scale, resample, callback=None):
+def repaint(denoiser, x, sigmas, generators, class_labels, sampler, resample, callback=None):
     """RePaint (Lugmayr et al. 2022, Alg. 1, jump length 1): every step is taken `resample` times, re-noising its
     result from sigma_next back to sigma in between with fresh noise of std sqrt(sigma^2 - sigma_next^2)."""
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1].tolist(), sigmas[1:].tolist())):
         for r in range(resample):
             x_next = generate(denoiser, x.shape, generators, sampler=sampler, steps=1,
                               sigmas=torch.tensor([sigma, sigma_next], dtype=torch.float64),
-                              class_labels=class_labels, guidance_scale=guidance_scale, x=x)
+                              class_labels=class_labels, x=x)
             if r < resample - 1:
                 x = x_next + math.sqrt(sigma**2 - sigma_next**2) * noise(x.shape, generators, x.dtype, x.device)
             else:
