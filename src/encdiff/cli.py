@@ -26,6 +26,8 @@ EXAMPLES = """examples:
   encdiff train my_images/ --pixel --model pixel_small --resolution 32 --steps 20000
   torchrun --nproc-per-node=4 -m encdiff train data/ --autoencoder runs/ae/model --run-dir runs/ldm
   encdiff sample runs/ldm/model --num 16 --class cat --guidance 2 --out samples.png
+  encdiff distill runs/ldm/model data/cifar10/train --run-dir runs/student --steps 1000
+  encdiff sample runs/student/model                  # 2 steps, guidance built in
   encdiff reconstruct runs/ae/model photos/ --out recon/
   encdiff export runs/ldm exported/ --diffusers
   encdiff info runs/ldm
@@ -44,14 +46,17 @@ def _train_flags(parser: argparse.ArgumentParser, stage: str) -> None:
     """One flag per TrainConfig field of this stage, named after the field, its help the field's comment."""
     from .train import TrainConfig, stage_fields
 
-    parser.add_argument("data", help="image folder (class subfolders become labels)")
+    if stage == "consistency":
+        parser.add_argument("teacher", help="generator folder to distil (its U-Net starts the student)")
+    parser.add_argument("data", help="image folder (class subfolders become labels)" +
+                        ("; the teacher's training data" if stage == "consistency" else ""))
     parser.add_argument("--config", help="TOML file with TrainConfig fields")
     parser.add_argument("--preset", help="named training setup: cifar10, folder64")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--resume", action="store_true",
                         help="require a checkpoint in the run folder (a run resumes automatically when it has one)")
     for f in dataclasses.fields(TrainConfig):
-        if f.name not in stage_fields(stage) or f.name == "data":
+        if f.name not in stage_fields(stage) or f.name in ("data", "teacher"):
             continue
         flag, help_ = "--" + f.name.replace("_", "-"), _field_comment(TrainConfig, f.name)
         kind = str(f.type).replace(" | None", "")
@@ -101,12 +106,12 @@ def _train_overrides(args: argparse.Namespace, stage: str) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace, stage: str) -> int:
     from .train_state import latest_training_state
-    from .train import config_to_json, load_config, train_autoencoder, train_diffusion
+    from .train import config_to_json, load_config, train_autoencoder, train_consistency, train_diffusion
 
     if stage == "diffusion" and bool(args.autoencoder) == bool(args.pixel):
         raise EncdiffError("give exactly one of --autoencoder MODEL (latent diffusion) or --pixel")
     config = load_config(args.config, args.preset, stage, _train_overrides(args, stage))
-    if not config.model and not config.init:
+    if stage != "consistency" and not config.model and not config.init:
         raise EncdiffError("no model: pass --model NAME or --preset NAME" +
                            (" (or --init AUTOENCODER to start from one)" if stage == "autoencoder" else ""))
     if args.dry_run:
@@ -114,7 +119,8 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
         return 0
     if args.resume and latest_training_state(config.run_dir) is None:
         raise EncdiffError(f"--resume: no complete checkpoint in {config.run_dir}")
-    out = (train_autoencoder if stage == "autoencoder" else train_diffusion)(config)
+    train = {"autoencoder": train_autoencoder, "diffusion": train_diffusion, "consistency": train_consistency}[stage]
+    out = train(config)
     print(out)
     return 0
 
@@ -231,8 +237,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .train import export_run
 
-    sampling = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps),
-                                  ("guidance_scale", args.guidance)) if v is not None}
+    sampling = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("guidance_scale", args.guidance),
+                                  ("sigmas", args.sigmas)) if v is not None}
+    if args.sigmas is not None and args.steps is None:
+        sampling["steps"] = len(args.sigmas)
     out = export_run(args.run, args.out, diffusers=args.diffusers, dtype=torch.float16 if args.half else None,
                      sampling=sampling)
     print(f"exported the EMA weights of {args.run} to {out}")
@@ -535,6 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
     _train_flags(p, "diffusion")
     p.add_argument("--pixel", action="store_true", help="diffusion in pixel space")
 
+    p = commands.add_parser("distill", help="consistency-distil a generator into a 1-4 step student (guidance built in)",
+                            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _train_flags(p, "consistency")
+
     p = commands.add_parser("sample", help="generate images", epilog=EXAMPLES,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="generator folder (default: the CIFAR-10 model shipped in the package)")
@@ -565,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", help="generator: default sampler of `encdiff sample`")
     p.add_argument("--steps", type=int, help="generator: default sampler steps")
     p.add_argument("--guidance", type=float, help="generator: default classifier-free guidance scale")
+    p.add_argument("--sigmas", type=_finite_float, nargs="+", metavar="SIGMA",
+                   help="generator: explicit noise levels, one per step (a consistency student's tuned levels)")
 
     p = commands.add_parser("edit", help="edit real images: img2img, inpaint, invert (class swap), interpolate",
                             epilog=EDIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -670,8 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: print(
         f"encdiff: warning: {message}", file=sys.stderr)
     try:
-        if args.command in ("train-autoencoder", "train"):
-            return cmd_train(args, "autoencoder" if args.command == "train-autoencoder" else "diffusion")
+        if args.command in ("train-autoencoder", "train", "distill"):
+            return cmd_train(args, {"train-autoencoder": "autoencoder", "train": "diffusion",
+                                    "distill": "consistency"}[args.command])
         return {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "export": cmd_export,
                 "info": cmd_info, "edit": cmd_edit, "serve": cmd_serve, "set-autoencoder": cmd_set_autoencoder, "train-feature-net": cmd_train_feature_net,
                 "eval": cmd_eval}[args.command](args)

@@ -196,6 +196,26 @@ class EDMDenoiser(Denoiser):
         return sigma.log() / 4
 
 
+class ConsistencyDenoiser(EDMDenoiser):
+    """A consistency function f(x; sigma) (Song et al. 2023, eq. 5 and App. C), EDM's preconditioning with the
+    boundary moved to sigma_min:
+
+        c_skip = sigma_data^2 / ((sigma - sigma_min)^2 + sigma_data^2)
+        c_out  = (sigma - sigma_min) sigma_data / sqrt(sigma^2 + sigma_data^2)
+
+    so f(x; sigma_min) = x exactly (c_skip = 1, c_out = 0) and, for sigma >> sigma_min, f has the EDM denoiser's
+    coefficients: a student initialised with its teacher's network starts as the teacher's D (ECT, Geng et al.
+    2024, sec. 3). c_in and c_noise are EDM's, so the teacher's weights mean the same thing to it.
+    """
+
+    def scalings(self, sigma):
+        sigma_data, shifted = self.sigma_data, sigma - self.sigma_min
+        c_skip = sigma_data**2 / (shifted**2 + sigma_data**2)
+        c_out = shifted * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+        c_in = 1 / (sigma_data**2 + sigma**2).sqrt()
+        return c_skip, c_out, c_in
+
+
 class GuidedDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6 with guidance_scale = 1 + w), in one batched forward pass:
 

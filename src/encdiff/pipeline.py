@@ -19,11 +19,11 @@ import torch
 from .autoencoder import Autoencoder, IdentityAutoencoder
 from .checkpoint import atomic_write_bytes, folder_kind, read_json, shipped_file
 from .errors import check_field, check_int, check_number, config_from_dict
-from .denoiser import Denoiser, EDMDenoiser, VPDenoiser
+from .denoiser import ConsistencyDenoiser, Denoiser, EDMDenoiser, VPDenoiser
 from .images import to_uint8, to_unit
 from .errors import EncdiffError
 from .samplers import SAMPLERS, generate
-from .schedules import SCHEDULES, get_alpha_bars
+from .schedules import SCHEDULES, get_alpha_bars, get_sigmas
 from .unet import UNet
 
 GENERATOR_FILE = "generator.json"
@@ -32,7 +32,8 @@ BUNDLED = "cifar10"  # the generator folder shipped under encdiff/weights/
 
 @dataclass(frozen=True)
 class DenoiserSpec:
-    kind: str = "edm"  # "edm" (Karras et al. 2022 preconditioning) or "vp" (discrete DDPM-style)
+    kind: str = "edm"  # "edm" (Karras et al. 2022 preconditioning), "vp" (discrete DDPM-style) or "consistency"
+    # (a consistency function with the boundary f(x; sigma_min) = x, Song et al. 2023: a distilled student)
     sigma_data: float = 0.5  # edm: standard deviation of the training data (pixels ~0.5; encdiff's latents 1)
     sigma_min: float = 0.002  # edm: smallest noise level sampled
     sigma_max: float = 80.0  # edm: largest noise level sampled
@@ -41,7 +42,7 @@ class DenoiserSpec:
     options: dict[str, Any] = field(default_factory=dict)  # vp: schedule options (beta_start, ...)
 
     def __post_init__(self):
-        check_field(self.kind in ("edm", "vp"), "denoiser.kind", self.kind, "edm or vp")
+        check_field(self.kind in ("edm", "vp", "consistency"), "denoiser.kind", self.kind, "edm, vp or consistency")
         for name in ("sigma_data", "sigma_min", "sigma_max"):
             check_number(getattr(self, name), f"denoiser.{name}", positive=True)
         check_field(self.sigma_min < self.sigma_max, "denoiser.sigma_min", self.sigma_min, "below sigma_max")
@@ -50,11 +51,12 @@ class DenoiserSpec:
         check_field(isinstance(self.options, dict), "denoiser.options", self.options, "an object")
 
     def build(self, net: torch.nn.Module) -> Denoiser:
-        if self.kind == "edm":
-            return EDMDenoiser(net, sigma_data=self.sigma_data, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+        if self.kind in ("edm", "consistency"):
+            kind = EDMDenoiser if self.kind == "edm" else ConsistencyDenoiser
+            return kind(net, sigma_data=self.sigma_data, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
         if self.kind == "vp":
             return VPDenoiser(net, get_alpha_bars(self.schedule, **self.options), prediction=self.prediction)
-        raise EncdiffError(f"unknown denoiser kind {self.kind!r}; valid: edm, vp")
+        raise EncdiffError(f"unknown denoiser kind {self.kind!r}; valid: edm, vp, consistency")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class Sampling:
     steps: int = 20  # sampler steps (one network evaluation each; heun: two, less one)
     schedule: str = "karras"  # the sigma grid, one of schedules.SCHEDULES
     guidance_scale: float | None = None  # classifier-free guidance scale (class-conditional models); None or 1: none
+    sigmas: tuple[float, ...] | None = None  # explicit noise levels, one per step, decreasing (a consistency
+    # student's tuned levels; the final 0 is implied); None: the schedule's
 
     def __post_init__(self):
         check_field(self.sampler in SAMPLERS, "sampling.sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
@@ -73,22 +77,44 @@ class Sampling:
         check_field(self.schedule in SCHEDULES, "sampling.schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
         if self.guidance_scale is not None:
             check_number(self.guidance_scale, "sampling.guidance_scale", positive=True)
+        if self.sigmas is not None:
+            check_field(isinstance(self.sigmas, (list, tuple)) and len(self.sigmas) == self.steps,
+                        "sampling.sigmas", self.sigmas, f"a list of {self.steps} noise levels (one per step)")
+            for level in self.sigmas:
+                check_number(level, "sampling.sigmas", positive=True)
+            check_field(all(a > b for a, b in zip(self.sigmas, self.sigmas[1:])), "sampling.sigmas", self.sigmas,
+                        "strictly decreasing")
+            object.__setattr__(self, "sigmas", tuple(float(level) for level in self.sigmas))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None, where: str = "sampling") -> "Sampling":
         return config_from_dict(cls, dict(values or {}), where)
 
     def but(self, **overrides: Any) -> "Sampling":
-        """These settings with the given ones changed; a None override keeps the current value."""
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        """These settings with the given ones changed; a None override keeps the current value. Explicit `sigmas`
+        hold for their own step count and schedule only: changing either returns to the schedule's levels."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if self.sigmas is not None and "sigmas" not in overrides and (
+                overrides.get("steps", self.steps) != self.steps or overrides.get("schedule", self.schedule) != self.schedule):
+            overrides["sigmas"] = None
+        return dataclasses.replace(self, **overrides)
+
+    def grid(self, denoiser) -> torch.Tensor:
+        """The float64 noise levels the sampler walks, ending at 0: the explicit `sigmas`, or the schedule's."""
+        if self.sigmas is not None:
+            return torch.tensor([*self.sigmas, 0.0], dtype=torch.float64)
+        return get_sigmas(self.schedule, self.steps, denoiser)
 
 
 class Generator:
     """Everything needed to turn noise into images; `images()` is the one call that does it."""
 
     def __init__(self, unet: UNet, spec: DenoiserSpec, autoencoder: Autoencoder | None = None,
-                 class_names: list[str] | None = None, sampling: Sampling | dict[str, Any] | None = None):
+                 class_names: list[str] | None = None, sampling: Sampling | dict[str, Any] | None = None,
+                 distillation: dict[str, Any] | None = None):
         self.unet = unet.eval()
+        # How a distilled student was made (teacher, guidance scale built in, grid, images): recorded, not used.
+        self.distillation = distillation
         # The settings `images()` uses when not told otherwise: chosen by whoever measured the model (for the bundled
         # one, BENCHMARKS.md).
         self.sampling = sampling if isinstance(sampling, Sampling) else Sampling.from_dict(sampling)
@@ -148,7 +174,13 @@ class Generator:
         base = sampling or self.sampling
         if class_labels is None and overrides.get("guidance_scale") is None:
             base = dataclasses.replace(base, guidance_scale=None)
-        return base.but(**overrides)
+        settings = base.but(**overrides)
+        if self.spec.kind == "consistency" and settings.guidance_scale not in (None, 1):
+            built_in = (self.distillation or {}).get("guidance_scale")
+            raise EncdiffError(f"guidance_scale {settings.guidance_scale}: this consistency student has its guidance "
+                               f"built in{f' (scale {built_in})' if built_in else ''} and takes one evaluation per "
+                               "step; leave the guidance out")
+        return settings
 
     @torch.inference_mode()
     def images(self, seeds: list[int], class_labels: torch.Tensor | None = None, sampling: Sampling | None = None, *,
@@ -165,7 +197,7 @@ class Generator:
         device = next(self.unet.parameters()).device
         generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
         latents = generate(self.denoiser, (len(seeds), c.in_channels, c.sample_size, c.sample_size), generators,
-                           sampler=settings.sampler, steps=settings.steps, schedule=settings.schedule,
+                           sampler=settings.sampler, steps=settings.steps, sigmas=settings.grid(self.denoiser),
                            class_labels=class_labels, guidance_scale=settings.guidance_scale, device=device,
                            callback=callback)
         return self.decode(latents)
@@ -200,7 +232,7 @@ class Generator:
             if key.startswith(("encoder.", "quant_conv.")) and not torch.equal(new_state[key].to(value), value):
                 raise EncdiffError(f"the new autoencoder's weight {key!r} differs from the generator's: another "
                                    "encoder means another latent space (fine-tune the decoder only)")
-        return Generator(self.unet, self.spec, autoencoder, self.class_names, self.sampling)
+        return Generator(self.unet, self.spec, autoencoder, self.class_names, self.sampling, self.distillation)
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write the generator folder; `dtype` (e.g. torch.float16) stores the weights in that precision
@@ -213,6 +245,8 @@ class Generator:
         info = {"encdiff_class": "Generator", "format_version": 1, "denoiser": dataclasses.asdict(self.spec),
                 "class_names": self.class_names, "latent": isinstance(self.autoencoder, Autoencoder),
                 "sampling": dataclasses.asdict(self.sampling)}
+        if self.distillation is not None:
+            info["distillation"] = self.distillation
         atomic_write_bytes(folder / GENERATOR_FILE, (json.dumps(info, indent=2) + "\n").encode())
         return folder
 
@@ -240,14 +274,18 @@ class Generator:
                 raise EncdiffError(f"{info_path}: entry {key!r} = {info.get(key)!r}: expected {what}")
         if not all(isinstance(n, str) for n in info["class_names"]):
             raise EncdiffError(f"{info_path}: entry 'class_names' = {info['class_names']!r}: expected strings")
-        unknown = sorted(set(info) - {"encdiff_class", "format_version", "denoiser", "class_names", "latent", "sampling"})
+        unknown = sorted(set(info) - {"encdiff_class", "format_version", "denoiser", "class_names", "latent", "sampling",
+                                      "distillation"})
         if unknown:
             raise EncdiffError(f"{info_path}: unknown entry {unknown[0]!r}")
+        if not isinstance(info.get("distillation", {}), dict):
+            raise EncdiffError(f"{info_path}: entry 'distillation' = {info['distillation']!r}: expected an object")
         spec = config_from_dict(DenoiserSpec, info["denoiser"], f"{info_path} denoiser")
         unet = UNet.from_pretrained(folder / "unet", device=device)
         autoencoder = Autoencoder.from_pretrained(folder / "autoencoder", device=device) if info["latent"] else None
         try:
-            return cls(unet, spec, autoencoder, info.get("class_names"), Sampling.from_dict(info.get("sampling"), "sampling"))
+            return cls(unet, spec, autoencoder, info.get("class_names"), Sampling.from_dict(info.get("sampling"), "sampling"),
+                       info.get("distillation"))
         except EncdiffError as e:
             raise EncdiffError(f"{info_path}: {e}") from None
 

@@ -209,6 +209,28 @@ def sample_dpmpp_3m(denoiser, x, sigmas, class_labels=None, generator=None, call
     return _dpmpp_multistep(denoiser, x, sigmas, class_labels, callback, order=3)
 
 
+def sample_consistency(denoiser, x, sigmas, class_labels=None, generator=None, callback=None):
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1) for a consistency function f = denoiser.
+
+    x0 = f(x; sigmas[0]); then for each later level: x = x0 + sqrt(sigma^2 - sigma_min^2) z, x0 = f(x; sigma).
+    One evaluation per level; the grid's final 0 is where the last x0 lands. With the levels of a probability-flow
+    ODE's teacher this is the ODE's map plus fresh noise at every restart (so a seed needs its generator).
+    """
+    sigmas = _check_sigmas(sigmas, x)
+    if sigmas[-1] != 0:
+        raise EncdiffError(f"consistency sampling ends on the image: the grid's last level must be 0, got {sigmas[-1]}")
+    sigma_min = denoiser.sigma_min
+    if sigmas[-2] <= sigma_min:
+        raise EncdiffError(f"consistency sampling needs levels above sigma_min = {sigma_min}, got {sigmas[-2]:.4g}")
+    for i, sigma in enumerate(sigmas[:-1]):
+        if i > 0:  # Alg. 1, line 5: back to level sigma with fresh noise
+            x = denoised + math.sqrt(sigma**2 - sigma_min**2) * noise(x.shape, generator, x.dtype, x.device)
+        denoised = denoiser(x, sigma, class_labels)
+        if callback is not None:
+            callback(i, sigma, denoised, denoised)
+    return denoised
+
+
 SAMPLERS = {
     "euler": sample_euler,
     "heun": sample_heun,
@@ -217,6 +239,7 @@ SAMPLERS = {
     "ddim": sample_ddim,
     "ddpm": sample_ddpm,
     "euler_ancestral": sample_euler_ancestral,
+    "consistency": sample_consistency,
 }
 
 

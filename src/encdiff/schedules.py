@@ -96,6 +96,12 @@ def sigmas_exponential(n, denoiser, sigma_min=None, sigma_max=None):
     return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
 
 
+def sigmas_consistency(n, denoiser, rho=7.0):
+    """The first n levels of a Karras grid of n + 1 (eq. 5): sigma_max first and none at sigma_min, where a
+    consistency function is the identity; n = 1 is the one-step sample from sigma_max (Song et al. 2023, Alg. 1)."""
+    return sigmas_karras(n + 1, denoiser, rho)[:n]
+
+
 def _training_grid(denoiser, spacing):
     """(T, t_to_sigma) of a discrete model; the timestep spacings only make sense for those."""
     T = getattr(denoiser, "num_train_timesteps", None)
@@ -134,6 +140,7 @@ def sigmas_trailing(n, denoiser):
 SCHEDULES = {
     "karras": sigmas_karras,
     "exponential": sigmas_exponential,
+    "consistency": sigmas_consistency,
     "linspace": sigmas_linspace,
     "leading": sigmas_leading,
     "trailing": sigmas_trailing,

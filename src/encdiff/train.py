@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .autoencoder import Autoencoder, AutoencoderConfig
 from .autoencoder_loss import AutoencoderObjective, DiscriminatorConfig, PatchDiscriminator
-from .checkpoint import atomic_write_bytes
+from .checkpoint import atomic_write_bytes, sha256_file
 from .train_state import (flatten_state, latest_training_state, load_training_state, rng_state, save_training_state,
                           set_rng_state, unflatten_state)
 from .data import BatchSampler, ImageDataset, random_flips
@@ -35,7 +35,7 @@ from .denoiser import training_loss
 from .ema import EMA
 from .errors import EncdiffError, TrainingInterrupted, config_from_dict
 from .images import image_grid, save_png, to_uint8
-from .pipeline import DenoiserSpec, Generator
+from .pipeline import DenoiserSpec, Generator, Sampling
 from .presets import AUTOENCODERS, UNETS, preset
 from .unet import UNet, UNetConfig
 
@@ -89,6 +89,13 @@ class TrainConfig:
     sigma_data: float = 0.5  # edm: data standard deviation (0.5 for pixels in [-1, 1]; 1 for encdiff's unit-variance latents)
     loss_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # noise-level/weighting options, e.g. p_mean, p_std
     label_dropout: float = 0.1  # probability of training on the null class (classifier-free guidance)
+    # consistency distillation (encdiff distill)
+    teacher: str | None = None  # generator folder distilled: its U-Net initialises the student, its autoencoder is kept
+    guidance: float | None = None  # guidance scale built into the student; None: the teacher's default (1: none)
+    intervals: int = 18  # noise-level intervals of the distillation grid (Karras, the teacher's sigma_min..sigma_max)
+    solver: str = "heun"  # the teacher's ODE step over one interval: heun or euler
+    huber_c: float | None = None  # pseudo-Huber constant of the loss; None: 0.00054 sqrt(dimensions) (iCT)
+    student_steps: int = 2  # sampling steps stored as the student's default (multistep consistency sampling)
     # bookkeeping
     log_every: int = 50  # steps between metrics.jsonl rows
     checkpoint_every: int = 500  # steps between checkpoints
@@ -127,7 +134,7 @@ class TrainConfig:
                                    f"{', '.join(map(str, valid))}")
 
         for name in ("steps", "batch_size", "grad_accum", "resolution", "log_every", "checkpoint_every", "keep_last",
-                     "sample_steps", "disc_channels", "disc_layers"):
+                     "sample_steps", "disc_channels", "disc_layers", "intervals", "student_steps"):
             integer(name, 1)
         for name in ("warmup_steps", "sample_every", "eval_every", "adv_start"):
             integer(name, 0)
@@ -143,6 +150,8 @@ class TrainConfig:
         number("ema_rampup", strict=True, optional=True)
         number("sigma_data", strict=True)
         number("label_dropout", maximum=1.0)
+        number("guidance", strict=True, optional=True)
+        number("huber_c", strict=True, optional=True)
         for name in ("weight_decay", "grad_clip", "kl_weight", "ssim_weight", "fft_weight", "adv_weight", "fm_weight"):
             number(name)
         if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
@@ -165,6 +174,7 @@ class TrainConfig:
         choice("noise_level", tuple(NOISE_LEVELS))
         choice("weighting", tuple(LOSS_WEIGHTS))
         choice("train_schedule", tuple(TRAIN_SCHEDULES))
+        choice("solver", ("heun", "euler"))
         if self.decoder_only and not self.init:
             raise EncdiffError("config field 'decoder_only' = true needs 'init': the autoencoder whose decoder "
                                "is fine-tuned (--init MODEL)")
@@ -192,26 +202,31 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# Fields that only one stage reads; every other field is common to both.
+# Fields that only some stages read; every other field is common to all. A consistency student's model is its
+# teacher's, so it has no model fields.
 STAGE_ONLY = {
     "autoencoder": frozenset({"recon_loss", "kl_weight", "ssim_weight", "fft_weight", "adv_weight", "adv_start",
-                              "fm_weight", "disc_lr", "disc_channels", "disc_layers", "init", "decoder_only"}),
+                              "fm_weight", "disc_lr", "disc_channels", "disc_layers", "init", "decoder_only",
+                              "model", "model_overrides"}),
     "diffusion": frozenset({"autoencoder", "denoiser", "prediction", "train_schedule", "noise_level", "weighting",
-                            "sigma_data", "loss_options", "label_dropout", "eval_every", "eval_samples"}),
+                            "sigma_data", "loss_options", "label_dropout", "eval_every", "eval_samples",
+                            "model", "model_overrides"}),
+    "consistency": frozenset({"teacher", "guidance", "intervals", "solver", "huber_c", "student_steps",
+                              "loss_options", "label_dropout", "eval_every", "eval_samples"}),
 }
 
 
 def stage_fields(stage: str) -> list[str]:
-    """The TrainConfig fields a stage ("autoencoder" or "diffusion") reads, in declaration order."""
-    other = STAGE_ONLY["diffusion" if stage == "autoencoder" else "autoencoder"]
-    return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in other]
+    """The TrainConfig fields a stage ("autoencoder", "diffusion" or "consistency") reads, in declaration order."""
+    others = set().union(*(fields for name, fields in STAGE_ONLY.items() if name != stage)) - STAGE_ONLY[stage]
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in others]
 
 
 # Fields a resumed run may change: more steps extend training, the rest only touch logging and files.
 RESUMABLE_CHANGES = frozenset({"steps", "log_every", "checkpoint_every", "keep_last", "sample_every", "sample_steps",
                                "workers", "eval_every", "eval_samples", "run_dir", "accept_data_change"})
 # Fields holding paths: a resumed run compares the folders they name, not their spelling.
-PATH_FIELDS = ("data", "autoencoder", "init")
+PATH_FIELDS = ("data", "autoencoder", "init", "teacher")
 
 
 class Distributed:
@@ -797,6 +812,22 @@ def _train_diffusion(config: TrainConfig) -> Path:
         images = generator.images(list(range(rows * per_row)), labels, steps=config.sample_steps)
         save_png(image_grid(images, rows=rows), run.dir / f"samples-{run.step:08d}.png")
 
+    on_eval = evaluation_hook(config, dataset, lambda run: Generator(run.ema.model, spec, autoencoder,
+                                                                      dataset.class_names),
+                              steps=config.sample_steps)
+    train_loop(run, loss_fn, images_of, on_sample, on_eval)
+    out = run.dir / "model"
+    if dist_.main:
+        Generator(run.ema.model, spec, autoencoder, dataset.class_names).save_pretrained(out)
+        print(f"generator written to {out}", file=sys.stderr)
+    dist_.barrier()
+    return out
+
+
+def evaluation_hook(config: TrainConfig, dataset: ImageDataset, generator_of: Callable[[Run], Generator],
+                    **sampling: Any) -> Callable[[Run], None]:
+    """FID/KID/P&R of the EMA weights every `eval_every` steps, logged to metrics.jsonl; the best generator so far
+    is kept in the run's best/ folder."""
     reference = []  # the data's feature statistics, computed at the first evaluation
 
     def on_eval(run: Run) -> None:
@@ -806,8 +837,8 @@ def _train_diffusion(config: TrainConfig) -> Path:
             # A seeded random subset: the data may be ordered by class.
             idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))[:10_000]
             reference.append(reference_stats(dataset.images[idx], cache_dir=run.dir / "cache", source=config.data))
-        generator = Generator(run.ema.model, spec, autoencoder, dataset.class_names)
-        metrics = evaluate_generator(generator, reference[0], config.eval_samples, steps=config.sample_steps, seed=0)
+        generator = generator_of(run)
+        metrics = evaluate_generator(generator, reference[0], config.eval_samples, seed=0, **sampling)
         row = {"step": run.step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
         previous_best = min((r["fid"] for r in run.history if "fid" in r), default=math.inf)
         run.log(row)
@@ -815,13 +846,7 @@ def _train_diffusion(config: TrainConfig) -> Path:
             generator.save_pretrained(run.dir / "best")
             atomic_write_bytes(run.dir / "best" / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
 
-    train_loop(run, loss_fn, images_of, on_sample, on_eval)
-    out = run.dir / "model"
-    if dist_.main:
-        Generator(run.ema.model, spec, autoencoder, dataset.class_names).save_pretrained(out)
-        print(f"generator written to {out}", file=sys.stderr)
-    dist_.barrier()
-    return out
+    return on_eval
 
 
 def cached_latents(autoencoder: Autoencoder, dataset: ImageDataset, cache_dir: Path, key: str,
@@ -832,7 +857,7 @@ def cached_latents(autoencoder: Autoencoder, dataset: ImageDataset, cache_dir: P
     replacing an image, or the autoencoder, encodes again. A damaged file is encoded again with a warning."""
     from safetensors.torch import load_file
 
-    from .checkpoint import atomic_save_tensors, sha256_file
+    from .checkpoint import atomic_save_tensors
 
     ae_folder = Path(key)
     weights = next((p for p in (ae_folder / "model.safetensors", ae_folder / "diffusion_pytorch_model.safetensors")
@@ -857,6 +882,98 @@ def cached_latents(autoencoder: Autoencoder, dataset: ImageDataset, cache_dir: P
         atomic_save_tensors({"latents": encode_dataset(autoencoder, dataset, dist_.device)}, path)
     dist_.barrier()
     return load_file(str(path))["latents"]
+
+
+# -- consistency distillation ------------------------------------------------------------------------------
+def train_consistency(config: TrainConfig) -> Path:
+    """Distil the generator folder `config.teacher` into a consistency student (consistency.py) that samples in
+    `student_steps` evaluations with the teacher's guidance built in; returns the student's generator folder. The
+    same loop as the other stages: exact resume, DDP, EMA, logs, sample grids, evaluations."""
+    with RunLock(config.run_dir):
+        return _train_consistency(config)
+
+
+def _train_consistency(config: TrainConfig) -> Path:
+    from .consistency import distillation_grid, distillation_loss, interval_probabilities
+
+    if not config.teacher:
+        raise EncdiffError("no teacher: pass the generator folder to distil (encdiff distill TEACHER DATA)")
+    teacher = Generator.from_pretrained(config.teacher)  # a bad folder fails before the data is decoded
+    if teacher.spec.kind != "edm":
+        raise EncdiffError(f"{config.teacher}: a {teacher.spec.kind!r} generator; distillation needs an EDM teacher "
+                           "(its probability-flow ODE is the student's target)")
+    guidance = config.guidance if config.guidance is not None else teacher.sampling.guidance_scale
+    guidance = None if guidance == 1 else guidance
+    if guidance is not None and not teacher.num_classes:
+        raise EncdiffError(f"guidance {guidance}: the teacher {config.teacher} is unconditional")
+    if config.resolution != teacher.image_size:
+        raise EncdiffError(f"resolution {config.resolution}: the teacher {config.teacher} makes "
+                           f"{teacher.image_size}x{teacher.image_size} images (pass --resolution {teacher.image_size})")
+    dist_, dataset = prepare(config, "consistency")
+    if dataset.num_classes != teacher.num_classes:
+        raise EncdiffError(f"{config.data}: {dataset.num_classes} class folders, but the teacher {config.teacher} "
+                           f"is conditional on {teacher.num_classes} classes; distil on its training data")
+    teacher_net = teacher.unet.to(dist_.device).requires_grad_(False)
+    teacher_denoiser = teacher.spec.build(teacher_net)
+    latent = isinstance(teacher.autoencoder, Autoencoder)
+    autoencoder = teacher.autoencoder.to(dist_.device) if latent else None
+    spec = dataclasses.replace(teacher.spec, kind="consistency")
+    torch.manual_seed(config.seed)
+    student = UNet(teacher.unet.config)
+    student.load_state_dict(teacher.unet.state_dict())  # ECT: tuning starts from the teacher
+    sampling = Sampling(sampler="consistency", steps=config.student_steps, schedule="consistency")
+    distillation = {"method": "consistency distillation (Song et al. 2023) with iCT's metric and weighting",
+                    "teacher_unet_sha256": sha256_file(Path(config.teacher) / "unet" / "model.safetensors"),
+                    "guidance_scale": guidance, "intervals": config.intervals, "solver": config.solver}
+    ae_folder = Path(config.teacher) / "autoencoder"
+    export_info = {"denoiser": dataclasses.asdict(spec), "class_names": teacher.class_names,
+                   "autoencoder": str(ae_folder.resolve()) if latent else None,
+                   "sampling": dataclasses.asdict(sampling), "distillation": distillation}
+    run = Run(config, "consistency", student, dataset, dist_, export_info)
+    run.resume()
+
+    if latent:
+        latents = cached_latents(autoencoder, dataset, Path(config.run_dir) / "cache", str(ae_folder), dist_)
+
+        def images_of(indices, flips):
+            return latents[indices, flips.long()], None if dataset.labels is None else dataset.labels[indices]
+    else:
+        images_of = dataset.batch
+
+    grid = distillation_grid(config.intervals, teacher_denoiser)
+    # iCT's log-normal over the intervals (P_mean -1.1, P_std 2 at sigma_data 0.5), shifted to the data's scale
+    options = {"p_mean": -1.1 + math.log(spec.sigma_data / 0.5), "p_std": 2.0, **config.loss_options}
+    unknown = sorted(set(options) - {"p_mean", "p_std"})
+    if unknown:
+        raise EncdiffError(f"unknown loss option(s) {unknown} for distillation; valid: p_mean, p_std")
+    probabilities = interval_probabilities(grid, options["p_mean"], options["p_std"])
+    label_dropout = config.label_dropout if dataset.num_classes else 0.0
+    student_denoiser = spec.build(run.model)
+    target = spec.build(run.model)  # the stop-gradient target: the student's own weights, not its DDP wrapper
+
+    def loss_fn(model, x, labels):
+        student_denoiser.net = model  # DDP syncs gradients only for calls through its wrapper
+        return distillation_loss(student_denoiser, teacher_denoiser, x, run.generators["noise"], grid, probabilities,
+                                 class_labels=labels, guidance_scale=guidance, label_dropout=label_dropout,
+                                 solver=config.solver, huber_c=config.huber_c, target=target, shard=run.shard)
+
+    def student_of(run: Run) -> Generator:
+        return Generator(run.ema.model, spec, autoencoder, teacher.class_names, sampling,
+                         {**distillation, "images": run.images_seen})
+
+    def on_sample(run: Run) -> None:
+        rows = max(1, min(dataset.num_classes, 10))
+        labels = torch.arange(rows).repeat_interleave(8) if dataset.num_classes else None
+        images = student_of(run).images(list(range(rows * 8)), labels)
+        save_png(image_grid(images, rows=rows), run.dir / f"samples-{run.step:08d}.png")
+
+    status = train_loop(run, loss_fn, images_of, on_sample, evaluation_hook(config, dataset, student_of))
+    out = run.dir / "model"
+    if status == "done" and dist_.main:
+        student_of(run).save_pretrained(out)
+        print(f"consistency student written to {out}", file=sys.stderr)
+    dist_.barrier()
+    return out
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bool = False,
@@ -886,7 +1003,13 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bo
     unet = UNet(config_from_dict(UNetConfig, info["model_config"], f"{path} model_config"))
     unet.load_state_dict(ema)
     autoencoder = Autoencoder.from_pretrained(info["autoencoder"]) if info.get("autoencoder") else None
-    generator = Generator(unet, DenoiserSpec(**info["denoiser"]), autoencoder, info.get("class_names"), sampling)
+    # A student's folder records its own sampling (consistency) and how it was distilled.
+    sampling = {**(info.get("sampling") or {}), **(sampling or {})} or None
+    distillation = info.get("distillation")
+    if distillation is not None:
+        distillation = {**distillation, "images": meta["images_seen"]}
+    generator = Generator(unet, DenoiserSpec(**info["denoiser"]), autoencoder, info.get("class_names"), sampling,
+                          distillation)
     if not diffusers:
         return generator.save_pretrained(out, dtype=dtype)
     unet.save_pretrained(out / "unet", diffusers=True, dtype=dtype)
@@ -901,6 +1024,9 @@ def load_config(path: str | None, preset_name: str | None, stage: str, overrides
     if preset_name:
         if preset_name not in PRESETS:
             raise EncdiffError(f"unknown training preset {preset_name!r}; valid: {', '.join(sorted(PRESETS))}")
+        if stage not in PRESETS[preset_name]:
+            raise EncdiffError(f"training preset {preset_name!r} has no {stage} settings; it has "
+                               f"{', '.join(PRESETS[preset_name])}")
         values.update(PRESETS[preset_name][stage])
     if path:
         try:

@@ -1,0 +1,290 @@
+"""Consistency distillation: the boundary condition, the Gaussian case where the ODE map is known, multistep
+consistency sampling, and `encdiff distill` as a run of the common trainer (resume, DDP, student folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import randomize_
+from encdiff import EncdiffError, UNet
+from encdiff.consistency import (distillation_grid, distillation_loss, interval_probabilities, ode_step,
+                                 pseudo_huber)
+from encdiff.denoiser import ConsistencyDenoiser, EDMDenoiser, GaussianDenoiser
+from encdiff.pipeline import DenoiserSpec, Generator, Sampling
+from encdiff.samplers import sample_consistency
+from encdiff.schedules import get_sigmas
+from encdiff.train import TrainConfig, stage_fields, train_consistency
+from encdiff.unet import UNetConfig
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+TINY = UNetConfig(block_out_channels=(8, 16), attention_levels=(False, True), layers_per_block=1, norm_num_groups=4,
+                  sample_size=16, num_classes=3, null_class=True)
+
+
+def test_the_boundary_condition_holds_exactly_and_large_sigma_matches_edm():
+    net = randomize_(UNet(TINY))
+    student, edm = ConsistencyDenoiser(net, sigma_data=0.5), EDMDenoiser(net, sigma_data=0.5)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        assert torch.equal(student(x, 0.002, torch.tensor([0, 1, 2, 3])), x)  # f(x; sigma_min) = x, bit for bit
+    sigma = torch.tensor([80.0], dtype=torch.float64)
+    for ours, theirs in zip(student.scalings(sigma), edm.scalings(sigma)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-9)  # the teacher's D where the noise is large
+
+
+class ScaleNet(torch.nn.Module):
+    """F(u; c_noise) = a(c_noise) u: enough to represent the Gaussian case's exact consistency function."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(1, 64), torch.nn.SiLU(), torch.nn.Linear(64, 1))
+        torch.nn.init.zeros_(self.mlp[2].weight)
+        torch.nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, u, c_noise, class_labels=None):
+        return u * self.mlp(c_noise.float().view(-1, 1)).view(-1, 1, 1, 1)
+
+
+def test_a_distilled_student_approaches_the_probability_flow_map_of_gaussian_data():
+    """For x0 ~ N(0, s^2) the ODE maps x at sigma to x sqrt((s^2 + sigma_min^2) / (s^2 + sigma^2)) at sigma_min:
+    that is the consistency function the loss must find, from a student that starts far from it."""
+    torch.manual_seed(0)
+    teacher = GaussianDenoiser(s=0.5)
+    student = ConsistencyDenoiser(ScaleNet(), sigma_data=0.5)
+    grid = distillation_grid(18, teacher)
+    probabilities = torch.full((18,), 1 / 18, dtype=torch.float64)  # CD's uniform intervals: all get trained
+    g = torch.Generator().manual_seed(0)
+    x_test = torch.randn(64, 1, 4, 4, generator=g)
+    sigmas = grid[1:]
+
+    def error() -> float:
+        with torch.no_grad():
+            worst = 0.0
+            for sigma in sigmas.tolist():
+                x = x_test * (0.25 + sigma**2) ** 0.5
+                exact = teacher.ode_solution(x, sigma, teacher.sigma_min)
+                worst = max(worst, ((student(x, sigma) - exact).norm() / exact.norm()).item())
+            return worst
+
+    before = error()
+    steps = 1500
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
+    decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / steps)
+    for _ in range(steps):
+        x0 = torch.randn(256, 1, 4, 4, generator=g) * 0.5
+        loss = distillation_loss(student, teacher, x0, g, grid, probabilities, solver="heun")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        decay.step()
+    after = error()
+    assert before > 0.9, before  # c_skip x alone is far from the map at every large sigma
+    assert after < 0.1, (before, after)  # measured 0.056: the small network's fit, not the loss, limits it
+
+
+def test_the_teacher_steps_have_their_order_local_error_h2_euler_h3_heun():
+    teacher = GaussianDenoiser(s=0.5)
+    x = torch.randn(8, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def local_error(solver: str, h: float) -> float:
+        sigma, sigma_next = torch.full((8,), 2.0, dtype=torch.float64), torch.full((8,), 2.0 - h, dtype=torch.float64)
+        exact = teacher.ode_solution(x, 2.0, 2.0 - h)
+        return (ode_step(teacher, x, sigma, sigma_next, None, solver) - exact).abs().max().item()
+
+    for solver, order in (("euler", 2), ("heun", 3)):
+        ratio = local_error(solver, 0.2) / local_error(solver, 0.1)
+        assert abs(ratio - 2**order) < 0.25 * 2**order, (solver, ratio)
+
+
+def test_pseudo_huber_is_l2_like_near_zero_and_zero_at_equality():
+    a = torch.randn(3, 2, 4, 4)
+    assert torch.equal(pseudo_huber(a, a, 0.01), torch.zeros(3))
+    small = a * 1e-4
+    torch.testing.assert_close(pseudo_huber(small, torch.zeros_like(a), 1.0),
+                               small.square().flatten(1).sum(1) / 2, rtol=1e-3, atol=1e-12)
+
+
+class ExactConsistency:
+    """The exact consistency function of N(0, s^2) data, as a denoiser the sampler can call."""
+
+    sigma_min, sigma_max, num_classes, null_class = 0.002, 80.0, 0, False
+
+    def __init__(self, s: float):
+        self.teacher = GaussianDenoiser(s=s)
+
+    def __call__(self, x, sigma, class_labels=None):
+        return self.teacher.ode_solution(x, float(sigma), self.sigma_min)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_multistep_consistency_sampling_of_the_exact_function_draws_the_data_distribution(steps):
+    f = ExactConsistency(s=0.7)
+    sigmas = get_sigmas("consistency", steps, f)
+    assert sigmas[0] == 80 and sigmas[-1] == 0 and len(sigmas) == steps + 1 and (sigmas[:-1] > f.sigma_min).all()
+    x = torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80
+    out = sample_consistency(f, x, sigmas, generator=torch.Generator().manual_seed(1))
+    assert abs(out.std().item() - 0.7) < 0.02 and abs(out.mean().item()) < 0.02
+
+
+def test_sampling_stores_explicit_levels_and_drops_them_when_the_step_count_changes():
+    s = Sampling(sampler="consistency", steps=2, schedule="consistency", sigmas=[80, 1.5])
+    assert s.sigmas == (80.0, 1.5)
+    assert s.grid(None).tolist() == [80.0, 1.5, 0.0]
+    assert s.but(steps=2).sigmas == (80.0, 1.5) and s.but(steps=1).sigmas is None
+    for bad in ([80], [1.5, 80], [80, -1], [80, float("nan")]):
+        with pytest.raises(EncdiffError, match="sampling.sigmas"):
+            Sampling(steps=2, sigmas=bad)
+
+
+def test_stage_fields_keep_each_stage_to_its_own_options():
+    consistency, diffusion = set(stage_fields("consistency")), set(stage_fields("diffusion"))
+    assert {"teacher", "guidance", "intervals", "label_dropout", "steps"} <= consistency
+    assert not {"model", "autoencoder", "kl_weight", "sigma_data"} & consistency
+    assert not {"teacher", "guidance", "intervals"} & diffusion and "model" in diffusion
+
+
+# -- encdiff distill: the common trainer ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
+        (root / f"class{c}").mkdir()
+        for i in range(8):
+            pixels = np.clip(rng.normal(colour, 30, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    generator = Generator(randomize_(UNet(TINY)), DenoiserSpec(kind="edm", sigma_data=0.5), None,
+                          ["class0", "class1", "class2"], Sampling(steps=4, guidance_scale=2.0))
+    return generator.save_pretrained(tmp_path_factory.mktemp("teacher") / "gen")
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "encdiff", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def distill_args(teacher: Path, data: Path, run_dir: Path, steps: int) -> list[str]:
+    return ["distill", str(teacher), str(data), "--resolution", "16", "--batch-size", "8", "--steps", str(steps),
+            "--checkpoint-every", "2", "--keep-last", "10", "--log-every", "2", "--sample-every", "0",
+            "--workers", "0", "--warmup-steps", "1", "--intervals", "6", "--run-dir", str(run_dir)]
+
+
+def state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"step-{step:08d}" / "state.safetensors"))
+
+
+def test_distill_makes_a_student_folder_that_samples_in_two_steps_with_guidance_built_in(teacher, image_folder,
+                                                                                         tmp_path):
+    run_dir = tmp_path / "student"
+    result = cli(*distill_args(teacher, image_folder, run_dir, 4), "--sample-every", "4")
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / "samples-00000004.png").is_file()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["loss"]) for r in rows)
+    info = json.loads((run_dir / "model" / "generator.json").read_text())
+    assert info["denoiser"]["kind"] == "consistency"
+    assert info["sampling"] == {"sampler": "consistency", "steps": 2, "schedule": "consistency",
+                                "guidance_scale": None, "sigmas": None}
+    assert info["distillation"]["guidance_scale"] == 2.0 and info["distillation"]["images"] == 32
+    student = Generator.from_pretrained(run_dir / "model")
+    calls = []
+    original = student.unet.forward
+    student.unet.forward = lambda *a, **k: calls.append(a[0].shape[0]) or original(*a, **k)
+    images = student.images([0, 1, 2], torch.tensor([0, 1, 2]))
+    assert images.shape == (3, 3, 16, 16) and calls == [3, 3]  # two evaluations, one batch each: no guidance pass
+    with pytest.raises(EncdiffError, match="built in .scale 2.0."):
+        student.images([0], torch.tensor([0]), guidance_scale=3.0)
+    # The library and the CLI give the same pixels; export keeps the student's sampling and record.
+    sample = cli("sample", str(run_dir / "model"), "--num", "3", "--class", "1", "--out", str(tmp_path / "s.png"),
+                 "--out-dir", str(tmp_path / "s"))
+    assert sample.returncode == 0, sample.stderr
+    first = np.asarray(Image.open(tmp_path / "s" / "000000.png"))
+    student.unet.forward = original
+    assert np.array_equal(first, student.images([0], torch.tensor([1]))[0].permute(1, 2, 0).numpy())
+    exported = cli("export", str(run_dir), str(tmp_path / "exported"), "--sigmas", "80", "0.5")
+    assert exported.returncode == 0, exported.stderr
+    info = json.loads((tmp_path / "exported" / "generator.json").read_text())
+    assert info["sampling"]["sigmas"] == [80.0, 0.5] and info["distillation"]["images"] == 32
+
+
+def test_distill_resumes_exactly(teacher, image_folder, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert cli(*distill_args(teacher, image_folder, whole, 4)).returncode == 0
+    assert cli(*distill_args(teacher, image_folder, split, 2)).returncode == 0
+    resumed = cli(*distill_args(teacher, image_folder, split, 4))
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr
+    a, b = state(whole, 4), state(split, 4)
+    keys = [k for k in a if k.startswith(("model.", "ema.", "optimizer."))]
+    assert keys and all(torch.equal(a[k], b[k]) for k in keys)
+
+
+def test_two_gloo_processes_distil_like_one(teacher, image_folder, tmp_path):
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port",
+                             str(29600 + os.getpid() % 1000), "-m", "encdiff",
+                             *distill_args(teacher, image_folder, tmp_path / "ddp", 2)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert cli(*distill_args(teacher, image_folder, tmp_path / "one", 2)).returncode == 0
+    ddp, one = state(tmp_path / "ddp", 2), state(tmp_path / "one", 2)
+    for key in (k for k in one if k.startswith(("model.", "ema."))):
+        torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_distill_refuses_what_it_cannot_do_with_one_line(teacher, image_folder, tmp_path):
+    unconditional = Generator(randomize_(UNet(UNetConfig(**{**TINY.__dict__, "num_classes": 0, "null_class": False}))),
+                              DenoiserSpec(kind="edm"), None).save_pretrained(tmp_path / "uncond")
+    cases = [
+        ([str(unconditional), str(image_folder), "--guidance", "2"], "unconditional"),
+        ([str(teacher), str(image_folder), "--resolution", "32"], "makes 16x16 images"),
+        ([str(tmp_path / "missing"), str(image_folder)], "missing"),
+        ([str(teacher), str(image_folder), "--solver", "rk4"], "solver"),
+    ]
+    for args, message in cases:
+        result = cli("distill", *args, "--run-dir", str(tmp_path / "r"), "--workers", "0")
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(4):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(flat / f"{i}.png")
+    result = cli("distill", str(teacher), str(flat), "--resolution", "16", "--run-dir", str(tmp_path / "r2"),
+                 "--workers", "0")
+    assert result.returncode == 2 and "conditional on 3 classes" in result.stderr
+
+
+def test_the_bundled_teacher_distils_on_latents(tmp_path):
+    """The shipped generator as teacher: latents cached as in stage 2, the student keeps the teacher's decoder."""
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for c in ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]:
+        (root / c).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / c / "0.png")
+    from encdiff.pipeline import bundled_path
+
+    config = TrainConfig(data=str(root), run_dir=str(tmp_path / "run"), teacher=str(bundled_path()), steps=1,
+                         batch_size=4, log_every=1, sample_every=0, workers=0, warmup_steps=1)
+    out = train_consistency(config)
+    assert len(list((tmp_path / "run" / "cache").glob("latents-*.safetensors"))) == 1
+    student = Generator.from_pretrained(out)
+    teacher = Generator.bundled()
+    assert student.distillation["guidance_scale"] == 3.0  # the teacher's own default
+    for key, value in teacher.autoencoder.state_dict().items():
+        assert torch.equal(student.autoencoder.state_dict()[key], value)
+    assert student.images([0, 1], torch.tensor([3, 5])).shape == (2, 3, 32, 32)
