@@ -177,11 +177,50 @@ def sampling_steps(batch: int, guidance: float | None, steps: int = 20) -> dict[
     return {"encdiff": encdiff_run, "diffusers": diffusers_run}
 
 
+def student_steps(student_folder: str, batch: int, steps: int = 2) -> dict[str, Callable[[], None]]:
+    """The distilled student's `steps`-evaluation sampling (encdiff) against the teacher it came from, sampled as
+    diffusers does it: its EDM DPM-Solver++(2M) loop at the teacher's defaults (20 steps, guidance 3, 40 NFE)."""
+    student = Generator.from_pretrained(student_folder)
+    teacher = Generator.bundled()
+    unet, autoencoder = teacher.unet, teacher.autoencoder
+    config = {k: v for k, v in UNet.config_to_diffusers(unet.config).items() if not k.startswith("_")}
+    their_unet = UNet2DModel(**config).eval()
+    their_unet.load_state_dict(unet.state_dict())
+    their_vae = AutoencoderKL(**Autoencoder.config_to_diffusers(autoencoder.config)).eval()
+    their_vae.load_state_dict(autoencoder.state_dict())
+    scheduler = EDMDPMSolverMultistepScheduler(sigma_data=teacher.spec.sigma_data, solver_order=2,
+                                               final_sigmas_type="zero")
+    guidance, teacher_steps = teacher.sampling.guidance_scale, teacher.sampling.steps
+    labels = torch.arange(batch) % 10
+    c = unet.config
+    shift = torch.as_tensor(autoencoder.config.shift_factor or 0.0, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def encdiff_run():
+        student.images(list(range(batch)), labels, steps=steps)
+
+    @torch.inference_mode()
+    def diffusers_run():
+        scheduler.set_timesteps(teacher_steps)
+        g = torch.Generator().manual_seed(0)
+        latents = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g) * scheduler.init_noise_sigma
+        both = torch.cat([labels, torch.full_like(labels, c.num_classes)])
+        for t in scheduler.timesteps:
+            out = their_unet(scheduler.scale_model_input(torch.cat([latents, latents]), t), t, both).sample
+            cond, uncond = out.chunk(2)
+            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+        pixels = their_vae.decode(latents / autoencoder.config.scaling_factor + shift).sample
+        ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+    return {"encdiff": encdiff_run, "diffusers": diffusers_run}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per library (median reported)")
     parser.add_argument("--only", nargs="*", help="preset names to run (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--student", help="a consistency student of the bundled generator: time its 1- and "
+                        "2-step sampling against diffusers' loop over the teacher (run with --only student)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -202,6 +241,16 @@ def main() -> None:
             ours_ips, theirs_ips = batch / seconds["encdiff"], batch / seconds["diffusers"]
             print(f"| {case.kind} {case.name} | {params:.1f}M | {mode} | {batch} | {ours_ips:.1f} | "
                   f"{theirs_ips:.1f} | {ours_ips / theirs_ips:.2f} |", flush=True)
+    if args.student:
+        print("\n| sampling, same teacher weights | NFE | batch | encdiff student img/s | diffusers teacher loop img/s "
+              "(DPM++(2M), 20 steps, guidance 3, NFE 40) | ratio |")
+        print("|---|---|---|---|---|---|")
+        batch = 100
+        for steps in (1, 2):
+            seconds = measure(student_steps(args.student, batch, steps), max(3, args.repeats // 2), warmup=1)
+            ours_ips, theirs_ips = batch / seconds["encdiff"], batch / seconds["diffusers"]
+            print(f"| consistency student, {steps} step{'s' if steps > 1 else ''} | {steps} | {batch} | "
+                  f"{ours_ips:.1f} | {theirs_ips:.1f} | {ours_ips / theirs_ips:.1f} |", flush=True)
     if args.only and "sampling" not in args.only:
         return
     print("\n| sampling (bundled generator's networks, 20 steps DPM++(2M)) | guidance | batch | encdiff img/s | "

@@ -96,12 +96,12 @@ def test_final_sigma():
 
 
 def test_unknown_schedule_lists_valid_names():
-    valid = "karras, exponential, linspace, leading, trailing"
+    valid = "karras, exponential, consistency, linspace, leading, trailing"
     with pytest.raises(EncdiffError, match=f"unknown schedule 'karas'; valid: {valid}"):
         get_sigmas("karas", 10, vp_denoiser())
     with pytest.raises(EncdiffError, match="unknown training schedule 'cos'; valid: linear, scaled_linear, cosine"):
         get_alpha_bars("cos")
-    assert list(SCHEDULES) == ["karras", "exponential", "linspace", "leading", "trailing"]
+    assert list(SCHEDULES) == ["karras", "exponential", "consistency", "linspace", "leading", "trailing"]
 
 
 @pytest.mark.parametrize("n", [0, -3, 2.5, True])
