@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from encdiff import editing
-from encdiff.images import image_grid, load_image
+from encdiff.images import load_image
 from encdiff.pipeline import Generator
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

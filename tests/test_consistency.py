@@ -114,6 +114,18 @@ def test_pseudo_huber_is_l2_like_near_zero_and_zero_at_equality():
                                small.square().flatten(1).sum(1) / 2, rtol=1e-3, atol=1e-12)
 
 
+def test_the_intervals_are_drawn_from_the_discretised_log_normal():
+    import math
+
+    grid = distillation_grid(18, GaussianDenoiser(s=0.5))
+    assert grid.dtype == torch.float64 and (grid[1:] > grid[:-1]).all()
+    assert math.isclose(grid[0], 0.002, rel_tol=1e-12) and math.isclose(grid[-1], 80, rel_tol=1e-12)
+    p = interval_probabilities(grid, -1.1, 2.0)
+    cdf = [math.erf((math.log(s) + 1.1) / (2 * math.sqrt(2))) for s in grid.tolist()]
+    expected = torch.tensor([b - a for a, b in zip(cdf, cdf[1:])], dtype=torch.float64)
+    torch.testing.assert_close(p, expected / expected.sum())
+
+
 class ExactConsistency:
     """The exact consistency function of N(0, s^2) data, as a denoiser the sampler can call."""
 

@@ -299,7 +299,7 @@ def test_unreadable_files_are_skipped_with_one_warning(tmp_path):
         ds = ImageDataset(tmp_path, 4, workers=0, progress=False)
     assert len(record) == 1
     message = str(record[0].message)
-    assert "skipped 4 unreadable image file(s) of 6" in message
+    assert "skipped 4 unreadable image files of 6" in message
     assert all(path.name in message for path in broken)
     assert ds.skipped == broken
     assert len(ds) == 2 and ds.labels.tolist() == [0, 1] and ds.images[:, :, 0, 0].tolist() == [[1, 2, 3], [4, 5, 6]]

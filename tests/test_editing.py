@@ -107,7 +107,7 @@ def test_bad_editing_input_is_refused_naming_what_is_wrong():
         editing.inpaint(generator, x, torch.zeros(8, 8), [0])
     with pytest.raises(EncdiffError, match="binary mask"):
         editing.inpaint(generator, x, torch.full((16, 16), 0.5), [0])
-    with pytest.raises(EncdiffError, match="2 seeds for 1 images"):
+    with pytest.raises(EncdiffError, match="2 seeds for 1 image:"):
         editing.img2img(generator, x, [0, 1], strength=0.5)
     with pytest.raises(EncdiffError, match="euler, ddim, heun"):
         editing.invert(generator, x, sampler="dpmpp_2m")

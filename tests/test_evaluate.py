@@ -289,7 +289,7 @@ def test_eval_image_folder_and_its_mistakes(tmp_path, reference_folder, capsys):
 
     few = write_folder(tmp_path / "few", 40, seed=2)
     assert cli.main(["eval", str(few), "--reference", str(reference_folder), "--workers", "0"]) == 2
-    assert "40 image(s), too few for FID" in capsys.readouterr().err
+    assert "40 images, too few for FID" in capsys.readouterr().err
 
     big = write_folder(tmp_path / "big", 260, size=64, seed=3)
     assert cli.main(["eval", str(big), "--reference", str(reference_folder), "--workers", "0"]) == 2

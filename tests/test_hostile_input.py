@@ -239,7 +239,7 @@ def test_reconstruct_skips_an_unreadable_file_in_a_folder_and_says_so(tmp_path):
     result = cli("reconstruct", str(bundled_path() / "autoencoder"), str(tmp_path / "data"), "--out",
                  str(tmp_path / "out"), "--resolution", "32")
     assert result.returncode == 0, result.stderr
-    assert "mean PSNR over 2 image(s)" in result.stdout
+    assert "mean PSNR over 2 images" in result.stdout
     warning = [line for line in result.stderr.splitlines() if "broken.png" in line]
     assert len(warning) == 1 and warning[0].startswith("encdiff: warning:")
 
@@ -350,3 +350,10 @@ def test_malicious_pickles_under_every_accepted_file_name_never_run(tmp_path):
     with pytest.warns(UserWarning, match="ignoring an unreadable image cache"):
         assert len(ImageDataset(data, 16, workers=0, progress=False, cache_dir=run / "cache")) == 12
     assert not marker.exists()
+
+
+def test_messages_count_in_english():
+    from encdiff.errors import count
+
+    assert count(1, "image") == "1 image" and count(2, "image") == "2 images" and count(0, "image") == "0 images"
+    assert count(1, "class", "classes") == "1 class" and count(3, "process", "processes") == "3 processes"

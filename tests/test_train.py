@@ -266,7 +266,7 @@ def test_cli_sample_reconstruct_export_info_on_trained_models(autoencoder_run, i
     # Reconstruction: original | reconstruction side by side, and a PSNR per image.
     result = cli("reconstruct", str(autoencoder_run), str(image_folder / "class0"), "--out", str(tmp_path / "rec"))
     assert result.returncode == 0, result.stderr
-    assert len(list((tmp_path / "rec").glob("*.png"))) == 12 and "mean PSNR over 12 image(s)" in result.stdout
+    assert len(list((tmp_path / "rec").glob("*.png"))) == 12 and "mean PSNR over 12 images" in result.stdout
     assert Image.open(next((tmp_path / "rec").glob("*.png"))).size == (32, 16)
     # Export the EMA weights: ours loads as a generator, diffusers' with diffusers itself.
     assert cli("export", str(run_dir), str(tmp_path / "ours")).returncode == 0

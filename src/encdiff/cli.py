@@ -1,4 +1,4 @@
-"""The `encdiff` command: train, sample, reconstruct, export and inspect models.
+"""The `encdiff` command: train, distil, sample, edit, evaluate, serve, export and inspect models.
 
 A user mistake (bad path, value or file) prints one line `encdiff: error: ...` and exits with status 2.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import EncdiffError, TrainingInterrupted
+from .errors import EncdiffError, TrainingInterrupted, count
 
 EXAMPLES = """examples:
   encdiff sample                                   # the bundled CIFAR-10 model: samples.png, a row per class
@@ -226,11 +226,11 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         save_png(image_grid(torch.stack([pixels, out]), rows=1), out_dir / f"{path.stem}.png")
         print(f"{path}: PSNR {psnrs[-1]:.2f} dB")
     if skipped:
-        warnings.warn(f"{source}: skipped {len(skipped)} unreadable image file(s): {'; '.join(skipped[:3])}"
+        warnings.warn(f"{source}: skipped {count(len(skipped), 'unreadable image file')}: {'; '.join(skipped[:3])}"
                       + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""))
     if not psnrs:
-        raise EncdiffError(f"{source}: no readable images among its {len(files)} image file(s)")
-    print(f"mean PSNR over {len(psnrs)} image(s): {sum(psnrs) / len(psnrs):.2f} dB")
+        raise EncdiffError(f"{source}: no readable images among its {count(len(files), 'image file')}")
+    print(f"mean PSNR over {count(len(psnrs), 'image')}: {sum(psnrs) / len(psnrs):.2f} dB")
     return 0
 
 

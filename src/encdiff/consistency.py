@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from .denoiser import GuidedDenoiser, _as_batch, _per_image, drop_labels
+from .denoiser import GuidedDenoiser, _per_image, drop_labels
 from .errors import EncdiffError, lookup
 from .schedules import sigmas_karras
 

@@ -23,7 +23,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from .checkpoint import atomic_save_tensors
-from .errors import EncdiffError
+from .errors import EncdiffError, count
 from .images import UnreadableImageError, check_image_args, load_image, to_unit
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
@@ -187,9 +187,9 @@ class ImageDataset:
         if failed and strict:
             first = min(failed)
             raise EncdiffError(f"{files[first]}: {failed[first]} (strict: every image file must be readable; "
-                               f"{len(failed)} unreadable file(s) in {self.root})")
+                               f"{count(len(failed), 'unreadable file')} in {self.root})")
         if len(failed) == len(files):
-            raise EncdiffError(f"{self.root}: no readable images among its {len(files)} image file(s): "
+            raise EncdiffError(f"{self.root}: no readable images among its {count(len(files), 'image file')}: "
                                f"{list_failures(self.root, files, failed)}")
         keep = [i for i in range(len(files)) if i not in failed]
         if loaded is None and failed:
@@ -200,7 +200,7 @@ class ImageDataset:
         if loaded is None and cache_path is not None:
             self.write_cache(cache_path, key, files, failed)
         if failed:
-            warnings.warn(f"{self.root}: skipped {len(failed)} unreadable image file(s) of {len(files)}: "
+            warnings.warn(f"{self.root}: skipped {count(len(failed), 'unreadable image file')} of {len(files)}: "
                           f"{list_failures(self.root, files, failed)}", stacklevel=2)
 
     def __len__(self) -> int:
@@ -331,7 +331,7 @@ class BatchSampler:
                                           drop_last=True)
         self.batches_per_epoch = len(self.sampler) // batch_size
         if self.batches_per_epoch == 0:
-            raise EncdiffError(f"the dataset has {n} images, fewer than one global batch of {batch_size * world_size} "
+            raise EncdiffError(f"the dataset has {count(n, 'image')}, fewer than one global batch of {batch_size * world_size} "
                                f"(batch_size {batch_size} x world_size {world_size})")
         self.epoch = 0
         self.batch = 0

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from encdiff.errors import EncdiffError, lookup
+from encdiff.errors import EncdiffError, count, lookup
 from encdiff.schedules import vp_sigmas
 
 
@@ -76,7 +76,7 @@ class Denoiser(torch.nn.Module):
         if class_labels is None:
             if self.num_classes > 0 and not self.null_class:
                 raise EncdiffError(
-                    f"class_labels are required: the model is conditional on {self.num_classes} classes "
+                    f"class_labels are required: the model is conditional on {count(self.num_classes, 'class', 'classes')} "
                     "and has no null class"
                 )
             return None

@@ -28,7 +28,7 @@ import math
 import torch
 
 from .denoiser import GuidedDenoiser
-from .errors import EncdiffError
+from .errors import EncdiffError, count
 from .samplers import generate, noise
 from .schedules import get_sigmas
 
@@ -68,7 +68,7 @@ def img2img(generator, images: torch.Tensor, seeds: list[int], class_labels: tor
     steps = s.steps
     n = steps_run(steps, strength)
     if len(seeds) != len(images):
-        raise EncdiffError(f"{len(seeds)} seeds for {len(images)} images: give one seed per image")
+        raise EncdiffError(f"{count(len(seeds), 'seed')} for {count(len(images), 'image')}: give one seed per image")
     with torch.inference_mode():
         z0 = generator.encode(images)
         if n == 0:
@@ -121,7 +121,7 @@ def inpaint(generator, images: torch.Tensor, mask: torch.Tensor, seeds: list[int
     if isinstance(resample, bool) or not isinstance(resample, int) or resample < 1:
         raise EncdiffError(f"resample {resample!r}: expected an integer >= 1 (1: no resampling)")
     if len(seeds) != len(images):
-        raise EncdiffError(f"{len(seeds)} seeds for {len(images)} images: give one seed per image")
+        raise EncdiffError(f"{count(len(seeds), 'seed')} for {count(len(images), 'image')}: give one seed per image")
     with torch.inference_mode():
         z0 = generator.encode(images)
         device = z0.device

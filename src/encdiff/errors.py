@@ -23,6 +23,11 @@ class TrainingInterrupted(EncdiffError):
                          "to resume")
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """"1 image", "2 images": every message that counts says it in English."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def lookup(registry, name: str, what: str):
     """registry[name], or an error listing the valid names: one wording for every "unknown X" in encdiff."""
     if name not in registry:

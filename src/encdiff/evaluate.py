@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_save_tensors, atomic_write_bytes, read_weights
 from .data import ImageDataset
-from .errors import EncdiffError
+from .errors import EncdiffError, count
 from .images import to_uint8, to_unit
 
 KID_SUBSET_SIZE = 1000  # Bińkowski et al.'s default; smaller sets use all their images per subset
@@ -93,7 +93,7 @@ def extract_features(net: torch.nn.Module, images: torch.Tensor | Iterable[torch
 # --- FID -----------------------------------------------------------------------------------------------
 def check_count(n: int, minimum: int, what: str, where: str) -> None:
     if n < minimum:
-        raise EncdiffError(f"{where}: {n} image(s), too few for {what}: it needs at least {minimum} "
+        raise EncdiffError(f"{where}: {count(n, 'image')}, too few for {what}: it needs at least {minimum} "
                            f"(use more images; 10,000 or more is the usual size for FID)")
 
 
@@ -138,7 +138,7 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = KID_SUBSETS, subs
     so a model equal to the data scores 0 in expectation at any sample size (FID is biased upwards for small N)."""
     m = min(subset_size, len(real), len(fake))
     if m < 2:
-        raise EncdiffError(f"KID needs at least 2 images per set; got {len(real)} reference and {len(fake)} samples")
+        raise EncdiffError(f"KID needs at least 2 images per set; got {len(real)} reference and {count(len(fake), 'sample')}")
     g = torch.Generator().manual_seed(seed)
     d = real.shape[1]
     values = []
@@ -178,7 +178,7 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PR_K) -> t
     sample manifold. Distances in float64 so identical points are at distance exactly 0."""
     if len(real) <= k or len(fake) <= k:
         raise EncdiffError(f"precision/recall with k = {k} needs more than {k} images per set; got "
-                           f"{len(real)} reference and {len(fake)} samples")
+                           f"{len(real)} reference and {count(len(fake), 'sample')}")
     real, fake = real.double(), fake.double()
     precision = _inside_manifold(fake, real, _kth_neighbour_radii(real, k)).double().mean()
     recall = _inside_manifold(real, fake, _kth_neighbour_radii(fake, k)).double().mean()

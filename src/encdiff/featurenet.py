@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import atomic_save_tensors, read_weights, shipped_file
-from .errors import EncdiffError
+from .errors import EncdiffError, count
 from .images import to_unit
 
 SHIPPED_WEIGHTS = "featurenet-cifar10.safetensors"
@@ -234,7 +234,7 @@ def train_feature_net(train_images: torch.Tensor, train_labels: torch.Tensor, ou
                            "expected uint8 (N, 3, H, W)")
     num_classes = int(train_labels.max()) + 1
     if num_classes > config.num_classes:
-        raise EncdiffError(f"the data has {num_classes} classes, the config {config.num_classes}")
+        raise EncdiffError(f"the data has {count(num_classes, 'class', 'classes')}, the config {config.num_classes}")
     torch.manual_seed(settings.seed)
     # bf16 autocast in NCHW measured fastest on the CPU (487 img/s vs 264 fp32 channels_last, 84 fp32 NCHW;
     # bf16 channels_last 150): see benchmarks/featurenet.md.

@@ -1,4 +1,4 @@
-"""Named model configs: `tiny_*` for tests, published shapes for compatibility, and our CIFAR-10 models."""
+"""Named model configs: `tiny` for tests, published shapes for compatibility, and our CIFAR-10 models."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ import math
 import torch
 
 from encdiff.denoiser import GuidedDenoiser
-from encdiff.errors import EncdiffError, lookup
+from encdiff.errors import EncdiffError, count, lookup
 from encdiff.schedules import get_sigmas
 
 
@@ -45,7 +45,7 @@ def noise(shape, generator, dtype=torch.float32, device=None):
         raise EncdiffError("generator is required: randomness only comes from an explicit torch.Generator")
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
-            raise EncdiffError(f"generator list has {len(generator)} generators for a batch of {shape[0]} images")
+            raise EncdiffError(f"generator list has {count(len(generator), 'generator')} for a batch of {count(shape[0], 'image')}")
         # Each image draws from its own stream, so it does not depend on its position or batch size.
         z = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device).to(device) for g in generator])
     else:
@@ -222,8 +222,9 @@ def sample_consistency(denoiser, x, sigmas, class_labels=None, generator=None, c
     sigma_min = denoiser.sigma_min
     if sigmas[-2] <= sigma_min:
         raise EncdiffError(f"consistency sampling needs levels above sigma_min = {sigma_min}, got {sigmas[-2]:.4g}")
+    denoised = None
     for i, sigma in enumerate(sigmas[:-1]):
-        if i > 0:  # Alg. 1, line 5: back to level sigma with fresh noise
+        if denoised is not None:  # Alg. 1, line 5: back to level sigma with fresh noise
             x = denoised + math.sqrt(sigma**2 - sigma_min**2) * noise(x.shape, generator, x.dtype, x.device)
         denoised = denoiser(x, sigma, class_labels)
         if callback is not None:

@@ -1,8 +1,9 @@
-"""Training for both stages on any image folder, resumable bit for bit, on one process or under torchrun.
+"""Training on any image folder, resumable bit for bit, on one process or under torchrun: one loop, three stages.
 
 Stage 1, `train_autoencoder`: reconstruction (L1/L2) + a small KL (Rombach et al. 2022, sec. 3); at the end
 the latent statistics are measured and stored as the autoencoder's scale/shift. Stage 2, `train_diffusion`:
-denoising score matching (Karras et al. 2022) on latents encoded once (both flips), or on pixels.
+denoising score matching (Karras et al. 2022) on latents encoded once (both flips), or on pixels. Then, optionally,
+`train_consistency`: a few-step student distilled from a stage-2 generator (consistency.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .train_state import (flatten_state, latest_training_state, load_training_st
 from .data import BatchSampler, ImageDataset, random_flips
 from .denoiser import training_loss
 from .ema import EMA
-from .errors import EncdiffError, TrainingInterrupted, config_from_dict
+from .errors import EncdiffError, TrainingInterrupted, config_from_dict, count
 from .images import image_grid, save_png, to_uint8
 from .pipeline import DenoiserSpec, Generator, Sampling
 from .presets import AUTOENCODERS, UNETS, preset
@@ -397,7 +398,7 @@ class Run:
             raise EncdiffError(f"{path}: a {meta.get('stage')} checkpoint; this is a {self.stage} run "
                                "(use another --run-dir)")
         if meta.get("world_size") != self.dist.world_size:
-            raise EncdiffError(f"{path}: written by {meta.get('world_size')} processes, resumed with "
+            raise EncdiffError(f"{path}: written by {count(meta.get('world_size'), 'process', 'processes')}, resumed with "
                                f"{self.dist.world_size}; exact resume needs the same number")
         now, then = config_to_json(self.config), dict(meta["config"])
         for field in PATH_FIELDS:  # `data/` and `/abs/data` are the same folder
@@ -412,8 +413,8 @@ class Run:
         data = meta.get("data")
         if data is not None and data != self.data and not self.config.accept_data_change:
             raise EncdiffError(f"{path}: the data folder {self.config.data} is not what the run trained on "
-                               f"(checkpoint: {data['images']} images, fingerprint {str(data['key'])[:16]}; now: "
-                               f"{self.data['images']} images, fingerprint {str(self.data['key'])[:16]}); restore "
+                               f"(checkpoint: {count(data['images'], 'image')}, fingerprint {str(data['key'])[:16]}; now: "
+                               f"{count(self.data['images'], 'image')}, fingerprint {str(self.data['key'])[:16]}); restore "
                                "the data, or pass --accept-data-change to continue on the new data")
         take = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         self.model.load_state_dict(take("model."))
@@ -727,16 +728,16 @@ def frozen_modules(autoencoder: Autoencoder) -> torch.nn.ModuleList:
 @torch.inference_mode()
 def measure_latent_statistics(autoencoder: Autoencoder, dataset: ImageDataset, device, batch: int = 256) -> Autoencoder:
     """Set shift = per-channel mean and scale = 1 / std of the raw latents over the data (LDM sec. 4.3.2)."""
-    count, total, total_sq = 0, 0.0, 0.0
+    n, total, total_sq = 0, 0.0, 0.0
     for start in range(0, len(dataset), batch):
         x, _ = dataset.batch(torch.arange(start, min(start + batch, len(dataset))))
         z = autoencoder.posterior(x.to(device)).mode().double()
         total = total + z.sum(dim=(0, 2, 3))
         total_sq = total_sq + z.square().sum(dim=(0, 2, 3))
-        count += z.shape[0] * z.shape[2] * z.shape[3]
-    mean = total / count
+        n += z.shape[0] * z.shape[2] * z.shape[3]
+    mean = total / n
     # The variance around the per-channel means, pooled over channels: one scale keeps channel ratios intact.
-    var = (total_sq / count - mean.square()).mean()
+    var = (total_sq / n - mean.square()).mean()
     config = dataclasses.replace(autoencoder.config, scaling_factor=float(1 / var.sqrt()),
                                  shift_factor=tuple(float(m) for m in mean))
     measured = Autoencoder(config).to(device)
@@ -911,8 +912,8 @@ def _train_consistency(config: TrainConfig) -> Path:
                            f"{teacher.image_size}x{teacher.image_size} images (pass --resolution {teacher.image_size})")
     dist_, dataset = prepare(config, "consistency")
     if dataset.num_classes != teacher.num_classes:
-        raise EncdiffError(f"{config.data}: {dataset.num_classes} class folders, but the teacher {config.teacher} "
-                           f"is conditional on {teacher.num_classes} classes; distil on its training data")
+        raise EncdiffError(f"{config.data}: {count(dataset.num_classes, 'class folder')}, but the teacher {config.teacher} "
+                           f"is conditional on {count(teacher.num_classes, 'class', 'classes')}; distil on its training data")
     teacher_net = teacher.unet.to(dist_.device).requires_grad_(False)
     teacher_denoiser = teacher.spec.build(teacher_net)
     latent = isinstance(teacher.autoencoder, Autoencoder)
