@@ -63,7 +63,8 @@ def test_model_health_and_openapi_describe_the_service(client):
     assert client.get("/healthz").json()["status"] == "ok"
     info = client.get("/v1/model").json()
     assert info["classes"] == ["red", "green", "blue"] and info["image_size"] == 16
-    assert info["sampling"] == {"sampler": "dpmpp_2m", "steps": 6, "schedule": "karras", "guidance_scale": 2.0}
+    assert info["sampling"] == {"sampler": "dpmpp_2m", "steps": 6, "schedule": "karras", "guidance_scale": 2.0,
+                                "sigmas": None}
     assert info["limits"]["max_images"] == 8
     schema = client.get("/openapi.json").json()
     body = schema["components"]["schemas"]["GenerateRequest"]["properties"]
@@ -291,3 +292,19 @@ def test_the_page_in_a_real_browser_generates_and_shows_the_images(server):
         assert src == "data:image/png;base64," + api["images"][0]["png"]
     finally:
         driver.quit()
+
+
+def test_a_consistency_student_is_served_with_its_guidance_built_in(generator_dir, tmp_path):
+    teacher = Generator.from_pretrained(generator_dir)
+    student = Generator(teacher.unet, DenoiserSpec(kind="consistency", sigma_data=1.0), teacher.autoencoder,
+                        teacher.class_names, Sampling(sampler="consistency", steps=2, schedule="consistency"),
+                        {"guidance_scale": 2.0})
+    app = create_app(Generator.from_pretrained(student.save_pretrained(tmp_path / "student")), ServerLimits())
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        info = c.get("/v1/model").json()
+        assert info["guidance_built_in"] == 2.0 and info["sampling"]["sampler"] == "consistency"
+        refused = c.post("/v1/generate", json={"class": 1, "guidance": 3.0}, headers=JSON)
+        assert refused.status_code == 422 and "built in" in refused.text and "guidance" in refused.text
+        made = c.post("/v1/generate", json={"class": 1, "seed": 5}, headers=JSON)
+        assert made.status_code == 200
+        assert torch.equal(decode(made.json()["images"][0]["png"]), student.images([5], torch.tensor([1]))[0])

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import EncdiffError, config_from_dict
+from .errors import EncdiffError, config_from_dict, count
 
 FORMAT_VERSION = 1
 OUR_WEIGHTS = "model.safetensors"
@@ -117,9 +117,9 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
     unexpected = sorted(set(state) - set(expected))
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing key(s), first {missing[0]!r}")
+        problems.append(f"{count(len(missing), 'missing key')}, first {missing[0]!r}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s), first {unexpected[0]!r}")
+        problems.append(f"{count(len(unexpected), 'unexpected key')}, first {unexpected[0]!r}")
     for key in sorted(set(expected) & set(state)):
         if expected[key].shape != state[key].shape:
             problems.append(f"key {key!r} has shape {tuple(state[key].shape)}, "

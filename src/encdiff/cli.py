@@ -125,11 +125,19 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
     return 0
 
 
+def _generator(args: argparse.Namespace):
+    """The generator a command names: a folder, or the bundled model (its consistency student with --fast)."""
+    from .pipeline import Generator
+
+    if args.model and args.fast:
+        raise EncdiffError(f"--fast picks the bundled student; {args.model} is another model (give one of them)")
+    return Generator.from_pretrained(args.model) if args.model else Generator.bundled(student=args.fast)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .images import image_grid, save_png
-    from .pipeline import Generator
 
     num = args.num
     if num is not None and num < 1:
@@ -141,7 +149,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else None
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise EncdiffError(f"--out-dir {out_dir}: is a file, not a folder")
-    generator = Generator.from_pretrained(args.model) if args.model else Generator.bundled()
+    generator = _generator(args)
     if num is None:
         # a class-conditional model with no --class: one row of ten per class
         num = 10 * generator.num_classes if generator.num_classes and args.class_ is None else 16
@@ -371,8 +379,6 @@ def _read_mask(path: Path, image_path: str, resolution: int) -> torch.Tensor:
 def cmd_serve(args: argparse.Namespace) -> int:
     import ipaddress
 
-    from .pipeline import Generator
-
     try:
         from .server import ServerLimits, serve
         import fastapi  # noqa: F401  (the serve extra)
@@ -386,7 +392,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for field in ("max_images", "max_steps", "queue_size"):
         if getattr(limits, field) < 1:
             raise EncdiffError(f"--{field.replace('_', '-')} {getattr(limits, field)}: expected at least 1")
-    generator = Generator.from_pretrained(args.model) if args.model else Generator.bundled()
+    generator = _generator(args)
     try:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -561,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="grid PNG (default samples.png unless --out-dir)")
     p.add_argument("--out-dir", help="also write one PNG per image here (alone: no grid, any --num)")
     p.add_argument("--batch-size", type=int, default=100, help="images generated at once (memory)")
+    p.add_argument("--fast", action="store_true", help="the bundled model's consistency student: 2 network "
+                   "evaluations per image instead of 40, guidance built in")
 
     p = commands.add_parser("reconstruct", help="encode and decode images; side-by-side PNGs and PSNR")
     p.add_argument("model", help="autoencoder folder (encdiff or diffusers)")
@@ -622,6 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=100, help="sampler steps per request")
     p.add_argument("--queue-size", type=int, default=4, help="requests running or waiting; more get 429")
     p.add_argument("--allowed-host", action="append", help="a host name clients use (Host/Origin check); repeatable")
+    p.add_argument("--fast", action="store_true", help="serve the bundled model's consistency student (2 network "
+                   "evaluations per image)")
 
     p = commands.add_parser("set-autoencoder", help="put a fine-tuned decoder into a generator (same latent space)")
     p.add_argument("generator", help="generator folder")

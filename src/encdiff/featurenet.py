@@ -500,7 +500,7 @@ def load_inception(path: str | os.PathLike) -> FIDInceptionV3:
     expected = net.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise EncdiffError(f"{path}: not pytorch-fid's Inception-v3 layout: {len(missing)} missing key(s) "
+        raise EncdiffError(f"{path}: not pytorch-fid's Inception-v3 layout: {count(len(missing), 'missing key')} "
                            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
     for key, value in expected.items():
         if state[key].shape != value.shape:

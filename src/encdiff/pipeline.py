@@ -28,6 +28,7 @@ from .unet import UNet
 
 GENERATOR_FILE = "generator.json"
 BUNDLED = "cifar10"  # the generator folder shipped under encdiff/weights/
+BUNDLED_STUDENT = "cifar10-student"  # its consistency student (2 evaluations per image, guidance built in)
 
 
 @dataclass(frozen=True)
@@ -290,11 +291,13 @@ class Generator:
             raise EncdiffError(f"{info_path}: {e}") from None
 
     @classmethod
-    def bundled(cls) -> "Generator":
-        """The class-conditional CIFAR-10 generator shipped inside the package (BENCHMARKS.md)."""
-        return cls.from_pretrained(bundled_path())
+    def bundled(cls, student: bool = False) -> "Generator":
+        """The class-conditional CIFAR-10 generator shipped inside the package, or with `student` its consistency
+        student: the same images' distribution in 2 network evaluations instead of 40 (BENCHMARKS.md)."""
+        return cls.from_pretrained(bundled_path(student))
 
 
-def bundled_path() -> Path:
-    return shipped_file(f"{BUNDLED}/{GENERATOR_FILE}", "generator", "pass a generator folder written by "
-                        "`encdiff train` or `encdiff export`").parent
+def bundled_path(student: bool = False) -> Path:
+    return shipped_file(f"{BUNDLED_STUDENT if student else BUNDLED}/{GENERATOR_FILE}", "generator",
+                        "pass a generator folder written by `encdiff train`, `encdiff distill` or `encdiff export`"
+                        ).parent

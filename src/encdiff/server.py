@@ -211,7 +211,10 @@ def create_app(generator: Generator, limits: ServerLimits = ServerLimits(), allo
             return field_error("class", str(e))
         if body.guidance is not None and labels is None:
             return field_error("guidance", "this model is unconditional: it cannot be guided")
-        settings = generator.settings(labels, sampler=body.sampler, steps=body.steps, guidance_scale=body.guidance)
+        try:
+            settings = generator.settings(labels, sampler=body.sampler, steps=body.steps, guidance_scale=body.guidance)
+        except EncdiffError as e:  # a consistency student has its guidance built in
+            return field_error("guidance", str(e))
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         return [seed + i for i in range(body.num_images)], labels, settings
 
@@ -235,7 +238,10 @@ def create_app(generator: Generator, limits: ServerLimits = ServerLimits(), allo
         return {"classes": generator.class_names or list(range(generator.num_classes)),
                 "image_size": generator.image_size, "channels": generator.image_channels,
                 "latent": generator.downsample_factor > 1, "sampling": dataclasses.asdict(defaults),
-                "samplers": list(sampler_names), "limits": dataclasses.asdict(limits), "seed_max": SEED_MAX}
+                "samplers": list(sampler_names), "limits": dataclasses.asdict(limits), "seed_max": SEED_MAX,
+                # a consistency student's guidance scale, fixed at distillation: the page then offers no guidance
+                "guidance_built_in": (generator.distillation or {}).get("guidance_scale")
+                if generator.spec.kind == "consistency" else None}
 
     @app.post("/v1/generate", summary="generate images: PNGs (base64) and the seed of each")
     async def generate(request: Request, body: GenerateRequest):

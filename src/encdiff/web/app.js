@@ -31,6 +31,11 @@ async function loadModel() {
   $("steps").max = model.limits.max_steps;
   $("num_images").max = model.limits.max_images;
   if (model.sampling.guidance_scale !== null) $("guidance").value = model.sampling.guidance_scale;
+  if (model.guidance_built_in !== null) {
+    $("guidance").value = model.guidance_built_in;
+    $("guidance").disabled = true;
+    $("guidance").title = "built into this distilled model";
+  }
   $("model-line").textContent = `${model.image_size}x${model.image_size} images, ` +
     `${model.classes.length || "no"} classes, ${model.sampling.sampler} ${model.sampling.steps} steps by default`;
 }
