@@ -2,7 +2,7 @@
 # Every step behind the bundled CIFAR-10 generator and BENCHMARKS.md, in order. Run from the repository root with
 # the CIFAR-10 JPEG folders at $DATA (default /tmp/cifar10, unpacked from ../shared/data/cifar10-jpeg.tar.gz).
 # On two CPU cores the whole script takes about 2.5 hours; each stage can also be run on its own:
-#   bash benchmarks/bundled.sh train | decoder | sweep | eval | speed
+#   bash benchmarks/bundled.sh train | decoder | sweep | eval | speed | student | peer
 set -euo pipefail
 DATA=${DATA:-/tmp/cifar10}
 CACHE=${CACHE:-/tmp/evalcache}
@@ -59,4 +59,44 @@ if [[ $stage == speed || $stage == all ]]; then
   python benchmarks/networks.py --only sampling
   # `encdiff sample` as a new user runs it: one row of ten per class, 20 steps, guided.
   /usr/bin/time -f "encdiff sample: %e s wall" python -m encdiff sample --out "$EVAL/samples.png"
+fi
+
+if [[ $stage == student || $stage == all ]]; then
+  # The consistency student (issue 11): 800 steps x 128 images of distillation from the bundled generator at its
+  # guidance 3 (10 % of the images its U-Net was trained on), then the 2-step noise level chosen on 2,000 samples.
+  encdiff distill "$BUNDLED" "$DATA/train" --config configs/cifar10/distill.toml
+  for mid in ${MIDS:-0.5 1 2 4}; do
+    encdiff eval runs/cifar10-student/model --reference "$DATA/test" --num 2000 --sampler consistency --steps 2 \
+      --sigmas 80 "$mid" --cache-dir "$CACHE" --out "$EVAL/student-mid-$mid"
+  done
+  encdiff export runs/cifar10-student "$BUNDLED-student" --half --sigmas 80 "${MID:-1}"
+  for steps in 1 2 4; do
+    encdiff eval "$BUNDLED-student" --reference "$DATA/test" --num 10000 --steps "$steps" --cache-dir "$CACHE" \
+      --out "$EVAL/student-$steps"
+  done
+  python benchmarks/networks.py --only student --student "$BUNDLED-student"
+  /usr/bin/time -f "encdiff sample --fast: %e s wall" python -m encdiff sample --fast --out "$EVAL/samples-fast.png"
+fi
+
+if [[ $stage == peer || $stage == all ]]; then
+  # Side by side with diffusers' train_unconditional recipe at the bundled model's training budget (issue 16): about
+  # 1.5 hours of both cores on a quiet machine (the budget is measured first; a busy machine then only runs longer).
+  PEER=${PEER:-runs/peer}
+  python benchmarks/peer_quality.py budget --out "$PEER"
+  python benchmarks/peer_quality.py train --out "$PEER" --data "$DATA/train"
+  python benchmarks/peer_quality.py sample --out "$PEER" --num 2000
+  encdiff eval "$PEER/samples" --reference "$DATA/test" --cache-dir "$CACHE" --out "$EVAL/peer"
+  # encdiff on the same 2,000-sample footing: its defaults (guided), unguided, and with the v0.1 (L1) decoder it had
+  # at exactly the peer's budget (the sharper decoder cost 75 more minutes)
+  encdiff eval "$BUNDLED" --reference "$DATA/test" --num 2000 --cache-dir "$CACHE" --out "$EVAL/peer-encdiff-guided"
+  encdiff eval "$BUNDLED" --reference "$DATA/test" --num 2000 --guidance 1 --cache-dir "$CACHE" \
+    --out "$EVAL/peer-encdiff-unguided"
+  V01=$(mktemp -d)
+  git show f0f5836^:src/encdiff/weights/cifar10/autoencoder/model.safetensors > "$V01/model.safetensors"
+  git show f0f5836^:src/encdiff/weights/cifar10/autoencoder/config.json > "$V01/config.json"
+  encdiff set-autoencoder "$BUNDLED" "$V01" --out "$V01/generator"
+  encdiff eval "$V01/generator" --reference "$DATA/test" --num 2000 --guidance 1 --cache-dir "$CACHE" \
+    --out "$EVAL/peer-encdiff-v01-unguided"
+  encdiff sample --num 50 --guidance 1 --out-dir "$EVAL/peer-encdiff-samples"
+  python benchmarks/peer_quality.py grid --out "$PEER" --encdiff "$EVAL/peer-encdiff-samples"
 fi

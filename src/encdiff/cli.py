@@ -162,7 +162,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.guidance is not None and labels is None:
         raise EncdiffError("--guidance needs a class-conditional model")
     # Flags win over the generator's own sampling settings (measured for the bundled model), as in the library.
-    settings = generator.settings(labels, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
+    settings = generator.settings(labels, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
+                                  sigmas=args.sigmas)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     seeds = [args.seed + i for i in range(num)]
@@ -567,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="grid PNG (default samples.png unless --out-dir)")
     p.add_argument("--out-dir", help="also write one PNG per image here (alone: no grid, any --num)")
     p.add_argument("--batch-size", type=int, default=100, help="images generated at once (memory)")
+    p.add_argument("--sigmas", type=_finite_float, nargs="+", metavar="SIGMA",
+                   help="explicit noise levels, one per step (overrides --steps and the schedule)")
     p.add_argument("--fast", action="store_true", help="the bundled model's consistency student: 2 network "
                    "evaluations per image instead of 40, guidance built in")
 
@@ -665,6 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-num", type=int, help="use a seeded random subset of this many reference images")
     p.add_argument("--sampler", help="sampler name (see encdiff.SAMPLERS; default: the generator's)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the generator's)")
+    p.add_argument("--sigmas", type=_finite_float, nargs="+", metavar="SIGMA",
+                   help="explicit noise levels, one per step (overrides --steps and the schedule)")
     p.add_argument("--guidance", type=_finite_float, help="classifier-free guidance scale (default: the generator's; "
                    "1: none)")
     p.add_argument("--classes", help="comma-separated class names or indices to generate (default: all, balanced)")

@@ -296,8 +296,8 @@ def feature_classes(net: torch.nn.Module, generator_classes: Sequence[str], requ
 
 def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: torch.nn.Module | None = None,
                        batch_size: int = 100, sampler: str | None = None, steps: int | None = None,
-                       guidance_scale: float | None = None, seed: int = 0, classes: Sequence[int | str] | None = None,
-                       kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE, k: int = PR_K,
+                       guidance_scale: float | None = None, sigmas: Sequence[float] | None = None, seed: int = 0,
+                       classes: Sequence[int | str] | None = None, kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE, k: int = PR_K,
                        progress: bool = False) -> dict:
     """Generate `n` images and measure them against `reference`: FID, KID, precision, recall and, for a
     class-conditional model, the feature net's accuracy per requested class. Unset sampler, steps and guidance are
@@ -320,7 +320,7 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
         labels = balanced_labels(n, requested)
     elif classes:
         raise EncdiffError("classes were requested but the model is unconditional: it takes no class")
-    sampling = generator.settings(labels, sampler=sampler, steps=steps, guidance_scale=guidance_scale)
+    sampling = generator.settings(labels, sampler=sampler, steps=steps, guidance_scale=guidance_scale, sigmas=sigmas)
     started = time.perf_counter()
     images = torch.cat(list(sample_images(generator, n, batch_size=batch_size, sampling=sampling, seed=seed,
                                           class_labels=labels, progress=progress)))
@@ -340,7 +340,7 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
             result["class_accuracy_mean"] = sum(result["class_accuracy"].values()) / len(requested)
     guidance = sampling.guidance_scale if sampling.guidance_scale != 1 else None
     result["settings"] = {"num_samples": n, "sampler": sampling.sampler, "steps": sampling.steps,
-                          "schedule": sampling.schedule, "guidance_scale": guidance,
+                          "schedule": sampling.schedule, "sigmas": sampling.sigmas, "guidance_scale": guidance,
                           "seed": seed, "batch_size": batch_size, "classes": [generator.class_names[c] if
                                                                               generator.class_names else c
                                                                               for c in requested] or None,
@@ -585,6 +585,7 @@ class EvalRequest:
     sampler: str | None = None  # None: the generator's
     steps: int | None = None  # None: the generator's
     guidance: float | None = None  # None: the generator's; 1: none
+    sigmas: tuple[float, ...] | None = None  # explicit noise levels, one per step; None: the generator's
     classes: str | None = None  # comma-separated class names or indices
     seed: int = 0  # sample i uses seed + i; also seeds subsets
     batch_size: int = 100
@@ -705,6 +706,7 @@ def run_evaluation(args: "EvalRequest") -> tuple[Path, Path]:
         classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
         result = evaluate_generator(generator, reference, args.num, net=net, batch_size=args.batch_size,
                                              sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
+                                             sigmas=args.sigmas,
                                              seed=args.seed, classes=classes, progress=True, **common)
         if args.bpd:
             result.update(_bits_per_dim(args, generator, ref_data))

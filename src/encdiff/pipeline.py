@@ -95,6 +95,8 @@ class Sampling:
         """These settings with the given ones changed; a None override keeps the current value. Explicit `sigmas`
         hold for their own step count and schedule only: changing either returns to the schedule's levels."""
         overrides = {k: v for k, v in overrides.items() if v is not None}
+        if overrides.get("sigmas") is not None and "steps" not in overrides:
+            overrides["steps"] = len(overrides["sigmas"])  # explicit levels are one per step
         if self.sigmas is not None and "sigmas" not in overrides and (
                 overrides.get("steps", self.steps) != self.steps or overrides.get("schedule", self.schedule) != self.schedule):
             overrides["sigmas"] = None
