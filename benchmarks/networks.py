@@ -144,37 +144,49 @@ def sampling_steps(batch: int, guidance: float | None, steps: int = 20) -> dict[
             p.data.normal_(0, 0.02)
     sigma_data = 1.0
     ours = Generator(unet, DenoiserSpec(kind="edm", sigma_data=sigma_data), autoencoder, [str(i) for i in range(10)])
+    their_unet, their_vae = diffusers_pair(unet, autoencoder)
+    scheduler = EDMDPMSolverMultistepScheduler(sigma_data=sigma_data, solver_order=2, final_sigmas_type="zero")
+    labels = torch.arange(batch) % 10
+
+    def encdiff_run():
+        ours.images(list(range(batch)), labels, sampler="dpmpp_2m", steps=steps, guidance_scale=guidance)
+
+    def diffusers_run():
+        diffusers_loop(their_unet, their_vae, autoencoder.config, scheduler, labels, steps, guidance)
+
+    return {"encdiff": encdiff_run, "diffusers": diffusers_run}
+
+
+def diffusers_pair(unet: UNet, autoencoder: Autoencoder) -> tuple[UNet2DModel, AutoencoderKL]:
+    """diffusers' U-Net and VAE holding our networks' weights."""
     config = {k: v for k, v in UNet.config_to_diffusers(unet.config).items() if not k.startswith("_")}
     their_unet = UNet2DModel(**config).eval()
     their_unet.load_state_dict(unet.state_dict())
     their_vae = AutoencoderKL(**Autoencoder.config_to_diffusers(autoencoder.config)).eval()
     their_vae.load_state_dict(autoencoder.state_dict())
-    scheduler = EDMDPMSolverMultistepScheduler(sigma_data=sigma_data, solver_order=2, final_sigmas_type="zero")
-    labels = torch.arange(batch) % 10
-    c = unet.config
-    shift = torch.as_tensor(autoencoder.config.shift_factor or 0.0, dtype=torch.float32)
+    return their_unet, their_vae
+
+
+@torch.inference_mode()
+def diffusers_loop(their_unet, their_vae, ae_config, scheduler, labels, steps: int, guidance: float | None) -> None:
+    """A batch from noise to uint8 pixels as a diffusers user writes it: the scheduler's loop, classifier-free
+    guidance by batching the null class, the VAE decoding the unscaled latents."""
+    c = their_unet.config
+    shift = torch.as_tensor(ae_config.shift_factor or 0.0, dtype=torch.float32)
     shift = shift.view(1, -1, 1, 1) if shift.ndim else shift
-
-    def encdiff_run():
-        ours.images(list(range(batch)), labels, sampler="dpmpp_2m", steps=steps, guidance_scale=guidance)
-
-    @torch.inference_mode()
-    def diffusers_run():
-        scheduler.set_timesteps(steps)
-        g = torch.Generator().manual_seed(0)
-        latents = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g) * scheduler.init_noise_sigma
-        both = torch.cat([labels, torch.full_like(labels, c.num_classes)])
-        for t in scheduler.timesteps:
-            x = torch.cat([latents, latents]) if guidance else latents
-            out = their_unet(scheduler.scale_model_input(x, t), t, both if guidance else labels).sample
-            if guidance:
-                cond, uncond = out.chunk(2)
-                out = uncond + guidance * (cond - uncond)
-            latents = scheduler.step(out, t, latents).prev_sample
-        pixels = their_vae.decode(latents / autoencoder.config.scaling_factor + shift).sample
-        ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-    return {"encdiff": encdiff_run, "diffusers": diffusers_run}
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(len(labels), c.in_channels, c.sample_size, c.sample_size, generator=g) * scheduler.init_noise_sigma
+    both = torch.cat([labels, torch.full_like(labels, c.num_class_embeds - 1)])
+    for t in scheduler.timesteps:
+        x = torch.cat([latents, latents]) if guidance else latents
+        out = their_unet(scheduler.scale_model_input(x, t), t, both if guidance else labels).sample
+        if guidance:
+            cond, uncond = out.chunk(2)
+            out = uncond + guidance * (cond - uncond)
+        latents = scheduler.step(out, t, latents).prev_sample
+    pixels = their_vae.decode(latents / ae_config.scaling_factor + shift).sample
+    ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def student_steps(student_folder: str, batch: int, steps: int = 2) -> dict[str, Callable[[], None]]:
@@ -182,34 +194,17 @@ def student_steps(student_folder: str, batch: int, steps: int = 2) -> dict[str, 
     diffusers does it: its EDM DPM-Solver++(2M) loop at the teacher's defaults (20 steps, guidance 3, 40 NFE)."""
     student = Generator.from_pretrained(student_folder)
     teacher = Generator.bundled()
-    unet, autoencoder = teacher.unet, teacher.autoencoder
-    config = {k: v for k, v in UNet.config_to_diffusers(unet.config).items() if not k.startswith("_")}
-    their_unet = UNet2DModel(**config).eval()
-    their_unet.load_state_dict(unet.state_dict())
-    their_vae = AutoencoderKL(**Autoencoder.config_to_diffusers(autoencoder.config)).eval()
-    their_vae.load_state_dict(autoencoder.state_dict())
+    their_unet, their_vae = diffusers_pair(teacher.unet, teacher.autoencoder)
     scheduler = EDMDPMSolverMultistepScheduler(sigma_data=teacher.spec.sigma_data, solver_order=2,
                                                final_sigmas_type="zero")
-    guidance, teacher_steps = teacher.sampling.guidance_scale, teacher.sampling.steps
     labels = torch.arange(batch) % 10
-    c = unet.config
-    shift = torch.as_tensor(autoencoder.config.shift_factor or 0.0, dtype=torch.float32).view(1, -1, 1, 1)
 
     def encdiff_run():
         student.images(list(range(batch)), labels, steps=steps)
 
-    @torch.inference_mode()
     def diffusers_run():
-        scheduler.set_timesteps(teacher_steps)
-        g = torch.Generator().manual_seed(0)
-        latents = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g) * scheduler.init_noise_sigma
-        both = torch.cat([labels, torch.full_like(labels, c.num_classes)])
-        for t in scheduler.timesteps:
-            out = their_unet(scheduler.scale_model_input(torch.cat([latents, latents]), t), t, both).sample
-            cond, uncond = out.chunk(2)
-            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
-        pixels = their_vae.decode(latents / autoencoder.config.scaling_factor + shift).sample
-        ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        diffusers_loop(their_unet, their_vae, teacher.autoencoder.config, scheduler, labels, teacher.sampling.steps,
+                       teacher.sampling.guidance_scale)
 
     return {"encdiff": encdiff_run, "diffusers": diffusers_run}
 

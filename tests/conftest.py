@@ -11,8 +11,10 @@ import random
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from encdiff import AutoencoderConfig, UNetConfig
 
@@ -94,3 +96,17 @@ def extract_cifar_subset(target: Path, n: int, split: str = "train", seed: int =
             (target / name).mkdir(parents=True, exist_ok=True)
             (target / name / filename).write_bytes(archive.extractfile(member).read())
     return [tuple(m.name.split("/")[1:]) for m in chosen]
+
+
+COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+
+
+def colour_classes(root: Path, classes: int = 3, per_class: int = 8, size: int = 16, spread: float = 30) -> Path:
+    """A class-per-colour image folder (class0, class1, ...): noisy solid colours a tiny model can learn."""
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate(COLOURS[:classes]):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(colour, spread, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root

@@ -9,14 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import randomize_
+from conftest import colour_classes, randomize_
 from encdiff import Autoencoder, EncdiffError
 from encdiff.autoencoder_loss import (AutoencoderObjective, DiscriminatorConfig, PatchDiscriminator, adaptive_weight,
                                       focal_frequency_loss, hinge_discriminator_loss, ssim)
@@ -31,14 +29,7 @@ GAN = dict(ssim_weight=0.2, fft_weight=0.5, adv_weight=0.5, fm_weight=1.0, disc_
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for c, colour in enumerate([(200, 40, 40), (40, 200, 40)]):
-        (root / f"class{c}").mkdir()
-        for i in range(8):
-            pixels = np.clip(rng.normal(colour, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
-    return root
+    return colour_classes(tmp_path_factory.mktemp("images"), classes=2, spread=40)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import randomize_
+from conftest import colour_classes, randomize_
 from encdiff import EncdiffError, UNet
 from encdiff.consistency import (distillation_grid, distillation_loss, interval_probabilities, ode_step,
                                  pseudo_huber)
@@ -168,14 +168,7 @@ def test_stage_fields_keep_each_stage_to_its_own_options():
 # -- encdiff distill: the common trainer ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for c, colour in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
-        (root / f"class{c}").mkdir()
-        for i in range(8):
-            pixels = np.clip(rng.normal(colour, 30, (16, 16, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
-    return root
+    return colour_classes(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")

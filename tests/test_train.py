@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import extract_cifar_subset, needs_cifar
+from conftest import colour_classes, extract_cifar_subset, needs_cifar
 from encdiff import Autoencoder, EncdiffError
 from encdiff.train_state import latest_training_state
 from encdiff.data import ImageDataset
@@ -32,14 +32,7 @@ COMMON = dict(model="tiny", resolution=16, batch_size=8, log_every=2, sample_eve
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
     """3 classes x 12 images of 20x20 with class-specific colours (resized to 16 by the loader)."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for c, colour in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
-        (root / f"class{c}").mkdir()
-        for i in range(12):
-            pixels = np.clip(rng.normal(colour, 30, (20, 20, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
-    return root
+    return colour_classes(tmp_path_factory.mktemp("images"), per_class=12, size=20)
 
 
 @pytest.fixture(scope="module")
