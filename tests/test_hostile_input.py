@@ -357,3 +357,18 @@ def test_messages_count_in_english():
 
     assert count(1, "image") == "1 image" and count(2, "image") == "2 images" and count(0, "image") == "0 images"
     assert count(1, "class", "classes") == "1 class" and count(3, "process", "processes") == "3 processes"
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback():
+    """`encdiff info MODEL | head -1`: the pipe closes before encdiff writes; exit like SIGPIPE, silently."""
+    import subprocess
+    import sys
+
+    from encdiff.pipeline import bundled_path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    process = subprocess.Popen([sys.executable, "-m", "encdiff", "info", str(bundled_path())], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the interpreter has even imported encdiff
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 141 and "Traceback" not in stderr, stderr

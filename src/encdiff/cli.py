@@ -430,6 +430,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         info = read_json(path / "generator.json")
         print(f"{path}: generator ({'latent' if info.get('latent') else 'pixel'} diffusion), denoiser "
               f"{info['denoiser']['kind']}, classes: {', '.join(info.get('class_names') or []) or 'none'}")
+        sampling = info.get("sampling") or {}
+        print(f"  sampling: {sampling.get('sampler')}, {sampling.get('steps')} steps"
+              + (f" at noise levels {sampling['sigmas']}" if sampling.get("sigmas") else
+                 f", {sampling.get('schedule')} schedule")
+              + (f", guidance {sampling['guidance_scale']}" if sampling.get("guidance_scale") else ""))
+        if info.get("distillation"):
+            d = info["distillation"]
+            print(f"  distilled: guidance {d.get('guidance_scale')} built in, {d.get('images')} images, "
+                  f"{d.get('intervals')} intervals, {d.get('solver')} teacher steps")
         for sub in ("unet", "autoencoder"):
             if (path / sub).is_dir():
                 _describe_model(path / sub)
@@ -713,6 +722,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `encdiff info ... | head`: the reader has gone. Python's documented remedy: point stdout at devnull so the
+        # flush at exit does not fail again, and exit like a process killed by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
 
 
 if __name__ == "__main__":
