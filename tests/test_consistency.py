@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -238,6 +239,15 @@ def test_distill_resumes_exactly(teacher, image_folder, tmp_path):
     a, b = state(whole, 4), state(split, 4)
     keys = [k for k in a if k.startswith(("model.", "ema.", "optimizer."))]
     assert keys and all(torch.equal(a[k], b[k]) for k in keys)
+    # Another teacher under the same path is refused, naming both hashes.
+    copy = tmp_path / "teacher"
+    shutil.copytree(teacher, copy)
+    assert cli(*distill_args(copy, image_folder, tmp_path / "third", 2)).returncode == 0
+    generator = Generator.from_pretrained(copy)
+    randomize_(generator.unet, seed=5)
+    generator.save_pretrained(copy)
+    changed = cli(*distill_args(copy, image_folder, tmp_path / "third", 4))
+    assert changed.returncode == 2 and "not the teacher this run was distilling" in changed.stderr, changed.stderr
 
 
 def test_two_gloo_processes_distil_like_one(teacher, image_folder, tmp_path):

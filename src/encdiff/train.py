@@ -428,6 +428,7 @@ class Run:
         for name, g in self.generators.items():
             set_rng_state(g, tensors[f"rng.{name}.rank{self.dist.rank}"])
         self.step, self.images_seen, self.history = meta["step"], meta["images_seen"], meta["history"]
+        self.resumed_export = meta.get("export") or {}  # what the checkpoint recorded for export, to compare
         self.window = meta.get("window") or {"loss": [], "parts": {}}
         if self.dist.main:
             write_run_config(self.dir, self.stage, self.config)
@@ -931,7 +932,12 @@ def _train_consistency(config: TrainConfig) -> Path:
                    "autoencoder": str(ae_folder.resolve()) if latent else None,
                    "sampling": dataclasses.asdict(sampling), "distillation": distillation}
     run = Run(config, "consistency", student, dataset, dist_, export_info)
-    run.resume()
+    if run.resume():
+        then = run.resumed_export.get("distillation", {}).get("teacher_unet_sha256")
+        if then != distillation["teacher_unet_sha256"]:
+            raise EncdiffError(f"{config.teacher}: not the teacher this run was distilling (its U-Net's sha256 "
+                               f"{distillation['teacher_unet_sha256'][:16]}, the checkpoint's {str(then)[:16]}); "
+                               "resume with the original teacher or use another --run-dir")
 
     if latent:
         latents = cached_latents(autoencoder, dataset, Path(config.run_dir) / "cache", str(ae_folder), dist_)
