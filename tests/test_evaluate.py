@@ -88,7 +88,7 @@ def test_too_few_images_names_the_minimum():
     features = torch.randn(100, 64, generator=g)
     mu, sigma = gaussian_stats(features)
     reference = ReferenceStats(features, mu, sigma, "key", "ref-folder", 32)
-    with pytest.raises(EncdiffError, match=r"my-samples: 50 image\(s\), too few for FID .* at least 65"):
+    with pytest.raises(EncdiffError, match=r"my-samples: 50 images, too few for FID .* at least 65"):
         compare_features(reference, features[:50], where="my-samples")
 
 
