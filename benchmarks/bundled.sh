@@ -81,22 +81,27 @@ fi
 if [[ $stage == peer || $stage == all ]]; then
   # Side by side with diffusers' train_unconditional recipe at the bundled model's training budget (issue 16): about
   # 1.5 hours of both cores on a quiet machine (the budget is measured first; a busy machine then only runs longer).
+  # Every row is scored on 1,000 samples: the peer's DDIM sampling (50 steps of a pixel-space U-Net) costs 20-40 min.
   PEER=${PEER:-runs/peer}
+  N=${PEER_SAMPLES:-1000}
   python benchmarks/peer_quality.py budget --out "$PEER"
   python benchmarks/peer_quality.py train --out "$PEER" --data "$DATA/train"
-  python benchmarks/peer_quality.py sample --out "$PEER" --num 2000
+  python benchmarks/peer_quality.py sample --out "$PEER" --num "$N"
   encdiff eval "$PEER/samples" --reference "$DATA/test" --cache-dir "$CACHE" --out "$EVAL/peer"
-  # encdiff on the same 2,000-sample footing: its defaults (guided), unguided, and with the v0.1 (L1) decoder it had
-  # at exactly the peer's budget (the sharper decoder cost 75 more minutes)
-  encdiff eval "$BUNDLED" --reference "$DATA/test" --num 2000 --cache-dir "$CACHE" --out "$EVAL/peer-encdiff-guided"
-  encdiff eval "$BUNDLED" --reference "$DATA/test" --num 2000 --guidance 1 --cache-dir "$CACHE" \
+  # encdiff on the same footing: its defaults (guided), unguided, its student, and with the version 0.1 (L1) decoder
+  # it had at exactly the peer's budget (the sharper decoder cost 75 more minutes)
+  encdiff eval "$BUNDLED" --reference "$DATA/test" --num "$N" --cache-dir "$CACHE" --out "$EVAL/peer-encdiff-guided"
+  encdiff eval "$BUNDLED" --reference "$DATA/test" --num "$N" --guidance 1 --cache-dir "$CACHE" \
     --out "$EVAL/peer-encdiff-unguided"
+  encdiff eval "$BUNDLED-student" --reference "$DATA/test" --num "$N" --cache-dir "$CACHE" --out "$EVAL/peer-encdiff-student"
   V01=$(mktemp -d)
   git show f0f5836^:src/encdiff/weights/cifar10/autoencoder/model.safetensors > "$V01/model.safetensors"
   git show f0f5836^:src/encdiff/weights/cifar10/autoencoder/config.json > "$V01/config.json"
   encdiff set-autoencoder "$BUNDLED" "$V01" --out "$V01/generator"
-  encdiff eval "$V01/generator" --reference "$DATA/test" --num 2000 --guidance 1 --cache-dir "$CACHE" \
-    --out "$EVAL/peer-encdiff-v01-unguided"
+  for w in 1 3; do
+    encdiff eval "$V01/generator" --reference "$DATA/test" --num "$N" --guidance $w --cache-dir "$CACHE" \
+      --out "$EVAL/peer-encdiff-v01-guidance-$w"
+  done
   encdiff sample --num 50 --guidance 1 --out-dir "$EVAL/peer-encdiff-samples"
   python benchmarks/peer_quality.py grid --out "$PEER" --encdiff "$EVAL/peer-encdiff-samples"
 fi

@@ -16,7 +16,7 @@ run, converted into the peer's optimizer steps: a busy machine later neither sho
 
     python benchmarks/peer_quality.py budget --out runs/peer        # step times -> budget.json (quiet machine!)
     python benchmarks/peer_quality.py train --out runs/peer --data /tmp/cifar10/train   # resumable
-    python benchmarks/peer_quality.py sample --out runs/peer --num 2000                # DDIM, 50 steps -> PNGs
+    python benchmarks/peer_quality.py sample --out runs/peer --num 1000                # DDIM, 50 steps -> PNGs
     python benchmarks/peer_quality.py grid --out runs/peer --encdiff eval/peer-encdiff-samples  # side by side
 
 `benchmarks/bundled.sh peer` runs them all with the evaluations.
@@ -312,7 +312,7 @@ def main() -> None:
     parser.add_argument("stage", choices=("budget", "train", "sample", "grid"))
     parser.add_argument("--out", type=Path, required=True, help="the peer's run folder")
     parser.add_argument("--data", type=Path, default=Path("/tmp/cifar10/train"))
-    parser.add_argument("--num", type=int, default=2000)
+    parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--encdiff", type=Path, nargs="*", default=[], help="grid: encdiff sample folders")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
