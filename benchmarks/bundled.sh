@@ -65,11 +65,11 @@ if [[ $stage == student || $stage == all ]]; then
   # The consistency student (issue 11): 800 steps x 128 images of distillation from the bundled generator at its
   # guidance 3 (10 % of the images its U-Net was trained on), then the 2-step noise level chosen on 2,000 samples.
   encdiff distill "$BUNDLED" "$DATA/train" --config configs/cifar10/distill.toml
-  for mid in ${MIDS:-0.5 1 2 4}; do
+  for mid in ${MIDS:-0.8 1.6 3.2}; do
     encdiff eval runs/cifar10-student/model --reference "$DATA/test" --num 2000 --sampler consistency --steps 2 \
       --sigmas 80 "$mid" --cache-dir "$CACHE" --out "$EVAL/student-mid-$mid"
   done
-  encdiff export runs/cifar10-student "$BUNDLED-student" --half --sigmas 80 "${MID:-1}"
+  encdiff export runs/cifar10-student "$BUNDLED-student" --half --sigmas 80 "${MID:-3.2}"
   for steps in 1 2 4; do
     encdiff eval "$BUNDLED-student" --reference "$DATA/test" --num 10000 --steps "$steps" --cache-dir "$CACHE" \
       --out "$EVAL/student-$steps"
