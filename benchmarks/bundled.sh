@@ -70,7 +70,7 @@ if [[ $stage == student || $stage == all ]]; then
       --sigmas 80 "$mid" --cache-dir "$CACHE" --out "$EVAL/student-mid-$mid"
   done
   encdiff export runs/cifar10-student "$BUNDLED-student" --half --sigmas 80 "${MID:-3.2}"
-  for steps in 1 2 4; do
+  for steps in 2 1; do
     encdiff eval "$BUNDLED-student" --reference "$DATA/test" --num 10000 --steps "$steps" --cache-dir "$CACHE" \
       --out "$EVAL/student-$steps"
   done
