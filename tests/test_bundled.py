@@ -62,7 +62,7 @@ def test_sample_without_a_model_writes_one_row_per_class_of_recognisable_images(
 def test_the_bundled_student_samples_recognisable_classes_in_two_evaluations(tmp_path):
     """`encdiff sample --fast`: the shipped consistency student, guidance built in, 2 evaluations per image."""
     student = Generator.bundled(student=True)
-    assert student.spec.kind == "consistency" and student.distillation["guidance_scale"] == 3.0
+    assert student.spec.kind == "consistency" and student.distillation["guidance_scale"] == 4.0
     assert student.sampling.steps == 2 and student.sampling.sigmas == (80.0, 3.2)
     teacher = Generator.bundled()
     for key, value in teacher.autoencoder.state_dict().items():  # the same decoder: the student changes the U-Net only
@@ -75,8 +75,10 @@ def test_the_bundled_student_samples_recognisable_classes_in_two_evaluations(tmp
     assert result.returncode == 0, result.stderr
     grid = torch.from_numpy(np.array(Image.open(tmp_path / "fast.png"))).permute(2, 0, 1)
     tiles = grid.unfold(1, 32, 32).unfold(2, 32, 32).permute(1, 2, 0, 3, 4).reshape(100, 3, 32, 32)
-    assert torch.equal(tiles[:10], student.images(list(range(0, 100, 10)), torch.zeros(10, dtype=torch.long)))
+    # Row 0 holds seeds 0, 10, ..., 90 of class 0; the library makes them in the CLI's batch of 100 (another batch size
+    # may move a rare pixel by one level: float rounding).
+    assert torch.equal(tiles[:10], student.images(list(range(100)), torch.arange(100) % 10)[0::10])
     with torch.inference_mode():
         predicted = FeatureNet.load()(tiles.float() / 127.5 - 1).argmax(1).view(10, 10)
-    # 0.78 on 10k samples (BENCHMARKS.md); chance is 0.1.
+    # 0.86 on 10k samples (BENCHMARKS.md); chance is 0.1.
     assert (predicted == torch.arange(10).view(10, 1)).float().mean().item() >= 0.5, predicted
