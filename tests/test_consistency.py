@@ -303,3 +303,13 @@ def test_the_bundled_teacher_distils_on_latents(tmp_path):
     for key, value in teacher.autoencoder.state_dict().items():
         assert torch.equal(student.autoencoder.state_dict()[key], value)
     assert student.images([0, 1], torch.tensor([3, 5])).shape == (2, 3, 32, 32)
+
+
+def test_the_shipped_distillation_recipe_costs_a_tenth_of_the_teachers_images():
+    from encdiff.train import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "cifar10"
+    student = load_config(str(configs / "distill.toml"), None, "consistency", {})
+    teacher = load_config(str(configs / "diffusion.toml"), None, "diffusion", {})
+    assert student.guidance == 4.0 and student.student_steps == 2
+    assert student.steps * student.batch_size <= 0.1 * teacher.steps * teacher.batch_size
