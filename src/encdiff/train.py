@@ -787,13 +787,9 @@ def _train_diffusion(config: TrainConfig) -> Path:
     run = Run(config, "diffusion", UNet(unet_config), dataset, dist_, export_info)
     run.resume()
 
-    if autoencoder is not None:
-        latents = cached_latents(autoencoder, dataset, Path(config.run_dir) / "cache", config.autoencoder, dist_)
-
-        def images_of(indices, flips):
-            return latents[indices, flips.long()], None if dataset.labels is None else dataset.labels[indices]
-    else:
-        images_of = dataset.batch
+    images_of = (latent_batches(cached_latents(autoencoder, dataset, Path(config.run_dir) / "cache",
+                                               config.autoencoder, dist_), dataset)
+                 if autoencoder is not None else dataset.batch)
 
     label_dropout = config.label_dropout if dataset.num_classes else 0.0
 
@@ -849,6 +845,13 @@ def evaluation_hook(config: TrainConfig, dataset: ImageDataset, generator_of: Ca
             atomic_write_bytes(run.dir / "best" / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
 
     return on_eval
+
+
+def latent_batches(latents: torch.Tensor, dataset: ImageDataset):
+    """`images_of` for the training loop over cached latents (N, 2, C, h, w): each image's latent, or its mirror's."""
+    def images_of(indices, flips):
+        return latents[indices, flips.long()], None if dataset.labels is None else dataset.labels[indices]
+    return images_of
 
 
 def cached_latents(autoencoder: Autoencoder, dataset: ImageDataset, cache_dir: Path, key: str,
@@ -939,13 +942,9 @@ def _train_consistency(config: TrainConfig) -> Path:
                                f"{distillation['teacher_unet_sha256'][:16]}, the checkpoint's {str(then)[:16]}); "
                                "resume with the original teacher or use another --run-dir")
 
-    if latent:
-        latents = cached_latents(autoencoder, dataset, Path(config.run_dir) / "cache", str(ae_folder), dist_)
-
-        def images_of(indices, flips):
-            return latents[indices, flips.long()], None if dataset.labels is None else dataset.labels[indices]
-    else:
-        images_of = dataset.batch
+    images_of = (latent_batches(cached_latents(autoencoder, dataset, Path(config.run_dir) / "cache", str(ae_folder),
+                                               dist_), dataset)
+                 if latent else dataset.batch)
 
     grid = distillation_grid(config.intervals, teacher_denoiser)
     # iCT's log-normal over the intervals (P_mean -1.1, P_std 2 at sigma_data 0.5), shifted to the data's scale
@@ -1010,8 +1009,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bo
     unet = UNet(config_from_dict(UNetConfig, info["model_config"], f"{path} model_config"))
     unet.load_state_dict(ema)
     autoencoder = Autoencoder.from_pretrained(info["autoencoder"]) if info.get("autoencoder") else None
-    # A student's folder records its own sampling (consistency) and how it was distilled.
-    sampling = {**(info.get("sampling") or {}), **(sampling or {})} or None
+    # A student's run records its own sampling (consistency); the caller's settings change it as `but` does.
+    sampling = Sampling.from_dict(info.get("sampling"), f"{path} sampling").but(**(sampling or {}))
     distillation = info.get("distillation")
     if distillation is not None:
         distillation = {**distillation, "images": meta["images_seen"]}
