@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import count_forward_calls, extract_cifar_subset, needs_cifar, randomize_
 from encdiff import Autoencoder, EncdiffError, UNet
 from encdiff import editing
-from encdiff.pipeline import DenoiserSpec, Generator
+from encdiff.pipeline import DenoiserSpec, Generator, Sampling
 from encdiff.presets import AUTOENCODERS, UNETS
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -54,11 +54,89 @@ def test_img2img_strength_0_is_the_autoencoder_round_trip_bit_for_bit():
     x = images(3)
     expected = generator.decode(generator.autoencoder.encode(x.float() / 127.5 - 1))
     assert torch.equal(editing.img2img(generator, x, [0, 1, 2], strength=0.0), expected)
-    # and strength 1 all but ignores the image: the start is z0 + sigma_max eps, where z0 is tiny next to sigma_max = 80,
-    # so the result is generation from the same seeds but for rounding
-    with_image = editing.img2img(generator, x, [4, 5, 6], torch.tensor([0, 1, 2]), strength=1.0, steps=6)
-    from_noise = generator.images([4, 5, 6], torch.tensor([0, 1, 2]), steps=6)
-    assert (with_image.float() - from_noise.float()).abs().mean() < 0.5
+
+
+@pytest.mark.parametrize("sampler, guidance", [("dpmpp_2m", None), ("dpmpp_2m", 3.0), ("euler_ancestral", 2.0),
+                                               ("ddpm", None)])
+def test_img2img_strength_1_ignores_the_image_and_equals_generation_bit_for_bit(sampler, guidance):
+    """Issue 25, defects 1 and 3: strength 1 starts from the seed's noise alone (not image + noise, which guidance
+    amplified by up to 56 levels), and an ancestral sampler's fresh noise continues the seed's stream instead of
+    drawing the starting noise a second time."""
+    generator = tiny_generator()
+    labels = torch.tensor([0, 1, 2])
+    black, white = torch.zeros(3, 3, 16, 16, dtype=torch.uint8), torch.full((3, 3, 16, 16), 255, dtype=torch.uint8)
+    settings = dict(sampler=sampler, steps=6, guidance_scale=guidance)
+    from_noise = generator.images([4, 5, 6], labels, **settings)
+    for x in (black, white, images(3)):
+        assert torch.equal(editing.img2img(generator, x, [4, 5, 6], labels, strength=1.0, **settings), from_noise)
+
+
+def test_img2img_draws_no_noise_twice():
+    """Defect 3: at strength < 1, the ancestral step's fresh noise is the stream's next draw, not its first again."""
+    generator = tiny_generator()
+    x = images(1)
+    z0 = generator.encode(x)
+    seen = []
+    editing.img2img(generator, x, [7], strength=0.5, sampler="euler_ancestral", steps=4,
+                    callback=lambda i, sigma, state, denoised: seen.append(state.clone()))
+    g = torch.Generator().manual_seed(7)
+    first, second = torch.randn(z0.shape, generator=g), torch.randn(z0.shape, generator=g)
+    # Replay the first step by hand with the second draw as its fresh noise.
+    from encdiff.samplers import ancestral_step
+
+    sigmas = generator.sampling.but(steps=4).grid(generator.denoiser)[2:].tolist()
+    start = z0 + sigmas[0] * first
+    denoised = generator.denoiser(start, sigmas[0], None)
+    down, up = ancestral_step(sigmas[0], sigmas[1])
+    expected = denoised + down * (start - denoised) / sigmas[0] + up * second
+    assert torch.allclose(seen[0], expected, atol=1e-5)
+
+
+def consistency_generator() -> Generator:
+    """A tiny consistency "student" whose sampling stores explicit noise levels, as the bundled one does."""
+    teacher = tiny_generator()
+    spec = dataclasses.replace(teacher.spec, kind="consistency")
+    sampling = Sampling(sampler="consistency", steps=2, schedule="consistency", sigmas=(80.0, 3.2))
+    return Generator(teacher.unet, spec, teacher.autoencoder, teacher.class_names, sampling)
+
+
+def test_editing_walks_the_generators_stored_noise_levels():
+    """Defect 2: img2img and inpainting run the generator's own levels (80, 3.2), not the schedule's (80, 2.515)."""
+    student = consistency_generator()
+    visited = []
+    record = lambda i, sigma, x, denoised: visited.append(round(float(sigma), 6))
+    editing.img2img(student, images(1), [0], strength=0.5, callback=record)
+    assert visited == [3.2]
+    visited.clear()
+    editing.img2img(student, images(1), [0], strength=1.0, callback=record)
+    assert visited == [80.0, 3.2]
+    assert torch.equal(editing.img2img(student, images(1), [3], torch.tensor([1]), strength=1.0),
+                       student.images([3], torch.tensor([1])))
+    visited.clear()
+    mask = torch.zeros(16, 16)
+    mask[:8] = 1
+    editing.inpaint(student, images(1), mask, [0], callback=record)
+    assert visited == [80.0, 3.2]
+
+
+def test_interpolating_two_seeds_starts_and_ends_at_what_they_generate():
+    """Defect 4: the ends of `interpolate --seeds A B` are the images `sample --seed A` and `--seed B` make, with
+    the generator's own sampling (guidance included); a sampler that draws fresh noise is refused."""
+    generator = tiny_generator()
+    label = torch.tensor([2])
+    generator.sampling = generator.sampling.but(steps=5, guidance_scale=2.0)
+    strip = editing.interpolate_seeds(generator, (11, 12), 4, label)
+    assert strip.shape == (4, 3, 16, 16)
+    assert torch.equal(strip[0], generator.images([11], label)[0])
+    assert torch.equal(strip[-1], generator.images([12], label)[0])
+    assert not torch.equal(strip[1], strip[0]) and not torch.equal(strip[1], strip[-1])
+    with pytest.raises(EncdiffError, match="draws fresh noise"):
+        editing.interpolate_seeds(generator, (11, 12), 4, label, sampler="euler_ancestral")
+    student = consistency_generator()
+    with pytest.raises(EncdiffError, match="consistency student at 1 step"):
+        editing.interpolate_seeds(student, (1, 2), 3)
+    one_step = editing.interpolate_seeds(student, (1, 2), 3, steps=1)
+    assert torch.equal(one_step[0], student.images([1], steps=1)[0])
 
 
 def test_img2img_depends_on_each_images_seed_only():

@@ -372,3 +372,235 @@ def test_a_reader_that_goes_away_is_not_a_traceback():
     process.stdout.close()  # before the interpreter has even imported encdiff
     stderr = process.stderr.read()
     assert process.wait(timeout=120) == 141 and "Traceback" not in stderr, stderr
+
+
+# -- issue 25: the defects found by trying and by reading ----------------------------------------------------------
+def run_main(*args: str, capsys) -> tuple[int, str, str]:
+    """The CLI in this process (the same code path as the `encdiff` command, without a subprocess's start-up)."""
+    from encdiff.cli import main
+
+    code = main([*args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line(code: int, err: str, message: str) -> None:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def generator_copy(tmp_path_factory) -> Path:
+    import shutil
+
+    from encdiff.pipeline import bundled_path
+
+    folder = tmp_path_factory.mktemp("gen") / "gen"
+    shutil.copytree(bundled_path(), folder)
+    return folder
+
+
+MALFORMED = [  # (change to generator.json, words of the refusal)
+    (lambda i: {k: v for k, v in i.items() if k != "denoiser"}, "entry 'denoiser'"),
+    (lambda i: {**i, "denoiser": [1]}, "entry 'denoiser'"),
+    (lambda i: {**i, "class_names": 3}, "entry 'class_names'"),
+    (lambda i: {**i, "class_names": i["class_names"][:9]}, "one per class of the U-Net"),
+    (lambda i: {**i, "latent": False}, "entry 'latent' = false"),
+    (lambda i: {**i, "latent": "yes"}, "entry 'latent'"),
+    (lambda i: {**i, "sampling": [1, 2]}, "entry 'sampling'"),
+    (lambda i: {**i, "sampling": {**i["sampling"], "steps": 0}}, "sampling.steps"),
+    (lambda i: {**i, "sampling": {**i["sampling"], "steps": "ten"}}, "sampling.steps"),
+    (lambda i: {**i, "sampling": {**i["sampling"], "guidance_scale": float("nan")}}, "sampling.guidance_scale"),
+    (lambda i: {**i, "sampling": {**i["sampling"], "sampler": "consistency"}}, "does not fit"),
+    (lambda i: {**i, "denoiser": {**i["denoiser"], "sigma_data": "one"}}, "denoiser.sigma_data"),
+    (lambda i: {**i, "denoiser": {**i["denoiser"], "sigma_data": -1}}, "denoiser.sigma_data"),
+    (lambda i: {**i, "denoiser": {**i["denoiser"], "sigma_max": 0}}, "denoiser.sigma_max"),
+    (lambda i: {**i, "denoiser": {**i["denoiser"], "kind": "flow"}}, "denoiser.kind"),
+    (lambda i: {**i, "denoiser": {**i["denoiser"], "colour": 1}}, "unknown field 'colour'"),
+    (lambda i: {**i, "format_version": 99}, "format_version 99"),
+]
+
+
+@pytest.mark.parametrize("change, message", MALFORMED)
+def test_info_validates_a_generator_exactly_as_loading_does(generator_copy, capsys, change, message):
+    """Defects 8 and 9: every malformed generator.json is refused by loading, `info`, `sample` and `eval` alike,
+    in one line naming the entry, never a traceback, and never vouched for by `info`."""
+    path = generator_copy / "generator.json"
+    original = path.read_text()
+    try:
+        path.write_text(json.dumps(change(json.loads(original))))
+        with pytest.raises(EncdiffError, match=message) as refused:
+            Generator.from_pretrained(generator_copy)
+        for command in (["info", str(generator_copy)], ["sample", str(generator_copy), "--num", "1"],
+                        ["eval", str(generator_copy), "--num", "1"]):
+            code, out, err = run_main(*command, capsys=capsys)
+            one_line(code, err, str(refused.value))
+            assert not out
+    finally:
+        path.write_text(original)
+
+
+def test_info_refuses_a_generator_without_its_unet(generator_copy, capsys):
+    (generator_copy / "unet").rename(generator_copy / "unet-gone")
+    try:
+        code, out, err = run_main("info", str(generator_copy), capsys=capsys)
+        one_line(code, err, "unet")
+    finally:
+        (generator_copy / "unet-gone").rename(generator_copy / "unet")
+
+
+def test_info_of_a_run_whose_last_row_is_an_evaluation(tmp_path, capsys):
+    """Defect 6: the last logged row of a run with evaluations has metrics and no loss."""
+    from encdiff.train_state import latest_training_state, load_training_state, save_training_state
+
+    data = make_folder(tmp_path / "data")
+    train_autoencoder(TrainConfig(data=str(data), run_dir=str(tmp_path / "run"), steps=2, checkpoint_every=2,
+                                  **COMMON))
+    tensors, meta = load_training_state(latest_training_state(tmp_path / "run"))
+    meta["history"].append({"step": 2, "fid": 12.5, "kid": 0.01})
+    save_training_state(tmp_path / "run", 2, tensors, meta)
+    code, out, err = run_main("info", str(tmp_path / "run"), capsys=capsys)
+    assert code == 0, err
+    assert "last logged loss" in out and "last evaluation: FID 12.50 (step 2)" in out
+
+
+def test_info_with_no_path_describes_the_bundled_generator(capsys):
+    code, out, err = run_main("info", capsys=capsys)
+    assert code == 0 and "generator (latent diffusion)" in out and "dpmpp_2m, 20 steps" in out, err
+
+
+def test_export_never_reads_the_run_folder_as_data(tmp_path):
+    """Defect 7: export measures the latent statistics on the training data alone, as training did, even when the
+    run folder (with its PNGs) lies inside the data folder."""
+    from encdiff.train import export_run
+
+    data = make_folder(tmp_path / "data")
+    trained = train_autoencoder(TrainConfig(data=str(data), run_dir=str(data / "run"), steps=2, checkpoint_every=1,
+                                            **{**COMMON, "sample_every": 1}))
+    assert list((data / "run").glob("reconstructions-*.png"))
+    exported = export_run(data / "run", tmp_path / "exported")
+    a, b = Autoencoder.from_pretrained(trained).config, Autoencoder.from_pretrained(exported).config
+    assert (a.scaling_factor, a.shift_factor) == (b.scaling_factor, b.shift_factor)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "--out", "/proc/encdiff-x.png"], "cannot write in /proc"),
+    (["sample", "--out-dir", "file/sub"], "file is not a folder"),
+    (["train-autoencoder", "data", "--model", "tiny", "--run-dir", "file/run"], "--run-dir file/run"),
+    (["train", "data", "--pixel", "--model", "tiny", "--run-dir", "file"], "--run-dir file"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, capsys, args, message):
+    """Defect 10: refused in one line before the model is loaded or any data read; nothing is left behind."""
+    monkeypatch.chdir(tmp_path)
+    make_folder(tmp_path / "data")
+    (tmp_path / "file").write_text("x")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = run_main(*args, capsys=capsys)
+    one_line(code, err, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_cached_latent_follows_an_image_replaced_with_its_size_and_time(tmp_path):
+    """Defect 11: an image replaced by another of the same size and modification time (as `cp -p` leaves it) is
+    decoded again, and its latent encoded again, in a rerun of the same run folder."""
+    data = make_folder(tmp_path / "data")
+    ae = train_autoencoder(TrainConfig(data=str(data), run_dir=str(tmp_path / "ae"), steps=2, checkpoint_every=2,
+                                       **COMMON))
+    base = dict(data=str(data), autoencoder=str(ae), run_dir=str(tmp_path / "ldm"), checkpoint_every=2, **COMMON)
+    train_diffusion(TrainConfig(steps=2, **base))
+    target = data / "c1" / "3.png"
+    stat = target.stat()
+    replacement = np.random.default_rng(99).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(replacement).save(target)
+    assert target.stat().st_size == stat.st_size  # random pixels do not compress: the same PNG size
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    train_diffusion(TrainConfig(steps=4, **base))
+    from safetensors.torch import load_file
+
+    dataset = ImageDataset(data, 16, workers=0, progress=False)
+    index = [i for i, f in enumerate(sorted((data / "c1").iterdir()))].index(3) + 6
+    assert np.array_equal(dataset.images[index].permute(1, 2, 0).numpy(), replacement)
+    newest = max((tmp_path / "ldm" / "cache").glob("latents-*"), key=lambda p: p.stat().st_mtime_ns)
+    latents = load_file(str(newest))["latents"]
+    fresh = Autoencoder.from_pretrained(ae).encode(dataset.images[index:index + 1].float() / 127.5 - 1)
+    assert torch.allclose(latents[index, 0], fresh[0], atol=1e-4)
+
+
+def test_a_sampler_that_does_not_fit_the_model_is_refused(capsys):
+    """Defect 13: the student refuses ODE solvers and the teacher consistency sampling, naming what fits, in the
+    library and the CLI alike (the server and page: tests/test_server.py)."""
+    with pytest.raises(EncdiffError, match="'dpmpp_2m' does not fit a 'consistency' generator.*use consistency"):
+        Generator.bundled(student=True).images([0], torch.tensor([0]), sampler="dpmpp_2m")
+    with pytest.raises(EncdiffError, match="'consistency' does not fit a 'edm' generator: use one of euler"):
+        Generator.bundled().images([0], torch.tensor([0]), sampler="consistency")
+    code, out, err = run_main("sample", "--fast", "--sampler", "dpmpp_2m", "--num", "1", capsys=capsys)
+    one_line(code, err, "does not fit a 'consistency' generator")
+    code, out, err = run_main("sample", "--sampler", "consistency", "--num", "1", capsys=capsys)
+    one_line(code, err, "does not fit a 'edm' generator")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "/nonexistent/images", "--steps", "2"], "/nonexistent/images: no such folder"),
+    (["train-autoencoder", "data", "--model", "unicorn", "--dry-run"], "unknown preset 'unicorn'"),
+    (["train", "data", "--pixel", "--model", "unicorn", "--dry-run"], "unknown preset 'unicorn'"),
+    (["train", "data", "--model", "tiny", "--autoencoder", "aerun"], "a training run folder, not a model folder: use its model"),
+    (["edit", "invert", "data/c0/0.png", "--class", "cat", "--to-class", "unicorn"], "unknown class 'unicorn'"),
+])
+def test_the_clis_small_inconsistencies(tmp_path, monkeypatch, capsys, args, message):
+    """Defects 5 and 14: the missing folder before the flags; a dry run of an unknown model; a run folder given as
+    a model; an unknown --to-class before the inversion runs."""
+    from encdiff import editing
+
+    monkeypatch.chdir(tmp_path)
+    make_folder(tmp_path / "data")
+    (tmp_path / "aerun" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "aerun" / "model").mkdir()
+    monkeypatch.setattr(editing, "invert", lambda *a, **k: pytest.fail("the inversion ran before the check"))
+    code, out, err = run_main(*args, capsys=capsys)
+    one_line(code, err, message)
+
+
+def test_sample_and_edit_take_the_model_and_fast_alike(tmp_path, monkeypatch, capsys):
+    """Defect 14 and 5: --model works for sample as for edit, edit has --fast, and an output that is replaced is
+    said."""
+    from encdiff.pipeline import bundled_path
+
+    monkeypatch.chdir(tmp_path)
+    for args in (["sample", str(bundled_path()), "--num", "2", "--steps", "2", "--out", "a.png"],
+                 ["sample", "--model", str(bundled_path()), "--num", "2", "--steps", "2", "--out", "b.png"]):
+        code, out, err = run_main(*args, capsys=capsys)
+        assert code == 0, err
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "image.png")
+    for _ in range(2):
+        code, out, err = run_main("edit", "img2img", "image.png", "--fast", "--class", "cat", "--strength", "1",
+                                  "--out", "fast.png", capsys=capsys)
+        assert code == 0, err
+    assert "replacing fast.png" in err
+    code, out, err = run_main("sample", "--fast", "--class", "cat", "--num", "1", "--out", "student.png", capsys=capsys)
+    strip = np.asarray(Image.open(tmp_path / "fast.png"))
+    assert np.array_equal(strip[:, 32:], np.asarray(Image.open(tmp_path / "student.png")))
+
+
+def test_a_missing_plotting_extra_is_said_on_its_own_line(tmp_path, monkeypatch, capsys):
+    """Defect 14: the note about loss.png is a line of its own before the progress bar, not glued onto it."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    data = make_folder(tmp_path / "data")
+    train_autoencoder(TrainConfig(data=str(data), run_dir=str(tmp_path / "run"), steps=2, checkpoint_every=2,
+                                  **COMMON))
+    err = capsys.readouterr().err
+    assert err.count("needs matplotlib") == 1
+    assert any(line.startswith("encdiff: no loss.png") for line in err.replace("\r", "\n").splitlines())

@@ -308,3 +308,20 @@ def test_a_consistency_student_is_served_with_its_guidance_built_in(generator_di
         made = c.post("/v1/generate", json={"class": 1, "seed": 5}, headers=JSON)
         assert made.status_code == 200
         assert torch.equal(decode(made.json()["images"][0]["png"]), student.images([5], torch.tensor([1]))[0])
+
+
+def test_only_the_samplers_that_fit_the_model_are_offered_and_accepted(client, generator_dir, tmp_path):
+    """Issue 25, defect 13: the teacher's page offers no consistency sampling, the student's offers nothing else,
+    and a request for a sampler that does not fit is a 422 naming the sampler field."""
+    info = client.get("/v1/model").json()
+    assert "consistency" not in info["samplers"] and "dpmpp_2m" in info["samplers"]
+    refused = client.post("/v1/generate", json={"sampler": "consistency"}, headers=JSON)
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "sampler"]
+    teacher = Generator.from_pretrained(generator_dir)
+    student = Generator(teacher.unet, DenoiserSpec(kind="consistency", sigma_data=1.0), teacher.autoencoder,
+                        teacher.class_names, Sampling(sampler="consistency", steps=2, schedule="consistency"))
+    app = create_app(Generator.from_pretrained(student.save_pretrained(tmp_path / "student")), ServerLimits())
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/v1/model").json()["samplers"] == ["consistency"]
+        refused = c.post("/v1/generate", json={"sampler": "dpmpp_2m"}, headers=JSON)
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "sampler"]

@@ -164,6 +164,12 @@ class Pretrained:
         if not folder.is_dir():
             raise EncdiffError(f"{folder}: not a model folder (expected a directory with {CONFIG})")
         config_path = folder / CONFIG
+        if (folder / "checkpoints").is_dir() and (folder / "model").is_dir():
+            raise EncdiffError(f"{folder}: a training run folder, not a model folder: use its model "
+                               f"({folder / 'model'})")
+        if (folder / "checkpoints").is_dir():
+            raise EncdiffError(f"{folder}: a training run folder, not a model folder, and it has not finished: "
+                               f"let it finish, or `encdiff export {folder} OUT`")
         raw = read_json(config_path)
         if "_class_name" in raw:
             if raw["_class_name"] != cls.diffusers_class_name:

@@ -36,7 +36,7 @@ EXAMPLES = """examples:
 
 
 EDIT_EXAMPLES = """examples:
-  encdiff edit img2img photo.png --class cat --strength 0.6 --out cat.png
+  encdiff edit img2img photo.png --class cat --strength 0.3 --out cat.png
   encdiff edit inpaint photo.png --mask centre.png --class dog --resample 4
   encdiff edit invert photo.png --class cat --to-class dog --out swap.png
   encdiff edit interpolate --seeds 1 2 --class horse --frames 8 --out strip.png --gif strip.gif"""
@@ -67,6 +67,8 @@ def _train_flags(parser: argparse.ArgumentParser, stage: str) -> None:
                                 metavar=f.name.upper())
         elif kind == "tuple[float, float]":
             parser.add_argument(flag, type=_finite_float, nargs=2, help=help_, metavar=f.name.upper())
+        elif kind == "tuple[float, ...]":
+            parser.add_argument(flag, type=_finite_float, nargs="+", help=help_, metavar=f.name.upper())
         # dict fields (model_overrides, loss_options) come from --config TOML files only
 
 
@@ -106,14 +108,20 @@ def _train_overrides(args: argparse.Namespace, stage: str) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace, stage: str) -> int:
     from .train_state import latest_training_state
-    from .train import config_to_json, load_config, train_autoencoder, train_consistency, train_diffusion
+    from .train import (check_model_name, config_to_json, load_config, train_autoencoder, train_consistency,
+                        train_diffusion)
 
+    if not Path(args.data).is_dir():
+        raise EncdiffError(f"{args.data}: " + ("a file, not a folder" if Path(args.data).exists() else "no such folder")
+                           + "; give the image folder to train on")
     if stage == "diffusion" and bool(args.autoencoder) == bool(args.pixel):
         raise EncdiffError("give exactly one of --autoencoder MODEL (latent diffusion) or --pixel")
     config = load_config(args.config, args.preset, stage, _train_overrides(args, stage))
     if stage != "consistency" and not config.model and not config.init:
         raise EncdiffError("no model: pass --model NAME or --preset NAME" +
                            (" (or --init AUTOENCODER to start from one)" if stage == "autoencoder" else ""))
+    check_model_name(config, stage)  # a dry run shows only a config that would train
+    _check_writable_folder(Path(config.run_dir), "--run-dir")
     if args.dry_run:
         print(json.dumps({"stage": stage, **config_to_json(config)}, indent=2))
         return 0
@@ -125,13 +133,26 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
     return 0
 
 
+def _model_flags(parser: argparse.ArgumentParser, positional: bool = False) -> None:
+    """--model and --fast, the same for every command that uses a generator (sample and serve also take the model
+    as their argument)."""
+    parser.add_argument("--model", dest="model_flag" if positional else "model", metavar="MODEL",
+                        help="generator folder (default: the CIFAR-10 model shipped in the package)")
+    parser.add_argument("--fast", action="store_true", help="the bundled model's consistency student: 2 network "
+                        "evaluations per image instead of 40, guidance built in")
+
+
 def _generator(args: argparse.Namespace):
     """The generator a command names: a folder, or the bundled model (its consistency student with --fast)."""
     from .pipeline import Generator
 
-    if args.model and args.fast:
-        raise EncdiffError(f"--fast picks the bundled student; {args.model} is another model (give one of them)")
-    return Generator.from_pretrained(args.model) if args.model else Generator.bundled(student=args.fast)
+    model, flag = args.model, getattr(args, "model_flag", None)
+    if model and flag and Path(model) != Path(flag):
+        raise EncdiffError(f"two models: {model} and --model {flag} (give one)")
+    model = model or flag
+    if model and args.fast:
+        raise EncdiffError(f"--fast picks the bundled student; {model} is another model (give one of them)")
+    return Generator.from_pretrained(model) if model else Generator.bundled(student=args.fast)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -146,9 +167,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise EncdiffError(f"--batch-size {args.batch_size}: expected at least 1")
     grid_path = _check_output(Path(args.out or "samples.png"), (".png",), "--out") if args.out or not args.out_dir \
         else None
-    out_dir = Path(args.out_dir) if args.out_dir else None
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise EncdiffError(f"--out-dir {out_dir}: is a file, not a folder")
+    out_dir = _check_writable_folder(Path(args.out_dir), "--out-dir") if args.out_dir else None
     generator = _generator(args)
     if num is None:
         # a class-conditional model with no --class: one row of ten per class
@@ -251,56 +270,105 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.sigmas is not None and args.steps is None:
         sampling["steps"] = len(args.sigmas)
     out = export_run(args.run, args.out, diffusers=args.diffusers, dtype=torch.float16 if args.half else None,
-                     sampling=sampling)
-    print(f"exported the EMA weights of {args.run} to {out}")
+                     sampling=sampling, sigma_rel=args.sigma_rel)
+    what = "EMA" if args.sigma_rel is None else f"post-hoc EMA (sigma_rel {args.sigma_rel})"
+    print(f"exported the {what} weights of {args.run} to {out}")
     return 0
 
 
-def _ode_settings(args: argparse.Namespace, samplers: tuple[str, ...]) -> dict[str, Any]:
-    if args.sampler not in samplers:
-        raise EncdiffError(f"--sampler {args.sampler}: {args.mode} integrates the ODE deterministically; use one of "
-                           f"{', '.join(samplers)}")
-    return dict(sampler=args.sampler, steps=args.steps)
+def cmd_posthoc_ema(args: argparse.Namespace) -> int:
+    """One model folder per sigma_rel, reconstructed from the run's snapshots (EDM2 sec. 3)."""
+    from .phema import check_sigma_rel, snapshots
+    from .train import export_run
+
+    for value in args.sigma_rel:
+        check_sigma_rel(value, "--sigma-rel")
+    if not snapshots(args.run):
+        raise EncdiffError(f"{args.run}: no post-hoc EMA snapshots (train with --phema-every N to store them)")
+    out = _check_writable_folder(Path(args.out), "--out")
+    for value in args.sigma_rel:
+        folder = export_run(args.run, out / f"sigma-rel-{value:g}", dtype=torch.float16 if args.half else None,
+                            sigma_rel=value)
+        print(folder)
+    return 0
+
+
+def _ode_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The inversion's ODE settings: its own (an exact inverse needs a one-step method and a fine grid, not the
+    generator's sampling), changed by --sampler and --steps."""
+    from .editing import INVERSION_SAMPLER, INVERSION_STEPS, ODE_SAMPLERS
+
+    sampler = args.sampler or INVERSION_SAMPLER
+    if sampler not in ODE_SAMPLERS:
+        raise EncdiffError(f"--sampler {sampler}: inversion integrates the ODE deterministically, one step at a "
+                           f"time; use one of {', '.join(ODE_SAMPLERS)}")
+    return dict(sampler=sampler, steps=args.steps or INVERSION_STEPS)
 
 
 def _check_output(path: Path, suffixes: tuple[str, ...], flag: str) -> Path:
-    """Refuse an output path that cannot be written before any work is done."""
+    """Refuse an output file that cannot be written before any work is done."""
     if path.suffix.lower() not in suffixes:
         raise EncdiffError(f"{flag} {path}: expected a file name ending in {' or '.join(suffixes)}")
     if path.is_dir():
         raise EncdiffError(f"{flag} {path}: is a folder; give a file name")
-    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
-    if not parent.is_dir():
-        raise EncdiffError(f"{flag} {path}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK):
-        raise EncdiffError(f"{flag} {path}: {parent} is not writable")
+    _check_writable_folder(path.parent, flag, path)
     return path
+
+
+def _check_writable_folder(folder: Path, flag: str, shown: Path | None = None) -> Path:
+    """Refuse an output folder that cannot be made or written before any work is done: its nearest existing
+    ancestor must be a folder in which a file can really be created (permission bits do not tell that for root,
+    a read-only mount or /proc). Nothing is left behind."""
+    import tempfile
+
+    shown = shown or folder
+    if folder.exists() and not folder.is_dir():
+        raise EncdiffError(f"{flag} {shown}: {folder} is not a folder: it is a file")
+    parent = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise EncdiffError(f"{flag} {shown}: {parent} is not a folder: it is a file")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".encdiff-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise EncdiffError(f"{flag} {shown}: cannot write in {parent} ({e.strerror or e})") from None
+    return folder
+
+
+def _say_replaced(path: Path) -> None:
+    """An output that already exists is replaced, as every command does, and said, not done silently."""
+    if path.exists():
+        print(f"encdiff: replacing {path}", file=sys.stderr)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from . import editing
     from .images import image_grid, load_image, save_png
-    from .pipeline import Generator
 
     out = _check_output(Path(args.out), (".png",), "--out")
     gif = _check_output(Path(args.gif), (".gif",), "--gif") if getattr(args, "gif", None) else None
     _in_range(args.seed, "--seed", 0, 2**63 - 1)
-    if args.steps is not None and args.steps < 1:
-        raise EncdiffError(f"--steps {args.steps}: expected at least 1")
-    generator = Generator.from_pretrained(args.model) if args.model else Generator.bundled()
+    _in_range(args.steps, "--steps", 1)
+    generator = _generator(args)
     read = lambda path: torch.from_numpy(load_image(path, generator.image_size, generator.image_channels))[None]
     label = lambda name: (None if name is None else
                           torch.tensor([generator.class_index(name)]))
     labels = label(args.class_)
-    if args.guidance is not None and labels is None:
+    # Every name is checked before the work starts (an inversion takes a while).
+    target = label(getattr(args, "to_class", None))
+    if args.guidance is not None and labels is None and target is None:
         raise EncdiffError("--guidance needs --class (the class to guide towards)")
     common = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
+    if args.mode in ("img2img", "inpaint"):
+        generator.settings(labels, **common)  # a sampler that does not fit is refused before the image is read
     if args.mode == "img2img":
         editing.check_strength(args.strength)
         image = read(args.image)
         result = editing.img2img(generator, image, [args.seed], labels, strength=args.strength, **common)
         steps = generator.settings(labels, steps=args.steps).steps
         print(f"img2img: {editing.steps_run(steps, args.strength)} of {steps} steps from the encoded image")
+        _say_replaced(out)
         save_png(image_grid(torch.cat([image, result]), rows=1), out)
     elif args.mode == "inpaint":
         image = read(args.image)
@@ -312,40 +380,45 @@ def cmd_edit(args: argparse.Namespace) -> int:
                   f"{settings.steps * args.resample * per_step} model evaluations ({args.resample}x the cost of plain "
                   "inpainting)")
         result = editing.inpaint(generator, image, mask, [args.seed], labels, resample=args.resample, **common)
+        _say_replaced(out)
         save_png(image_grid(torch.cat([image, (image.float() * (1 - mask)).to(torch.uint8), result]), rows=1), out)
     elif args.mode == "invert":
+        ode = _ode_settings(args)
         image = read(args.image)
-        ode = _ode_settings(args, editing.ODE_SAMPLERS)
         noise = editing.invert(generator, image, labels, **ode)
-        target = label(args.to_class) if args.to_class is not None else labels
-        latents = editing.regenerate_latents(generator, noise, target, guidance_scale=args.guidance, **ode)
-        if args.to_class is None:
+        latents = editing.regenerate_latents(generator, noise, target if target is not None else labels,
+                                             guidance_scale=args.guidance, **ode)
+        if target is None:
             z0 = generator.encode(image).double()
             error = (latents.double() - z0).square().mean() / z0.var()
             print(f"inversion round trip: mean squared latent error {error:.3g} x the latent variance")
+        _say_replaced(out)
         save_png(image_grid(torch.cat([image, generator.decode(latents)]), rows=1), out)
     else:
         frames = args.frames
         if (args.seeds is None) == (args.images is None):
             raise EncdiffError("give exactly one of --seeds A B (two noises) or --images A B (two real images)")
-        ode = _ode_settings(args, editing.ODE_SAMPLERS)
         if args.seeds is not None:
-            from .samplers import noise as draw
-
-            c = generator.unet.config
-            ends = [draw((1, c.in_channels, c.sample_size, c.sample_size), torch.Generator().manual_seed(seed))
-                    * generator.denoiser.sigma_max for seed in args.seeds]
+            # Between two generated images: the generator's own sampling, so the ends are `encdiff sample --seed A`
+            # and `--seed B` exactly.
+            for seed in args.seeds:
+                _in_range(seed, "--seeds", 0, 2**63 - 1)
+            images = editing.interpolate_seeds(generator, tuple(args.seeds), frames, labels, **common)
         else:
+            # Between two real images: their exact ODE inversions, regenerated over the same grid.
+            ode = _ode_settings(args)
             ends = [editing.invert(generator, read(path), labels, **ode) for path in args.images]
-        path_noise = editing.interpolate_noise(ends[0].double(), ends[1].double(), frames)
-        images = editing.regenerate(generator, path_noise, None if labels is None else labels.expand(frames),
-                                    guidance_scale=args.guidance, **ode)
+            path_noise = editing.interpolate_noise(ends[0].double(), ends[1].double(), frames)
+            images = editing.regenerate(generator, path_noise, None if labels is None else labels.expand(frames),
+                                        guidance_scale=args.guidance, **ode)
+        _say_replaced(out)
         save_png(image_grid(images, rows=1), out)
         if gif is not None:
             from PIL import Image
 
             pictures = [Image.fromarray(i.permute(1, 2, 0).squeeze(-1).numpy()) for i in images]
             pictures += pictures[-2:0:-1]  # there and back
+            _say_replaced(gif)
             pictures[0].save(gif, save_all=True, append_images=pictures[1:], duration=120, loop=0)
             print(gif)
     print(out)
@@ -421,22 +494,23 @@ def cmd_set_autoencoder(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoint import folder_kind, read_json
+    from .checkpoint import folder_kind
+    from .pipeline import Generator, bundled_path
     from .train_state import latest_training_state, load_training_state
 
-    path = Path(args.path)
+    path = Path(args.path) if args.path else bundled_path()
     kind = folder_kind(path)
     if kind == "generator":
-        info = read_json(path / "generator.json")
-        print(f"{path}: generator ({'latent' if info.get('latent') else 'pixel'} diffusion), denoiser "
-              f"{info['denoiser']['kind']}, classes: {', '.join(info.get('class_names') or []) or 'none'}")
-        sampling = info.get("sampling") or {}
-        print(f"  sampling: {sampling.get('sampler')}, {sampling.get('steps')} steps"
-              + (f" at noise levels {sampling['sigmas']}" if sampling.get("sigmas") else
-                 f", {sampling.get('schedule')} schedule")
-              + (f", guidance {sampling['guidance_scale']}" if sampling.get("guidance_scale") else ""))
-        if info.get("distillation"):
-            d = info["distillation"]
+        # Loaded, not read raw: info vouches for exactly what `sample` and `eval` accept, with the same message.
+        generator = Generator.from_pretrained(path)
+        print(f"{path}: generator ({'latent' if generator.downsample_factor > 1 else 'pixel'} diffusion), denoiser "
+              f"{generator.spec.kind}, classes: {', '.join(generator.class_names) or 'none'}")
+        s = generator.sampling
+        print(f"  sampling: {s.sampler}, {s.steps} steps"
+              + (f" at noise levels {list(s.sigmas)}" if s.sigmas else f", {s.schedule} schedule")
+              + (f", guidance {s.guidance_scale}" if s.guidance_scale else ""))
+        if generator.distillation:
+            d = generator.distillation
             print(f"  distilled: guidance {d.get('guidance_scale')} built in, {d.get('images')} images, "
                   f"{d.get('intervals')} intervals, {d.get('solver')} teacher steps")
         for sub in ("unet", "autoencoder"):
@@ -451,8 +525,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         _, meta = load_training_state(latest)
         print(f"{path}: {meta['stage']} run, step {meta['step']} of {meta['config']['steps']}, "
               f"{meta['images_seen']} images seen, latest checkpoint {latest.name}")
-        if meta["history"]:
-            print(f"  last logged loss {meta['history'][-1]['loss']:.4f}")
+        # Evaluation rows carry metrics, not the loss: the last row that has one.
+        losses = [row for row in meta["history"] if "loss" in row]
+        if losses:
+            print(f"  last logged loss {losses[-1]['loss']:.4f} (step {losses[-1]['step']})")
+        evals = [row for row in meta["history"] if "fid" in row]
+        if evals:
+            print(f"  last evaluation: FID {evals[-1]['fid']:.2f} (step {evals[-1]['step']})")
         print(f"  finished model: {path / 'model'}" if (path / "model").is_dir() else "  not finished")
         return 0
     if kind is not None:
@@ -566,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sample", help="generate images", epilog=EXAMPLES,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="generator folder (default: the CIFAR-10 model shipped in the package)")
+    _model_flags(p, positional=True)
     p.add_argument("--num", type=int, help="number of images (default: 10 per class, one row each; "
                    "16 for an unconditional model or with --class)")
     p.add_argument("--class", dest="class_", help="class name or index")
@@ -579,8 +659,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100, help="images generated at once (memory)")
     p.add_argument("--sigmas", type=_finite_float, nargs="+", metavar="SIGMA",
                    help="explicit noise levels, one per step (overrides --steps and the schedule)")
-    p.add_argument("--fast", action="store_true", help="the bundled model's consistency student: 2 network "
-                   "evaluations per image instead of 40, guidance built in")
 
     p = commands.add_parser("reconstruct", help="encode and decode images; side-by-side PNGs and PSNR")
     p.add_argument("model", help="autoencoder folder (encdiff or diffusers)")
@@ -599,6 +677,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="generator: default classifier-free guidance scale")
     p.add_argument("--sigmas", type=_finite_float, nargs="+", metavar="SIGMA",
                    help="generator: explicit noise levels, one per step (a consistency student's tuned levels)")
+    p.add_argument("--sigma-rel", type=_finite_float, help="export the post-hoc EMA of this relative width "
+                   "(EDM2), reconstructed from the run's snapshots, instead of its EMA")
+
+    p = commands.add_parser("posthoc-ema", help="reconstruct a run's EMA at any widths after training (EDM2 "
+                            "post-hoc EMA): one model folder per --sigma-rel")
+    p.add_argument("run", help="run folder trained with --phema-every N")
+    p.add_argument("--sigma-rel", type=_finite_float, nargs="+", required=True, metavar="S",
+                   help="relative widths to reconstruct, in (0, 0.2887); EDM2's best are often 0.05-0.15")
+    p.add_argument("--out", default="posthoc-ema", help="folder for the sigma-rel-S/ model folders")
+    p.add_argument("--half", action="store_true", help="store the weights as float16")
 
     p = commands.add_parser("edit", help="edit real images: img2img, inpaint, invert (class swap), interpolate",
                             epilog=EDIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -610,13 +698,14 @@ def build_parser() -> argparse.ArgumentParser:
         m = modes.add_parser(mode, help=help_, epilog=EDIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
         if mode != "interpolate":
             m.add_argument("image", help="the image to edit (resized and centre-cropped to the model's size)")
-        m.add_argument("--model", help="generator folder (default: the bundled CIFAR-10 model)")
+        _model_flags(m)
         m.add_argument("--class", dest="class_", help="class name or index (default: none, the null class)")
-        ode = mode in ("invert", "interpolate")
-        m.add_argument("--steps", type=int, default=50 if ode else None,
-                       help="sampler steps of the whole grid (default: " + ("50" if ode else "the generator's") + ")")
-        m.add_argument("--sampler", default="euler" if ode else None,
-                       help="euler, ddim or heun (default: euler)" if ode else "sampler (default: the generator's)")
+        own = {"invert": "50 (the inversion's own)", "interpolate": "the generator's; with --images 50"}
+        m.add_argument("--steps", type=int, help="sampler steps of the whole grid (default: "
+                       + own.get(mode, "the generator's") + ")")
+        m.add_argument("--sampler", help={"invert": "euler, ddim or heun (default: euler)",
+                                          "interpolate": "sampler (default: the generator's; with --images euler, "
+                                          "ddim or heun, default euler)"}.get(mode, "sampler (default: the generator's)"))
         m.add_argument("--guidance", type=_finite_float, help="classifier-free guidance scale (needs --class)")
         m.add_argument("--seed", type=int, default=0, help="seed of the noise")
         m.add_argument("--out", default=f"{mode}.png", help="output PNG")
@@ -636,14 +725,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("serve", help="an HTTP API and a web page for a generator (needs encdiff[serve])")
     p.add_argument("model", nargs="?", help="generator folder (default: the bundled CIFAR-10 model)")
+    _model_flags(p, positional=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-images", type=int, default=16, help="images per request")
     p.add_argument("--max-steps", type=int, default=100, help="sampler steps per request")
     p.add_argument("--queue-size", type=int, default=4, help="requests running or waiting; more get 429")
     p.add_argument("--allowed-host", action="append", help="a host name clients use (Host/Origin check); repeatable")
-    p.add_argument("--fast", action="store_true", help="serve the bundled model's consistency student (2 network "
-                   "evaluations per image)")
 
     p = commands.add_parser("set-autoencoder", help="put a fine-tuned decoder into a generator (same latent space)")
     p.add_argument("generator", help="generator folder")
@@ -652,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--half", action="store_true", help="store all weights as float16")
 
     p = commands.add_parser("info", help="describe a model, generator or run folder")
-    p.add_argument("path")
+    p.add_argument("path", nargs="?", help="the folder (default: the bundled CIFAR-10 generator)")
 
     p = commands.add_parser("train-feature-net", help="train the CIFAR-style classifier whose features the "
                             "metrics use (its figures are not comparable to Inception FID)")
@@ -712,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, {"train-autoencoder": "autoencoder", "train": "diffusion",
                                     "distill": "consistency"}[args.command])
         return {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "export": cmd_export,
-                "info": cmd_info, "edit": cmd_edit, "serve": cmd_serve, "set-autoencoder": cmd_set_autoencoder, "train-feature-net": cmd_train_feature_net,
+                "info": cmd_info, "edit": cmd_edit, "posthoc-ema": cmd_posthoc_ema, "serve": cmd_serve, "set-autoencoder": cmd_set_autoencoder, "train-feature-net": cmd_train_feature_net,
                 "eval": cmd_eval}[args.command](args)
     except TrainingInterrupted as e:
         print(f"encdiff: {e}", file=sys.stderr)

@@ -206,6 +206,16 @@ class ImageDataset:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @functools.cached_property
+    def content_key(self) -> str:
+        """sha256 of what the images are (the decoded pixels, the labels and the class names): whatever is
+        computed from them, such as encoded latents, is keyed on it, so no change of the data can reuse it."""
+        h = hashlib.sha256(json.dumps([self.resolution, self.channels, self.class_names]).encode())
+        h.update(self.images.contiguous().numpy().tobytes())
+        if self.labels is not None:
+            h.update(self.labels.numpy().tobytes())
+        return h.hexdigest()
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -254,10 +264,14 @@ class ImageDataset:
         return images, failed
 
     def cache_location(self, files: list[Path], cache_dir: str | os.PathLike) -> tuple[Path, str]:
-        listing = []
+        listing, changes = [], []
         for f in files:
             stat = f.stat()
             listing.append([f.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime_ns])
+            # The status-change time and inode, which no copy or `touch` can set back: a file replaced by one of the
+            # same size and modification time (`cp -p`, `rsync -t`, an unpacked archive) is decoded again.
+            changes.append([stat.st_ino, stat.st_ctime_ns])
+        self._changes = hashlib.sha256(json.dumps(changes, separators=(",", ":")).encode()).hexdigest()
         identity = {"decode_version": DECODE_VERSION, "resolution": self.resolution, "channels": self.channels,
                     "files": listing}
         key = hashlib.sha256(json.dumps(identity, separators=(",", ":")).encode()).hexdigest()
@@ -271,6 +285,8 @@ class ImageDataset:
                 meta = f.metadata() or {}
                 if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
                     raise ValueError(f"not a cache for this folder (format {meta.get('format')!r})")
+                if meta.get("changes") != self._changes:
+                    return None  # files were rewritten in place since: decoded again, as any first run is
                 images = f.get_tensor("images")
                 labels = f.get_tensor("labels") if "labels" in f.keys() else None
             rel = {f.relative_to(self.root).as_posix(): i for i, f in enumerate(files)}
@@ -294,7 +310,7 @@ class ImageDataset:
             tensors["labels"] = self.labels
         skipped = [[files[i].relative_to(self.root).as_posix(), failed[i]] for i in sorted(failed)]
         metadata = {"format": CACHE_FORMAT, "key": key, "class_names": json.dumps(self.class_names),
-                    "skipped": json.dumps(skipped), "root": str(self.root)}
+                    "skipped": json.dumps(skipped), "root": str(self.root), "changes": self._changes}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_save_tensors(tensors, path, metadata=metadata)

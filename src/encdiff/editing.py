@@ -29,10 +29,14 @@ import torch
 
 from .denoiser import GuidedDenoiser
 from .errors import EncdiffError, count
-from .samplers import generate, noise
+from .samplers import draws_fresh_noise, generate, noise
 from .schedules import get_sigmas
 
 ODE_SAMPLERS = ("euler", "ddim", "heun")  # deterministic one-step methods: inversion and RePaint steps use them
+# Inversion's own ODE settings: an exact inverse needs a one-step method (a multistep solver's step depends on the
+# steps before it) and a finer grid than sampling does (the round trip's error falls with the step size).
+INVERSION_SAMPLER = "euler"
+INVERSION_STEPS = 50
 
 
 def check_strength(strength: float) -> float:
@@ -61,8 +65,9 @@ def img2img(generator, images: torch.Tensor, seeds: list[int], class_labels: tor
             strength: float = 0.5, sampler: str | None = None, steps: int | None = None,
             guidance_scale: float | None = None, schedule: str | None = None, callback=None) -> torch.Tensor:
     """SDEdit: noise the encoded images to the level where the last `steps_run(steps, strength)` steps of the
-    sampling grid begin, then run those steps. Strength 0 is the autoencoder round trip, 1 ignores the image.
-    Unset sampling settings are the generator's (`Generator.settings`)."""
+    sampling grid begin, then run those steps. Strength 0 is the autoencoder round trip; strength 1 ignores the image
+    and equals `Generator.images` for the same seeds, labels and sampling, bit for bit. Unset sampling settings are
+    the generator's (`Generator.settings`), its stored noise levels included."""
     check_images(generator, images)
     s = generator.settings(class_labels, sampler=sampler, steps=steps, guidance_scale=guidance_scale, schedule=schedule)
     steps = s.steps
@@ -73,12 +78,15 @@ def img2img(generator, images: torch.Tensor, seeds: list[int], class_labels: tor
         z0 = generator.encode(images)
         if n == 0:
             return generator.decode(z0)
-        sigmas = get_sigmas(s.schedule, steps, generator.denoiser)[steps - n:]
-        # The noise of image i comes from its own seed, exactly as `Generator.images` draws it.
-        eps = noise(z0.shape, seeded(seeds, z0.device), z0.dtype, z0.device)
-        latents = generate(generator.denoiser, z0.shape, seeded(seeds, z0.device), sampler=s.sampler, steps=n,
-                           sigmas=sigmas, class_labels=class_labels, guidance_scale=s.guidance_scale,
-                           x=z0 + sigmas[0].item() * eps, callback=callback)
+        # The generator's own grid (its stored levels, or its schedule's), of which the last n steps are run.
+        sigmas = s.grid(generator.denoiser)[steps - n:]
+        # One stream per image, as `Generator.images` draws it: the starting noise first, then whatever fresh noise
+        # the sampler needs, so no draw is replayed and strength 1 is exactly generation from the same seed.
+        gens = seeded(seeds, z0.device)
+        eps = noise(z0.shape, gens, z0.dtype, z0.device)
+        x = eps * sigmas[0].item() if n == steps else z0 + sigmas[0].item() * eps
+        latents = generate(generator.denoiser, z0.shape, gens, sampler=s.sampler, steps=n, sigmas=sigmas,
+                           class_labels=class_labels, guidance_scale=s.guidance_scale, x=x, callback=callback)
         return generator.decode(latents)
 
 
@@ -132,7 +140,7 @@ def inpaint(generator, images: torch.Tensor, mask: torch.Tensor, seeds: list[int
         guided = (GuidedDenoiser(generator.denoiser, guidance_scale) if guidance_scale not in (None, 1)
                   else generator.denoiser)
         known = KnownRegion(guided, z0, eps, m)
-        sigmas = get_sigmas(s.schedule, steps, generator.denoiser)
+        sigmas = s.grid(generator.denoiser)
         x = noise(z0.shape, gens, z0.dtype, device) * sigmas[0].item()
         if resample == 1:
             latents = generate(known, z0.shape, gens, sampler=sampler, steps=steps, sigmas=sigmas,
@@ -182,8 +190,8 @@ def check_mask(mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return mask.float()
 
 
-def invert(generator, images: torch.Tensor, class_labels: torch.Tensor | None = None, sampler: str = "euler",
-           steps: int = 50, schedule: str = "karras", iterations: int = 2) -> torch.Tensor:
+def invert(generator, images: torch.Tensor, class_labels: torch.Tensor | None = None,
+           sampler: str = INVERSION_SAMPLER, steps: int = INVERSION_STEPS, schedule: str = "karras", iterations: int = 2) -> torch.Tensor:
     """Images -> the noise that regenerates them: the probability-flow ODE run upwards over the reversed sampling
     grid, from sigma_min (where x is the clean latent) to sigma_max, unguided, in float64. `regenerate` undoes it.
 
@@ -216,7 +224,7 @@ def invert(generator, images: torch.Tensor, class_labels: torch.Tensor | None = 
 
 
 def regenerate(generator, noise_latents: torch.Tensor, class_labels: torch.Tensor | None = None,
-               sampler: str = "euler", steps: int = 50, schedule: str = "karras",
+               sampler: str = INVERSION_SAMPLER, steps: int = INVERSION_STEPS, schedule: str = "karras",
                guidance_scale: float | None = None) -> torch.Tensor:
     """Inverted noise -> uint8 images: the same ODE walked down over the same grid (`regenerate_latents`)."""
     return generator.decode(regenerate_latents(generator, noise_latents, class_labels, sampler, steps, schedule,
@@ -224,7 +232,7 @@ def regenerate(generator, noise_latents: torch.Tensor, class_labels: torch.Tenso
 
 
 def regenerate_latents(generator, noise_latents: torch.Tensor, class_labels: torch.Tensor | None = None,
-                       sampler: str = "euler", steps: int = 50, schedule: str = "karras",
+                       sampler: str = INVERSION_SAMPLER, steps: int = INVERSION_STEPS, schedule: str = "karras",
                        guidance_scale: float | None = None) -> torch.Tensor:
     """Inverted noise -> latents, in float64 (the ODE is integrated in the precision `invert` used)."""
     with torch.inference_mode():
@@ -241,6 +249,35 @@ def _ode_step(denoiser, x, sigma, sigma_next, class_labels, heun: bool):
         d_next = (x_next - denoiser(x_next, sigma_next, class_labels)) / sigma_next
         x_next = x + (sigma_next - sigma) * (d + d_next) / 2
     return x_next
+
+
+def interpolate_seeds(generator, seeds: tuple[int, int], frames: int, class_labels: torch.Tensor | None = None,
+                      sampling=None, callback=None, **overrides) -> torch.Tensor:
+    """`frames` uint8 images between what seeds A and B generate: their starting noises (drawn as
+    `Generator.images` draws them) interpolated on the great circle, each frame sampled with the generator's own
+    settings (`Generator.settings`), so the first and last frames are exactly `images([A])` and `images([B])`.
+    A sampler that draws fresh noise on the way (ancestral, multistep consistency) is refused: its frames would
+    not lie on one path."""
+    if len(seeds) != 2:
+        raise EncdiffError(f"{count(len(seeds), 'seed')}: give two seeds, the two ends")
+    settings = generator.settings(class_labels, sampling, **overrides)
+    if draws_fresh_noise(settings.sampler, settings.steps):
+        raise EncdiffError(f"sampler {settings.sampler!r} at {count(settings.steps, 'step')} draws fresh noise on the "
+                           "way, so the frames between two seeds would not lie on one path: use a sampler that "
+                           "draws none (dpmpp_2m, euler, heun, ddim; a consistency student at 1 step)")
+    c = generator.unet.config
+    shape = (1, c.in_channels, c.sample_size, c.sample_size)
+    sigmas = settings.grid(generator.denoiser)
+    device = next(generator.unet.parameters()).device
+    ends = [noise(shape, seeded([s], device), torch.float32, device) for s in seeds]
+    path = interpolate_noise(ends[0], ends[1], frames) * sigmas[0].item()
+    # One frame at a time, as `encdiff sample --seed A` makes one image: a convolution's rounding can depend on the
+    # batch size, and the ends must be those images exactly.
+    with torch.inference_mode():
+        latents = [generate(generator.denoiser, shape, None, sampler=settings.sampler, steps=settings.steps,
+                            sigmas=sigmas, class_labels=class_labels, guidance_scale=settings.guidance_scale,
+                            x=frame[None], callback=callback) for frame in path]
+        return torch.cat([generator.decode(z) for z in latents])
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

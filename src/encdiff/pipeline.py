@@ -18,7 +18,7 @@ import torch
 
 from .autoencoder import Autoencoder, IdentityAutoencoder
 from .checkpoint import atomic_write_bytes, folder_kind, read_json, shipped_file
-from .errors import check_field, check_int, check_number, config_from_dict
+from .errors import check_field, check_int, check_number, config_from_dict, count
 from .denoiser import ConsistencyDenoiser, Denoiser, EDMDenoiser, VPDenoiser
 from .images import to_uint8, to_unit
 from .errors import EncdiffError
@@ -27,6 +27,14 @@ from .schedules import SCHEDULES, get_alpha_bars, get_sigmas
 from .unet import UNet
 
 GENERATOR_FILE = "generator.json"
+DENOISER_KINDS = ("edm", "vp", "consistency")  # DenoiserSpec.kind
+
+
+def samplers_for(kind: str) -> tuple[str, ...]:
+    """The samplers that fit a denoiser kind: a consistency function is sampled by restarts from its own estimate
+    (Song et al. 2023, Alg. 1), which an ODE solver would misread as a denoiser (blurred images); and consistency
+    sampling of a denoiser jumps from noise to one blurred estimate (blocky images)."""
+    return ("consistency",) if kind == "consistency" else tuple(name for name in SAMPLERS if name != "consistency")
 BUNDLED = "cifar10"  # the generator folder shipped under encdiff/weights/
 BUNDLED_STUDENT = "cifar10-student"  # its consistency student (2 evaluations per image, guidance built in)
 
@@ -43,7 +51,7 @@ class DenoiserSpec:
     options: dict[str, Any] = field(default_factory=dict)  # vp: schedule options (beta_start, ...)
 
     def __post_init__(self):
-        check_field(self.kind in ("edm", "vp", "consistency"), "denoiser.kind", self.kind, "edm, vp or consistency")
+        check_field(self.kind in DENOISER_KINDS, "denoiser.kind", self.kind, " or ".join(DENOISER_KINDS))
         for name in ("sigma_data", "sigma_min", "sigma_max"):
             check_number(getattr(self, name), f"denoiser.{name}", positive=True)
         check_field(self.sigma_min < self.sigma_max, "denoiser.sigma_min", self.sigma_min, "below sigma_max")
@@ -57,7 +65,7 @@ class DenoiserSpec:
             return kind(net, sigma_data=self.sigma_data, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
         if self.kind == "vp":
             return VPDenoiser(net, get_alpha_bars(self.schedule, **self.options), prediction=self.prediction)
-        raise EncdiffError(f"unknown denoiser kind {self.kind!r}; valid: edm, vp, consistency")
+        raise EncdiffError(f"unknown denoiser kind {self.kind!r}; valid: {', '.join(DENOISER_KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,15 @@ class Sampling:
         return get_sigmas(self.schedule, self.steps, denoiser)
 
 
+def check_sampler_fits(sampler: str, kind: str, name: str = "sampler") -> None:
+    """Refuse a sampler that does not apply to a denoiser kind, naming the ones that do (`samplers_for`)."""
+    fits = samplers_for(kind)
+    if sampler not in fits:
+        raise EncdiffError(f"{name} {sampler!r} does not fit a {kind!r} generator"
+                           + (" (a distilled consistency student)" if kind == "consistency" else "")
+                           + f": use {' or '.join(fits) if len(fits) == 1 else 'one of ' + ', '.join(fits)}")
+
+
 class Generator:
     """Everything needed to turn noise into images; `images()` is the one call that does it."""
 
@@ -125,9 +142,18 @@ class Generator:
             raise EncdiffError(f"sampling.guidance_scale = {self.sampling.guidance_scale}: an unconditional model "
                                "cannot be guided")
         self.spec = spec
+        check_sampler_fits(self.sampling.sampler, spec.kind, "sampling.sampler")
         self.denoiser = spec.build(unet)
+        if autoencoder is None and unet.config.in_channels not in (1, 3, 4):
+            raise EncdiffError(f"a pixel-space generator (latent: false) makes images of the U-Net's "
+                               f"{unet.config.in_channels} channels: expected 1, 3 or 4 (is an autoencoder missing?)")
         self.autoencoder = autoencoder.eval() if autoencoder is not None else IdentityAutoencoder(unet.config.in_channels)
+        check_field(class_names is None or (isinstance(class_names, (list, tuple))
+                                            and all(isinstance(n, str) for n in class_names)),
+                    "class_names", class_names, "a list of names")
         self.class_names = list(class_names or [])
+        check_field(not self.class_names or len(self.class_names) == unet.config.num_classes, "class_names",
+                    self.class_names, f"{count(unet.config.num_classes, 'name')}, one per class of the U-Net (or none)")
         if autoencoder is not None and autoencoder.latent_channels != unet.config.in_channels:
             raise EncdiffError(f"the autoencoder has {autoencoder.latent_channels} latent channels, "
                                f"the U-Net takes {unet.config.in_channels}")
@@ -178,6 +204,7 @@ class Generator:
         if class_labels is None and overrides.get("guidance_scale") is None:
             base = dataclasses.replace(base, guidance_scale=None)
         settings = base.but(**overrides)
+        check_sampler_fits(settings.sampler, self.spec.kind)
         if self.spec.kind == "consistency" and settings.guidance_scale not in (None, 1):
             built_in = (self.distillation or {}).get("guidance_scale")
             raise EncdiffError(f"guidance_scale {settings.guidance_scale}: this consistency student has its guidance "
@@ -189,7 +216,10 @@ class Generator:
     def images(self, seeds: list[int], class_labels: torch.Tensor | None = None, sampling: Sampling | None = None, *,
                sampler: str | None = None, steps: int | None = None, guidance_scale: float | None = None,
                schedule: str | None = None, callback=None) -> torch.Tensor:
-        """uint8 images (B, C, H, W), image i made from its own seed (a batch equals images made one by one).
+        """uint8 images (B, C, H, W), image i made from its own seed: its noise, and so its image, does not depend on
+        the other seeds of the batch. The pixels of a batch equal those of images made one by one to within rounding:
+        the CPU's convolution kernels round differently for another batch size, so a value in a few thousand may
+        differ by one level (tested: at most 1 level, under 0.2 % of the values).
 
         The generator's own `sampling` applies unless `sampling` or a keyword changes it (guidance_scale=1 turns
         guidance off); its default guidance is used only where there are class labels to guide towards.
@@ -283,6 +313,9 @@ class Generator:
             raise EncdiffError(f"{info_path}: unknown entry {unknown[0]!r}")
         if not isinstance(info.get("distillation", {}), dict):
             raise EncdiffError(f"{info_path}: entry 'distillation' = {info['distillation']!r}: expected an object")
+        if not info["latent"] and (folder / "autoencoder").is_dir():
+            raise EncdiffError(f"{info_path}: entry 'latent' = false, but the folder holds autoencoder/: expected true "
+                               "for a latent generator")
         spec = config_from_dict(DenoiserSpec, info["denoiser"], f"{info_path} denoiser")
         unet = UNet.from_pretrained(folder / "unet", device=device)
         autoencoder = Autoencoder.from_pretrained(folder / "autoencoder", device=device) if info["latent"] else None

@@ -244,6 +244,12 @@ SAMPLERS = {
 }
 
 
+def draws_fresh_noise(sampler, steps):
+    """Whether a sampler adds new noise between its steps (so its result is not a function of the starting noise
+    alone): DDPM and Euler ancestral at every step; multistep consistency sampling after its first step."""
+    return sampler in ("ddpm", "euler_ancestral") or (sampler == "consistency" and steps > 1)
+
+
 def get_sampler(name):
     """The sampler function registered as ``name`` in ``SAMPLERS``."""
     return lookup(SAMPLERS, name, "sampler")

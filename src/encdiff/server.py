@@ -26,8 +26,7 @@ import torch
 
 from .errors import EncdiffError
 from .images import png_bytes
-from .pipeline import Generator
-from .samplers import SAMPLERS
+from .pipeline import Generator, samplers_for
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds; image i of a request uses seed + i
@@ -145,7 +144,7 @@ def create_app(generator: Generator, limits: ServerLimits = ServerLimits(), allo
     allowed = {h.lower() for h in allowed_hosts}
     worker = Worker(generator, limits.queue_size)
     defaults = generator.sampling
-    sampler_names = tuple(SAMPLERS)
+    sampler_names = samplers_for(generator.spec.kind)  # only those that fit the model: others are a 422
 
     class GenerateRequest(BaseModel):
         """What to generate; unset fields take the model's sampling defaults (GET /v1/model)."""
@@ -214,7 +213,7 @@ def create_app(generator: Generator, limits: ServerLimits = ServerLimits(), allo
         try:
             settings = generator.settings(labels, sampler=body.sampler, steps=body.steps, guidance_scale=body.guidance)
         except EncdiffError as e:  # a consistency student has its guidance built in
-            return field_error("guidance", str(e))
+            return field_error("sampler" if str(e).startswith("sampler") else "guidance", str(e))
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         return [seed + i for i in range(body.num_images)], labels, settings
 

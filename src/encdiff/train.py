@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from .train_state import (flatten_state, latest_training_state, load_training_st
 from .data import BatchSampler, ImageDataset, random_flips
 from .denoiser import training_loss
 from .ema import EMA
+from .phema import PowerEMA, check_sigma_rel
 from .errors import EncdiffError, TrainingInterrupted, config_from_dict, count
 from .images import image_grid, save_png, to_uint8
 from .pipeline import DenoiserSpec, Generator, Sampling
@@ -65,6 +67,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     ema_halflife_images: float = 50_000.0  # EMA half-life in training images (EDM)
     ema_rampup: float | None = 0.05  # cap the half-life at this fraction of images seen early on; None: off
+    phema_every: int = 0  # steps between post-hoc EMA snapshots (EDM2 sec. 3; `encdiff posthoc-ema`); 0: none
+    phema_sigma_rels: tuple[float, ...] = (0.05, 0.10)  # widths of the power-function EMA profiles stored (EDM2's)
     bf16: bool | None = None  # bf16 autocast; None: on CUDA only
     compile: bool = False  # torch.compile the network
     seed: int = 0  # every random stream derives from it (per rank)
@@ -137,7 +141,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "resolution", "log_every", "checkpoint_every", "keep_last",
                      "sample_steps", "disc_channels", "disc_layers", "intervals", "student_steps"):
             integer(name, 1)
-        for name in ("warmup_steps", "sample_every", "eval_every", "adv_start"):
+        for name in ("warmup_steps", "sample_every", "eval_every", "adv_start", "phema_every"):
             integer(name, 0)
         integer("seed", 0, 2**63 // 1000 - 1)  # the RNG streams are seeded with seed * 1000 + k
         integer("eval_samples", 257)  # FID needs more images than the 256 feature dimensions
@@ -151,6 +155,11 @@ class TrainConfig:
         number("ema_rampup", strict=True, optional=True)
         number("sigma_data", strict=True)
         number("label_dropout", maximum=1.0)
+        if not (isinstance(self.phema_sigma_rels, (tuple, list)) and self.phema_sigma_rels):
+            raise EncdiffError(f"config field 'phema_sigma_rels' = {self.phema_sigma_rels!r}: expected a list of "
+                               "numbers in (0, 0.2887)")
+        for value in self.phema_sigma_rels:
+            check_sigma_rel(value, "config field 'phema_sigma_rels'")
         number("guidance", strict=True, optional=True)
         number("huber_c", strict=True, optional=True)
         for name in ("weight_decay", "grad_clip", "kl_weight", "ssim_weight", "fft_weight", "adv_weight", "fm_weight"):
@@ -337,6 +346,8 @@ class Run:
         self.wrapped: dict[str, torch.nn.Module] = {}  # the modules as the loss calls them (DDP, compile): train_loop
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config))
         self.ema = EMA(self.model, config.ema_halflife_images, config.ema_rampup)
+        # Post-hoc EMA (EDM2 sec. 3): power-function profiles, snapshotted every `phema_every` steps.
+        self.phema = PowerEMA(self.model, tuple(config.phema_sigma_rels)) if config.phema_every else None
         # Two independent streams (augmentation, training noise), in the same state on every rank: each rank
         # draws the randomness of the whole global batch and keeps its own rows (`shard`), so K processes
         # train exactly like one process with the global batch, every sample with its own noise.
@@ -370,6 +381,8 @@ class Run:
             optimizer_tensors, optimizer_skeleton = flatten_state(self.optimizer.state_dict(), "optimizer.")
             tensors = {**{f"model.{k}": v for k, v in self.model.state_dict().items()},
                        **{f"ema.{k}": v for k, v in self.ema.state_dict().items()}, **optimizer_tensors}
+            if self.phema is not None:
+                tensors.update({f"phema.{k}": v for k, v in self.phema.state_dict().items()})
             disc_skeleton = None
             if self.discriminator is not None:
                 disc_tensors, disc_skeleton = flatten_state(self.disc_optimizer.state_dict(), "disc_optimizer.")
@@ -400,7 +413,8 @@ class Run:
         if meta.get("world_size") != self.dist.world_size:
             raise EncdiffError(f"{path}: written by {count(meta.get('world_size'), 'process', 'processes')}, resumed with "
                                f"{self.dist.world_size}; exact resume needs the same number")
-        now, then = config_to_json(self.config), dict(meta["config"])
+        # A field added since the checkpoint was written has its default there: such a run resumes unchanged.
+        now, then = config_to_json(self.config), {**config_to_json(TrainConfig()), **meta["config"]}
         for field in PATH_FIELDS:  # `data/` and `/abs/data` are the same folder
             if then.get(field) and now.get(field) and Path(then[field]).resolve() == Path(now[field]).resolve():
                 then[field] = now[field]
@@ -419,6 +433,8 @@ class Run:
         take = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         self.model.load_state_dict(take("model."))
         self.ema.load_state_dict(take("ema."))
+        if self.phema is not None:
+            self.phema.load_state_dict(take("phema."))
         self.optimizer.load_state_dict(unflatten_state(tensors, meta["optimizer"]))
         if self.discriminator is not None:
             self.discriminator.load_state_dict(take("disc."))
@@ -463,11 +479,7 @@ def plot_loss(history: list[dict[str, float]], path: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        if not getattr(plot_loss, "warned", False):
-            print("encdiff: loss.png needs matplotlib (pip install 'encdiff[plot]'); metrics.jsonl has the numbers",
-                  file=sys.stderr)
-            plot_loss.warned = True
+    except ImportError:  # said once, before the progress bar starts (train_loop)
         return
     rows = [r for r in history if "loss" in r]  # evaluation rows carry metrics, not the loss
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -497,6 +509,10 @@ def train_loop(run: Run, loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch
         run.wrapped["discriminator"] = (DistributedDataParallel(run.discriminator, device_ids=[dist_.local_rank]
                                                                 if dist_.device.type == "cuda" else None)
                                         if dist_.world_size > 1 else run.discriminator)
+    if dist_.main and importlib.util.find_spec("matplotlib") is None:
+        # Said on its own line before the bar is drawn, not glued onto it at the first log row.
+        print("encdiff: no loss.png: it needs matplotlib (pip install 'encdiff[plot]'); metrics.jsonl has the numbers",
+              file=sys.stderr)
     progress = tqdm(total=config.steps, initial=run.step, disable=not dist_.main, dynamic_ncols=True, desc=run.stage)
     # The losses since the last log row live in the run (and its checkpoints): a resumed run logs the same averages.
     window_start, window_images = time.perf_counter(), 0
@@ -543,6 +559,10 @@ def train_loop(run: Run, loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch
             run.step += 1
             run.images_seen += config.batch_size
             run.ema.update(run.model, run.images_seen, config.batch_size)
+            if run.phema is not None:
+                run.phema.update(run.model, run.images_seen, config.batch_size)
+                if run.step % config.phema_every == 0 and dist_.main:
+                    run.phema.save_snapshot(run.dir, run.step, run.images_seen)
             window_images += config.batch_size
             window_losses.append(total.item())
             if parts_total:
@@ -596,8 +616,11 @@ class RunLock:
             return self
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a+")
+        except OSError as e:  # under a regular file, read-only, ...: before any data is read
+            raise EncdiffError(f"run folder {self.path.parent}: cannot be written ({e.strerror or e})") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -624,16 +647,18 @@ def prepare(config: TrainConfig, stage: str) -> tuple[Distributed, ImageDataset]
         run_dir.mkdir(parents=True, exist_ok=True)
     dist_.barrier()
 
-    def load() -> ImageDataset:
-        # The run folder is never data, even inside the data folder (`cd images && encdiff train .`).
-        return ImageDataset(config.data, config.resolution, config.channels, strict=config.strict,
-                            cache_dir=run_dir / "cache", workers=config.workers, progress=dist_.main,
-                            exclude=(run_dir,))
-
     # Rank 0 decodes and caches; the other ranks then read the cache instead of decoding again.
-    dataset = load() if dist_.main else None
+    dataset = dataset_of(config, run_dir, progress=True) if dist_.main else None
     dist_.barrier()
-    return dist_, dataset if dataset is not None else load()
+    return dist_, dataset if dataset is not None else dataset_of(config, run_dir, progress=False)
+
+
+def dataset_of(config: TrainConfig, run_dir: str | os.PathLike, progress: bool = True) -> ImageDataset:
+    """The images a run trains on, for every stage and for export: decoded once into the run's cache; the run
+    folder is never data, even inside the data folder (`cd images && encdiff train .`)."""
+    run_dir = Path(run_dir)
+    return ImageDataset(config.data, config.resolution, config.channels, strict=config.strict,
+                        cache_dir=run_dir / "cache", workers=config.workers, progress=progress, exclude=(run_dir,))
 
 
 def model_config(table: dict, config: TrainConfig, config_class: type, **fixed: Any):
@@ -767,10 +792,11 @@ def train_diffusion(config: TrainConfig) -> Path:
 
 
 def _train_diffusion(config: TrainConfig) -> Path:
-    preset(UNETS, config.model)  # a bad name fails before the data is decoded
+    preset(UNETS, config.model)  # a bad name or autoencoder folder fails before the data is decoded
+    autoencoder = Autoencoder.from_pretrained(config.autoencoder) if config.autoencoder else None
     dist_, dataset = prepare(config, "diffusion")
-    autoencoder = (Autoencoder.from_pretrained(config.autoencoder, device=dist_.device)
-                   if config.autoencoder else None)
+    if autoencoder is not None:
+        autoencoder = autoencoder.to(dist_.device)
     if autoencoder is not None and config.resolution % autoencoder.downsample_factor:
         raise EncdiffError(f"resolution {config.resolution} is not divisible by the autoencoder's downsampling "
                            f"factor {autoencoder.downsample_factor}")
@@ -858,8 +884,9 @@ def cached_latents(autoencoder: Autoencoder, dataset: ImageDataset, cache_dir: P
                    dist_: Distributed) -> torch.Tensor:
     """Encode the data set once (rank 0) and keep it in the run's cache folder; every rank then loads it.
 
-    The file is named by the autoencoder's weights and the images' content key (every file's path, size and time):
-    replacing an image, or the autoencoder, encodes again. A damaged file is encoded again with a warning."""
+    The file is named by the autoencoder's weights and by what the images are (`ImageDataset.content_key`, the
+    decoded pixels): replacing an image, or the autoencoder, encodes again. A damaged file is encoded again with a
+    warning."""
     from safetensors.torch import load_file
 
     from .checkpoint import atomic_save_tensors
@@ -868,7 +895,7 @@ def cached_latents(autoencoder: Autoencoder, dataset: ImageDataset, cache_dir: P
     weights = next((p for p in (ae_folder / "model.safetensors", ae_folder / "diffusion_pytorch_model.safetensors")
                     if p.is_file()), None)
     tag = sha256_file(weights)[:16] if weights else "unknown"
-    path = cache_dir / f"latents-{tag}-{(dataset.key or 'nokey')[:16]}-{len(dataset)}.safetensors"
+    path = cache_dir / f"latents-{tag}-{dataset.content_key[:16]}-{len(dataset)}.safetensors"
 
     def usable() -> bool:
         try:
@@ -983,17 +1010,30 @@ def _train_consistency(config: TrainConfig) -> Path:
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bool = False,
-               dtype: torch.dtype | None = None, sampling: dict[str, Any] | None = None) -> Path:
+               dtype: torch.dtype | None = None, sampling: dict[str, Any] | None = None,
+               sigma_rel: float | None = None) -> Path:
     """Write the EMA weights of a run's newest checkpoint as a model folder: an autoencoder (its latent
     statistics measured on the run's data, as at the end of training) or a generator. With `diffusers`,
     the networks are written in diffusers' format (`unet/`, `vae/`); `dtype` (e.g. torch.float16) stores the
-    weights in that precision; `sampling` sets a generator's default sampler/steps/guidance_scale."""
+    weights in that precision; `sampling` sets a generator's default sampler/steps/guidance_scale; `sigma_rel`
+    exports the post-hoc EMA of that width reconstructed from the run's snapshots (phema.reconstruct) instead of
+    the run's EMA."""
     path = latest_training_state(run_dir)
     if path is None:
         raise EncdiffError(f"{run_dir}: no complete checkpoint to export")
     tensors, meta = load_training_state(path)
     info = meta.get("export", {})
     ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+    if sigma_rel is not None:
+        from .phema import reconstruct
+
+        posthoc, record = reconstruct(run_dir, sigma_rel)
+        missing = sorted(set(ema) - set(posthoc))
+        if missing:
+            raise EncdiffError(f"{run_dir}: the post-hoc EMA snapshots lack {missing[0]!r}: not this run's model")
+        ema = {**ema, **posthoc}
+        print(f"post-hoc EMA: sigma_rel {sigma_rel} at {record['images']} images from {record['snapshots']} "
+              f"(profile fit error {record['fit_error']:.2%})", file=sys.stderr)
     out = Path(out)
     if meta["stage"] == "autoencoder":
         autoencoder = Autoencoder(config_from_dict(AutoencoderConfig, info["model_config"], f"{path} model_config"))
@@ -1002,8 +1042,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bo
         if config.decoder_only:  # the latent space (statistics included) is the init autoencoder's
             autoencoder.eval().save_pretrained(out, diffusers=diffusers, dtype=dtype)
             return out
-        dataset = ImageDataset(config.data, config.resolution, config.channels, strict=config.strict,
-                               cache_dir=Path(run_dir) / "cache", workers=config.workers)
+        dataset = dataset_of(config, run_dir)
         measure_latent_statistics(autoencoder, dataset, "cpu").save_pretrained(out, diffusers=diffusers, dtype=dtype)
         return out
     unet = UNet(config_from_dict(UNetConfig, info["model_config"], f"{path} model_config"))
@@ -1022,6 +1061,12 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bo
     if autoencoder is not None:
         autoencoder.save_pretrained(out / "vae", diffusers=True, dtype=dtype)
     return out
+
+
+def check_model_name(config: TrainConfig, stage: str) -> None:
+    """An unknown model preset is refused with the valid names (before any data is read)."""
+    if config.model and stage in ("autoencoder", "diffusion"):
+        preset(AUTOENCODERS if stage == "autoencoder" else UNETS, config.model)
 
 
 def load_config(path: str | None, preset_name: str | None, stage: str, overrides: dict[str, Any]) -> TrainConfig:
