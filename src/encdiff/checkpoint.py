@@ -239,6 +239,9 @@ class Pretrained:
         state = self.state_dict()
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        if diffusers and self.diffusers_class_name is None:
+            raise EncdiffError(f"{type(self).__name__} has no diffusers equivalent: it is saved in encdiff's format "
+                               "only (export without --diffusers)")
         if diffusers:
             config = {"_class_name": self.diffusers_class_name, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
                       **self.config_to_diffusers(self.config)}
@@ -265,6 +268,6 @@ def folder_kind(path: str | os.PathLike) -> str | None:
         raw = read_json(folder / CONFIG)
         name = raw.get("encdiff_class") or raw.get("_class_name")
         return {"Autoencoder": "autoencoder", "AutoencoderKL": "autoencoder", "UNet": "unet",
-                "UNet2DModel": "unet"}.get(name, "model")
+                "UNet2DModel": "unet", "MPUNet": "unet"}.get(name, "model")
     return None
 

@@ -543,11 +543,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _describe_model(folder: Path) -> None:
     from .autoencoder import Autoencoder
     from .checkpoint import CONFIG, read_json
-    from .unet import UNet
+    from .backbones import BACKBONES, CLASS_NAMES
 
     raw = read_json(folder / CONFIG)
-    cls = {"Autoencoder": Autoencoder, "AutoencoderKL": Autoencoder, "UNet": UNet, "UNet2DModel": UNet}.get(
-        raw.get("encdiff_class") or raw.get("_class_name"))
+    name = raw.get("encdiff_class") or raw.get("_class_name")
+    cls = {"Autoencoder": Autoencoder, "AutoencoderKL": Autoencoder,
+           **{n: BACKBONES[b] for n, b in CLASS_NAMES.items()}}.get(name)
     if cls is None:
         raise EncdiffError(f"{folder / CONFIG}: not an encdiff or diffusers model config")
     config, weights = cls.verify(folder)  # the weights are there, safetensors, and match their recorded hash

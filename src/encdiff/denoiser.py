@@ -96,22 +96,30 @@ class Denoiser(torch.nn.Module):
             )
         return class_labels
 
-    def forward(self, x, sigma, class_labels=None):
+    def forward(self, x, sigma, class_labels=None, net=None, return_logvar=False):
+        """D(x; sigma). `net` replaces the backbone for this call (the trainer passes its DDP wrapper, so the
+        gradients are synchronised); `return_logvar` also returns the backbone's uncertainty u(sigma) (EDM2 eq. 8)."""
         B = x.shape[0]
+        net = self.net if net is None else net
         sigma = _as_batch(sigma, x)
         class_labels = self.check_class_labels(class_labels, B)
         c_skip, c_out, c_in = self.scalings(sigma)
         # The only cast to the network's precision; the sampler's x and the sigma grid stay as they are.
-        params = self.net.parameters() if isinstance(self.net, torch.nn.Module) else ()
+        params = net.parameters() if isinstance(net, torch.nn.Module) else ()
         net_dtype = next((p.dtype for p in params), x.dtype)
-        F = self.net((_per_image(c_in, x) * x).to(net_dtype), self.c_noise(sigma).to(net_dtype), class_labels)
+        extra = {"return_logvar": True} if return_logvar else {}
+        F = net((_per_image(c_in, x) * x).to(net_dtype), self.c_noise(sigma).to(net_dtype), class_labels, **extra)
+        logvar = None
+        if return_logvar:
+            F, logvar = F
         # A NaN here would otherwise propagate through every later step into a silently black image. Not
         # checked while training (F needs grad): the loop checks its loss once per step, without this GPU sync.
         if not F.requires_grad and not torch.isfinite(F).all():
             raise EncdiffError(
                 f"model output contains NaN or inf at sigma in [{sigma.min().item():.4g}, {sigma.max().item():.4g}]"
             )
-        return _per_image(c_skip, x) * x + _per_image(c_out, x) * F.to(x.dtype)
+        denoised = _per_image(c_skip, x) * x + _per_image(c_out, x) * F.to(x.dtype)
+        return (denoised, logvar) if return_logvar else denoised
 
 
 class VPDenoiser(Denoiser):
@@ -312,18 +320,26 @@ NOISE_LEVELS = {
 }
 
 
-def denoising_loss(denoiser, x0, sigma, eps, class_labels=None, weighting="epsilon", **weighting_options):
+def denoising_loss(denoiser, x0, sigma, eps, class_labels=None, weighting="epsilon", net=None, uncertainty=False,
+                   **weighting_options):
     """Per-image loss lambda(sigma) * mean || D(x0 + sigma eps; sigma) - x0 ||^2 (EDM eqs. 2 and 8), shape (B,).
 
-    Deterministic given (sigma, eps); ``training_loss`` draws them. Works for pixels and latents alike.
+    With `uncertainty`, the backbone's learned log-variance u(sigma) weighs it (EDM2 eq. 8, from Kendall & Gal
+    2017): lambda(sigma) / exp(u(sigma)) * mean ||D - x0||^2 + u(sigma), which is minimised by u = ln of the weighted
+    loss at that sigma, so every noise level contributes about equally. `net` is the network trained (its DDP
+    wrapper). Deterministic given (sigma, eps); ``training_loss`` draws them. Works for pixels and latents alike.
     """
     lambda_fn = lookup(LOSS_WEIGHTS, weighting, "loss weighting")
     sigma = _as_batch(sigma, x0)
     # The forward process in sigma space (EDM eq. 2 with s(t) = 1); VP scaling happens inside the denoiser.
     x = x0 + _per_image(sigma, x0) * eps
-    denoised = denoiser(x, sigma, class_labels)
     lambda_ = lambda_fn(sigma, **weighting_options).to(x0.dtype)
-    return lambda_ * (denoised - x0).square().flatten(1).mean(1)
+    if not uncertainty:
+        denoised = denoiser(x, sigma, class_labels, net=net)
+        return lambda_ * (denoised - x0).square().flatten(1).mean(1)
+    denoised, logvar = denoiser(x, sigma, class_labels, net=net, return_logvar=True)
+    logvar = logvar.to(x0.dtype)
+    return lambda_ / logvar.exp() * (denoised - x0).square().flatten(1).mean(1) + logvar
 
 
 def drop_labels(class_labels, p, null_label, generator, shard=(0, 1)):
@@ -335,7 +351,7 @@ def drop_labels(class_labels, p, null_label, generator, shard=(0, 1)):
 
 def training_loss(
     denoiser, x0, generator, class_labels=None, noise_level="uniform_t", weighting="epsilon", label_dropout=0.0,
-    shard=(0, 1), **options,
+    shard=(0, 1), net=None, uncertainty=False, **options,
 ):
     """Draw sigma, eps (and label dropout) from ``generator`` and return the mean ``denoising_loss``.
 
@@ -366,7 +382,8 @@ def training_loss(
     # Drawn in float32 like the samplers' noise, so a seed gives the same batch in any training precision.
     eps = torch.randn((B, *x0.shape[1:]), generator=generator, device=generator.device, dtype=torch.float32)
     eps = eps[rank::world_size].to(x0)
-    return denoising_loss(denoiser, x0, sigma, eps, class_labels, weighting, **weight_options).mean()
+    return denoising_loss(denoiser, x0, sigma, eps, class_labels, weighting, net=net, uncertainty=uncertainty,
+                          **weight_options).mean()
 
 
 class GaussianDenoiser(torch.nn.Module):

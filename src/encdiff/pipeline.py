@@ -24,6 +24,7 @@ from .images import to_uint8, to_unit
 from .errors import EncdiffError
 from .samplers import SAMPLERS, generate
 from .schedules import SCHEDULES, get_alpha_bars, get_sigmas
+from .backbones import load_backbone
 from .unet import UNet
 
 GENERATOR_FILE = "generator.json"
@@ -317,7 +318,7 @@ class Generator:
             raise EncdiffError(f"{info_path}: entry 'latent' = false, but the folder holds autoencoder/: expected true "
                                "for a latent generator")
         spec = config_from_dict(DenoiserSpec, info["denoiser"], f"{info_path} denoiser")
-        unet = UNet.from_pretrained(folder / "unet", device=device)
+        unet = load_backbone(folder / "unet", device=device)
         autoencoder = Autoencoder.from_pretrained(folder / "autoencoder", device=device) if info["latent"] else None
         try:
             return cls(unet, spec, autoencoder, info.get("class_names"), Sampling.from_dict(info.get("sampling"), "sampling"),

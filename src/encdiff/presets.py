@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .autoencoder import AutoencoderConfig
 from .errors import lookup
+from .mp_unet import MPUNetConfig
 from .unet import UNetConfig
 
 AUTOENCODERS: dict[str, AutoencoderConfig] = {
@@ -42,6 +43,18 @@ UNETS: dict[str, UNetConfig] = {
     "cifar10_latent": UNetConfig(in_channels=8, out_channels=8, block_out_channels=(64, 128, 128),
                                  attention_levels=(False, True, True), layers_per_block=1, attention_head_dim=32,
                                  scale_shift=True, flip_sin_to_cos=True, freq_shift=0.0, num_classes=10, sample_size=8),
+}
+
+
+# The magnitude-preserving U-Net of EDM2 config E (mp_unet.py), `backbone = "edm2"` in a training config.
+MP_UNETS: dict[str, MPUNetConfig] = {
+    "tiny": MPUNetConfig(block_out_channels=(8, 16), attention_levels=(False, True), layers_per_block=1,
+                         channels_per_head=8, logvar_channels=8, sample_size=16),
+    # The bundled generator's size class on 8x8 latents: 64/128/128, one block per level, attention at 4x4 and 2x2
+    # and in the decoder's first block; 5.0M parameters like the ADM-style `cifar10_latent`.
+    "cifar10_latent": MPUNetConfig(in_channels=8, out_channels=8, block_out_channels=(64, 128, 128),
+                                   attention_levels=(False, True, True), layers_per_block=1, channels_per_head=64,
+                                   num_classes=10, sample_size=8),
 }
 
 

@@ -39,8 +39,8 @@ from .phema import PowerEMA, check_sigma_rel
 from .errors import EncdiffError, TrainingInterrupted, config_from_dict, count
 from .images import image_grid, save_png, to_uint8
 from .pipeline import DenoiserSpec, Generator, Sampling
-from .presets import AUTOENCODERS, UNETS, preset
-from .unet import UNet, UNetConfig
+from .backbones import CONFIGS, backbone_class, backbone_name
+from .presets import AUTOENCODERS, MP_UNETS, UNETS, preset
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,8 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     warmup_steps: int = 200  # linear warm-up from 0 to lr
-    lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (to 0 at `steps`)
+    lr_schedule: str = "constant"  # after warm-up: "constant", "cosine" (to 0 at `steps`) or "inv_sqrt" (EDM2)
+    lr_decay_steps: int = 10000  # inv_sqrt: the rate is lr / sqrt(max(step / lr_decay_steps, 1)) (EDM2's t_ref)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     ema_halflife_images: float = 50_000.0  # EMA half-life in training images (EDM)
     ema_rampup: float | None = 0.05  # cap the half-life at this fraction of images seen early on; None: off
@@ -86,6 +87,8 @@ class TrainConfig:
     init: str | None = None  # autoencoder folder to start from (its config replaces model / model_overrides)
     decoder_only: bool = False  # with init: train the decoder only; encoder, posterior and latent scale/shift frozen
     # stage 2: diffusion
+    backbone: str = "unet"  # "unet" (ADM-style, presets.UNETS) or "edm2" (magnitude-preserving, presets.MP_UNETS)
+    uncertainty: bool = False  # weigh the loss by the backbone's learned u(sigma) (EDM2 eq. 8; edm2 backbone)
     denoiser: str = "edm"  # "edm" or "vp" (DenoiserSpec.kind)
     prediction: str = "epsilon"  # vp: epsilon, v or x0
     train_schedule: str = "linear"  # vp: beta schedule
@@ -139,7 +142,7 @@ class TrainConfig:
                                    f"{', '.join(map(str, valid))}")
 
         for name in ("steps", "batch_size", "grad_accum", "resolution", "log_every", "checkpoint_every", "keep_last",
-                     "sample_steps", "disc_channels", "disc_layers", "intervals", "student_steps"):
+                     "sample_steps", "disc_channels", "disc_layers", "intervals", "student_steps", "lr_decay_steps"):
             integer(name, 1)
         for name in ("warmup_steps", "sample_every", "eval_every", "adv_start", "phema_every"):
             integer(name, 0)
@@ -167,7 +170,7 @@ class TrainConfig:
         if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
                 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas)):
             raise EncdiffError(f"config field 'betas' = {self.betas!r}: expected two numbers in [0, 1)")
-        for name in ("strict", "compile", "decoder_only", "accept_data_change"):
+        for name in ("strict", "compile", "decoder_only", "accept_data_change", "uncertainty"):
             if not isinstance(getattr(self, name), bool):
                 raise EncdiffError(f"config field {name!r} = {getattr(self, name)!r}: expected true or false")
         if self.bf16 is not None and not isinstance(self.bf16, bool):
@@ -177,7 +180,10 @@ class TrainConfig:
         from .denoiser import LOSS_WEIGHTS, NOISE_LEVELS
         from .schedules import TRAIN_SCHEDULES
 
-        choice("lr_schedule", ("constant", "cosine"))
+        choice("lr_schedule", ("constant", "cosine", "inv_sqrt"))
+        choice("backbone", ("unet", "edm2"))
+        if self.uncertainty and self.backbone != "edm2":
+            raise EncdiffError("config field 'uncertainty' = true needs backbone = \"edm2\" (its u(sigma) head)")
         choice("recon_loss", ("l1", "l2"))
         choice("denoiser", ("edm", "vp"))
         choice("prediction", ("epsilon", "v", "x0"))
@@ -218,7 +224,7 @@ STAGE_ONLY = {
     "autoencoder": frozenset({"recon_loss", "kl_weight", "ssim_weight", "fft_weight", "adv_weight", "adv_start",
                               "fm_weight", "disc_lr", "disc_channels", "disc_layers", "init", "decoder_only",
                               "model", "model_overrides"}),
-    "diffusion": frozenset({"autoencoder", "denoiser", "prediction", "train_schedule", "noise_level", "weighting",
+    "diffusion": frozenset({"autoencoder", "backbone", "uncertainty", "denoiser", "prediction", "train_schedule", "noise_level", "weighting",
                             "sigma_data", "loss_options", "label_dropout", "eval_every", "eval_samples",
                             "model", "model_overrides"}),
     "consistency": frozenset({"teacher", "guidance", "intervals", "solver", "huber_c", "student_steps",
@@ -301,10 +307,12 @@ class StopRequest:
 
 
 def lr_factor(config: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up, then constant or a cosine decay to zero at the last step."""
+    """Linear warm-up, then constant, a cosine decay to zero at the last step, or EDM2's inverse square root."""
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
+        if config.lr_schedule == "inv_sqrt":  # EDM2 config E: alpha_ref / sqrt(max(t / t_ref, 1))
+            return 1 / math.sqrt(max(step / config.lr_decay_steps, 1.0))
         if config.lr_schedule == "cosine":
             progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -552,6 +560,8 @@ def train_loop(run: Run, loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch
                                    "(lower --lr or raise --warmup-steps, then resume)")
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
+            if hasattr(run.model, "normalize_weights_"):
+                run.model.normalize_weights_()  # forced weight normalisation (EDM2 sec. 2.4), the same on every rank
             if disc_grads:
                 run.disc_optimizer.step()
                 run.disc_optimizer.zero_grad(set_to_none=True)
@@ -659,6 +669,11 @@ def dataset_of(config: TrainConfig, run_dir: str | os.PathLike, progress: bool =
     run_dir = Path(run_dir)
     return ImageDataset(config.data, config.resolution, config.channels, strict=config.strict,
                         cache_dir=run_dir / "cache", workers=config.workers, progress=progress, exclude=(run_dir,))
+
+
+def backbone_presets(backbone: str) -> dict:
+    """The model presets of a backbone (TrainConfig.backbone)."""
+    return {"unet": UNETS, "edm2": MP_UNETS}[backbone]
 
 
 def model_config(table: dict, config: TrainConfig, config_class: type, **fixed: Any):
@@ -792,7 +807,8 @@ def train_diffusion(config: TrainConfig) -> Path:
 
 
 def _train_diffusion(config: TrainConfig) -> Path:
-    preset(UNETS, config.model)  # a bad name or autoencoder folder fails before the data is decoded
+    table = backbone_presets(config.backbone)
+    preset(table, config.model)  # a bad name or autoencoder folder fails before the data is decoded
     autoencoder = Autoencoder.from_pretrained(config.autoencoder) if config.autoencoder else None
     dist_, dataset = prepare(config, "diffusion")
     if autoencoder is not None:
@@ -802,15 +818,19 @@ def _train_diffusion(config: TrainConfig) -> Path:
                            f"factor {autoencoder.downsample_factor}")
     factor = autoencoder.downsample_factor if autoencoder else 1
     channels = autoencoder.latent_channels if autoencoder else config.channels
-    unet_config = model_config(UNETS, config, UNetConfig, in_channels=channels, out_channels=channels,
+    # The uncertainty head exists only when the loss uses it: a parameter no step touches would stall DDP.
+    head = {"logvar_channels": model_config(table, config, CONFIGS["edm2"]).logvar_channels if config.uncertainty
+            else 0} if config.backbone == "edm2" else {}
+    unet_config = model_config(table, config, CONFIGS[config.backbone], in_channels=channels, out_channels=channels,
                                sample_size=config.resolution // factor, num_classes=dataset.num_classes,
-                               null_class=True)
+                               null_class=True, **head)
     spec = DenoiserSpec(kind=config.denoiser, sigma_data=config.sigma_data, schedule=config.train_schedule,
                         prediction=config.prediction)
     torch.manual_seed(config.seed)
     export_info = {"denoiser": dataclasses.asdict(spec), "class_names": dataset.class_names,
-                   "autoencoder": str(Path(config.autoencoder).resolve()) if config.autoencoder else None}
-    run = Run(config, "diffusion", UNet(unet_config), dataset, dist_, export_info)
+                   "autoencoder": str(Path(config.autoencoder).resolve()) if config.autoencoder else None,
+                   "backbone": config.backbone}
+    run = Run(config, "diffusion", backbone_class(config.backbone)(unet_config), dataset, dist_, export_info)
     run.resume()
 
     images_of = (latent_batches(cached_latents(autoencoder, dataset, Path(config.run_dir) / "cache",
@@ -822,11 +842,10 @@ def _train_diffusion(config: TrainConfig) -> Path:
     denoiser = spec.build(run.model)
 
     def loss_fn(model, x, labels):
-        # DDP syncs gradients only for calls through its wrapper: the denoiser must call that one.
-        denoiser.net = model
+        # DDP syncs gradients only for calls through its wrapper: the loss runs the network it is given.
         return training_loss(denoiser, x, run.generators["noise"], class_labels=labels, noise_level=config.noise_level,
-                             weighting=config.weighting, label_dropout=label_dropout, shard=run.shard,
-                             **config.loss_options)
+                             weighting=config.weighting, label_dropout=label_dropout, shard=run.shard, net=model,
+                             uncertainty=config.uncertainty, **config.loss_options)
 
     def on_sample(run: Run) -> None:
         generator = Generator(run.ema.model, spec, autoencoder, dataset.class_names)
@@ -951,15 +970,20 @@ def _train_consistency(config: TrainConfig) -> Path:
     autoencoder = teacher.autoencoder.to(dist_.device) if latent else None
     spec = dataclasses.replace(teacher.spec, kind="consistency")
     torch.manual_seed(config.seed)
-    student = UNet(teacher.unet.config)
-    student.load_state_dict(teacher.unet.state_dict())  # ECT: tuning starts from the teacher
+    backbone = backbone_name(teacher.unet)
+    student_config = teacher.unet.config
+    if backbone == "edm2":  # the consistency loss has no use for an uncertainty head (DDP needs every parameter used)
+        student_config = dataclasses.replace(student_config, logvar_channels=0)
+    student = backbone_class(backbone)(student_config)
+    own = student.state_dict()
+    student.load_state_dict({k: v for k, v in teacher.unet.state_dict().items() if k in own})  # ECT: from the teacher
     sampling = Sampling(sampler="consistency", steps=config.student_steps, schedule="consistency")
     distillation = {"method": "consistency distillation (Song et al. 2023) with iCT's metric and weighting",
                     "teacher_unet_sha256": sha256_file(Path(config.teacher) / "unet" / "model.safetensors"),
                     "guidance_scale": guidance, "intervals": config.intervals, "solver": config.solver}
     ae_folder = Path(config.teacher) / "autoencoder"
     export_info = {"denoiser": dataclasses.asdict(spec), "class_names": teacher.class_names,
-                   "autoencoder": str(ae_folder.resolve()) if latent else None,
+                   "autoencoder": str(ae_folder.resolve()) if latent else None, "backbone": backbone,
                    "sampling": dataclasses.asdict(sampling), "distillation": distillation}
     run = Run(config, "consistency", student, dataset, dist_, export_info)
     if run.resume():
@@ -1045,7 +1069,11 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bo
         dataset = dataset_of(config, run_dir)
         measure_latent_statistics(autoencoder, dataset, "cpu").save_pretrained(out, diffusers=diffusers, dtype=dtype)
         return out
-    unet = UNet(config_from_dict(UNetConfig, info["model_config"], f"{path} model_config"))
+    backbone = info.get("backbone", "unet")  # runs before the edm2 backbone recorded none
+    if diffusers and backbone != "unet":
+        raise EncdiffError(f"{run_dir}: a {backbone!r} U-Net (magnitude-preserving, EDM2) has no diffusers "
+                           "equivalent; export it without --diffusers")
+    unet = backbone_class(backbone)(config_from_dict(CONFIGS[backbone], info["model_config"], f"{path} model_config"))
     unet.load_state_dict(ema)
     autoencoder = Autoencoder.from_pretrained(info["autoencoder"]) if info.get("autoencoder") else None
     # A student's run records its own sampling (consistency); the caller's settings change it as `but` does.
@@ -1066,7 +1094,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bo
 def check_model_name(config: TrainConfig, stage: str) -> None:
     """An unknown model preset is refused with the valid names (before any data is read)."""
     if config.model and stage in ("autoencoder", "diffusion"):
-        preset(AUTOENCODERS if stage == "autoencoder" else UNETS, config.model)
+        preset(AUTOENCODERS if stage == "autoencoder" else backbone_presets(config.backbone), config.model)
 
 
 def load_config(path: str | None, preset_name: str | None, stage: str, overrides: dict[str, Any]) -> TrainConfig:
