@@ -47,6 +47,13 @@ def autoencoders(g: torch.Generator) -> None:
                                                      layers_per_block=1, latent_channels=4),
         "f2, 32-64, 1 block": AutoencoderConfig(block_out_channels=(32, 64), attention_levels=(False,) * 2,
                                                 layers_per_block=1, latent_channels=4, norm_num_groups=16),
+        # version 0.4's candidates (BENCHMARKS.md, "Stage 1 anew")
+        "f4, 32-64-64, 1 block, 8x8x16": AutoencoderConfig(block_out_channels=(32, 64, 64),
+                                                           attention_levels=(False,) * 3, layers_per_block=1,
+                                                           latent_channels=16, norm_num_groups=16),
+        "f4, 64-128-128, 1 block, 8x8x8": AutoencoderConfig(block_out_channels=(64, 128, 128),
+                                                            attention_levels=(False,) * 3, layers_per_block=1,
+                                                            latent_channels=8),
     }
     print("| autoencoder | params | train img/s fp32 | train img/s bf16 |\n|---|---|---|---|")
     for name, config in candidates.items():

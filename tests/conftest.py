@@ -82,7 +82,12 @@ def seeded():
 
 # The CIFAR-10 copy beside the project (../shared/data, see its README); tests using it skip without it.
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
-needs_cifar = pytest.mark.skipif(not CIFAR.is_file(), reason=f"the CIFAR-10 copy is absent ({CIFAR})")
+_cifar_present = pytest.mark.skipif(not CIFAR.is_file(), reason=f"the CIFAR-10 copy is absent ({CIFAR})")
+
+
+def needs_cifar(test):
+    """Real CIFAR-10 images (skipped without the copy); such tests learn or measure, so they are `slow` too."""
+    return pytest.mark.slow(_cifar_present(test))
 
 
 def extract_cifar_subset(target: Path, n: int, split: str = "train", seed: int = 0) -> list[tuple[str, str]]:

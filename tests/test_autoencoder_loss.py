@@ -186,6 +186,7 @@ def test_gan_run_resumes_bit_for_bit(image_folder, tmp_path):
         assert torch.equal(whole[key], parts[key]), key
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_gan_run_with_two_gloo_processes_equals_one_process(image_folder, tmp_path):
     args = ["train-autoencoder", str(image_folder), "--model", "tiny", "--resolution", "16", "--batch-size", "8",
             "--steps", "4", "--checkpoint-every", "4", "--log-every", "2", "--sample-every", "0", "--workers", "0",

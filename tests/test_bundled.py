@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -32,6 +33,7 @@ def test_bundled_weights_are_half_precision_and_within_the_size_limits():
     assert generator.image_size == 32 and generator.sampling.guidance_scale > 1
 
 
+@pytest.mark.slow  # the bundled model's 100-image grid
 def test_sample_without_a_model_writes_one_row_per_class_of_recognisable_images(tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC}
     result = subprocess.run([sys.executable, "-m", "encdiff", "sample", "--out", "samples.png",
@@ -59,6 +61,7 @@ def test_sample_without_a_model_writes_one_row_per_class_of_recognisable_images(
     assert accuracy >= 0.5, predicted
 
 
+@pytest.mark.slow  # the bundled model's 100-image grid
 def test_the_bundled_student_samples_recognisable_classes_in_two_evaluations(tmp_path):
     """`encdiff sample --fast`: the shipped consistency student, guidance built in, 2 evaluations per image."""
     student = Generator.bundled(student=True)

@@ -207,7 +207,8 @@ def test_distill_makes_a_student_folder_that_samples_in_two_steps_with_guidance_
     info = json.loads((run_dir / "model" / "generator.json").read_text())
     assert info["denoiser"]["kind"] == "consistency"
     assert info["sampling"] == {"sampler": "consistency", "steps": 2, "schedule": "consistency",
-                                "guidance_scale": None, "sigmas": None}
+                                "guidance_scale": None, "sigmas": None,
+                                "guidance_interval": None}
     assert info["distillation"]["guidance_scale"] == 2.0 and info["distillation"]["images"] == 32
     student = Generator.from_pretrained(run_dir / "model")
     calls = []
@@ -250,6 +251,7 @@ def test_distill_resumes_exactly(teacher, image_folder, tmp_path):
     assert changed.returncode == 2 and "not the teacher this run was distilling" in changed.stderr, changed.stderr
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_two_gloo_processes_distil_like_one(teacher, image_folder, tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port",

@@ -150,6 +150,7 @@ def test_edm2_training_resumes_exactly(folder, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_two_gloo_processes_equal_one_for_the_edm2_backbone(folder, tmp_path):
     args = ["train", str(folder), "--pixel", "--backbone", "edm2", "--model", "tiny", "--uncertainty",
             "--lr-schedule", "inv_sqrt", "--lr-decay-steps", "2", "--resolution", "16", "--batch-size", "8",

@@ -64,7 +64,7 @@ def test_model_health_and_openapi_describe_the_service(client):
     info = client.get("/v1/model").json()
     assert info["classes"] == ["red", "green", "blue"] and info["image_size"] == 16
     assert info["sampling"] == {"sampler": "dpmpp_2m", "steps": 6, "schedule": "karras", "guidance_scale": 2.0,
-                                "sigmas": None}
+                                "sigmas": None, "guidance_interval": None}
     assert info["limits"]["max_images"] == 8
     schema = client.get("/openapi.json").json()
     body = schema["components"]["schemas"]["GenerateRequest"]["properties"]
@@ -202,6 +202,7 @@ def rss_mib(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.slow  # a real uvicorn process under load
 def test_concurrent_load_is_answered_or_refused_with_429_never_5xx(server):
     url, process = server
     httpx.post(url + "/v1/generate", json={"num_images": 8, "steps": 4}, timeout=60)  # warm up
@@ -232,6 +233,7 @@ def test_concurrent_load_is_answered_or_refused_with_429_never_5xx(server):
     assert httpx.get(url + "/healthz", timeout=5).json()["jobs"] == 0
 
 
+@pytest.mark.slow  # a real uvicorn process
 def test_a_client_that_disconnects_cancels_its_job(server):
     url, _ = server
     with httpx.Client(timeout=60) as c:
@@ -252,6 +254,7 @@ def chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
+@pytest.mark.slow  # a real browser
 @pytest.mark.skipif(chromium() is None, reason="Debian's chromium and chromium-driver are not installed "
                     "(.ci/run installs them)")
 def test_the_page_in_a_real_browser_generates_and_shows_the_images(server):
@@ -325,3 +328,13 @@ def test_only_the_samplers_that_fit_the_model_are_offered_and_accepted(client, g
         assert c.get("/v1/model").json()["samplers"] == ["consistency"]
         refused = c.post("/v1/generate", json={"sampler": "dpmpp_2m"}, headers=JSON)
         assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "sampler"]
+
+
+def test_the_guidance_interval_is_a_request_field_with_the_librarys_pixels(client, generator_dir):
+    made = client.post("/v1/generate", json={"class": 2, "seed": 3, "guidance_interval": [0.5, 10]}, headers=JSON)
+    assert made.status_code == 200
+    expected = Generator.from_pretrained(generator_dir).images([3], torch.tensor([2]), guidance_interval=(0.5, 10.0))
+    assert torch.equal(decode(made.json()["images"][0]["png"]), expected[0])
+    for bad in ([3, 1], [1], [0, "x"]):
+        refused = client.post("/v1/generate", json={"guidance_interval": bad}, headers=JSON)
+        assert refused.status_code == 422 and "guidance_interval" in str(refused.json()["detail"][0]["loc"]), bad

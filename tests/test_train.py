@@ -154,6 +154,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(image_folder, unint
     assert_bitwise_equal(final_tensors(run_dir, 60), final_tensors(uninterrupted, 60))
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(image_folder, uninterrupted, tmp_path):
     run_dir = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}

@@ -4,7 +4,8 @@ from .autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian, Ident
 from .denoiser import (LOSS_WEIGHTS, NOISE_LEVELS, Denoiser, EDMDenoiser, GaussianDenoiser, GuidedDenoiser, VPDenoiser,
                        denoising_loss, training_loss)
 from .errors import EncdiffError
-from .pipeline import DenoiserSpec, Generator
+from .mp_unet import MPUNet, MPUNetConfig
+from .pipeline import DenoiserSpec, Generator, Sampling
 from .samplers import SAMPLERS, generate, get_sampler
 from .schedules import SCHEDULES, TRAIN_SCHEDULES, get_alpha_bars, get_sigmas
 from .unet import UNet, UNetConfig
@@ -13,6 +14,6 @@ __all__ = [
     "Autoencoder", "AutoencoderConfig", "DiagonalGaussian", "IdentityAutoencoder", "UNet", "UNetConfig",
     "Denoiser", "VPDenoiser", "EDMDenoiser", "GuidedDenoiser", "GaussianDenoiser", "training_loss", "denoising_loss",
     "LOSS_WEIGHTS", "NOISE_LEVELS", "SAMPLERS", "get_sampler", "generate", "SCHEDULES", "TRAIN_SCHEDULES",
-    "get_sigmas", "get_alpha_bars", "Generator", "DenoiserSpec", "EncdiffError",
+    "get_sigmas", "get_alpha_bars", "Generator", "DenoiserSpec", "Sampling", "EncdiffError", "MPUNet", "MPUNetConfig",
 ]
-__version__ = "0.1.0"
+__version__ = "0.4.0.dev0"

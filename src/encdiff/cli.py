@@ -133,6 +133,24 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
     return 0
 
 
+def _sampling_flags(parser: argparse.ArgumentParser, prefix: str = "", default: str = "the generator's",
+                    sigmas: bool = True, interval: bool = True) -> None:
+    """The flags of `Sampling`, declared once for every command that samples (sample, eval, edit, export): each
+    maps to the Sampling field of the same meaning, and an unset one is the generator's own."""
+    parser.add_argument("--sampler", help=f"{prefix}sampler, one of encdiff.SAMPLERS that fits the model "
+                        f"(default: {default})")
+    parser.add_argument("--steps", type=int, help=f"{prefix}sampler steps (default: {default})")
+    parser.add_argument("--guidance", type=_finite_float, help=f"{prefix}classifier-free guidance scale, 1: none "
+                        f"(default: {default})")
+    if interval:
+        parser.add_argument("--guidance-interval", type=_finite_float, nargs=2, metavar=("LO", "HI"),
+                            help=f"{prefix}guide only where LO < sigma <= HI, one network evaluation per step "
+                            f"elsewhere (Kynkaanniemi et al. 2024; default: {default})")
+    if sigmas:
+        parser.add_argument("--sigmas", type=_finite_float, nargs="+", metavar="SIGMA",
+                            help=f"{prefix}explicit noise levels, one per step (overrides --steps and the schedule)")
+
+
 def _model_flags(parser: argparse.ArgumentParser, positional: bool = False) -> None:
     """--model and --fast, the same for every command that uses a generator (sample and serve also take the model
     as their argument)."""
@@ -182,7 +200,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise EncdiffError("--guidance needs a class-conditional model")
     # Flags win over the generator's own sampling settings (measured for the bundled model), as in the library.
     settings = generator.settings(labels, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
-                                  sigmas=args.sigmas)
+                                  sigmas=args.sigmas, guidance_interval=args.guidance_interval)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     seeds = [args.seed + i for i in range(num)]
@@ -266,7 +284,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .train import export_run
 
     sampling = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("guidance_scale", args.guidance),
-                                  ("sigmas", args.sigmas)) if v is not None}
+                                  ("sigmas", args.sigmas), ("guidance_interval", args.guidance_interval))
+                if v is not None}
     if args.sigmas is not None and args.steps is None:
         sampling["steps"] = len(args.sigmas)
     out = export_run(args.run, args.out, diffusers=args.diffusers, dtype=torch.float16 if args.half else None,
@@ -360,6 +379,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if args.guidance is not None and labels is None and target is None:
         raise EncdiffError("--guidance needs --class (the class to guide towards)")
     common = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
+    if getattr(args, "guidance_interval", None) is not None:
+        common["guidance_interval"] = args.guidance_interval
     if args.mode in ("img2img", "inpaint"):
         generator.settings(labels, **common)  # a sampler that does not fit is refused before the image is read
     if args.mode == "img2img":
@@ -650,16 +671,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, help="number of images (default: 10 per class, one row each; "
                    "16 for an unconditional model or with --class)")
     p.add_argument("--class", dest="class_", help="class name or index")
-    p.add_argument("--sampler", help="sampler name (see encdiff.SAMPLERS; default: the generator's, else dpmpp_2m)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the generator's, else 20)")
-    p.add_argument("--guidance", type=_finite_float, help="classifier-free guidance scale, 1: none "
-                   "(default: the generator's, else none)")
+    _sampling_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--out", help="grid PNG (default samples.png unless --out-dir)")
     p.add_argument("--out-dir", help="also write one PNG per image here (alone: no grid, any --num)")
     p.add_argument("--batch-size", type=int, default=100, help="images generated at once (memory)")
-    p.add_argument("--sigmas", type=_finite_float, nargs="+", metavar="SIGMA",
-                   help="explicit noise levels, one per step (overrides --steps and the schedule)")
 
     p = commands.add_parser("reconstruct", help="encode and decode images; side-by-side PNGs and PSNR")
     p.add_argument("model", help="autoencoder folder (encdiff or diffusers)")
@@ -673,11 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diffusers", action="store_true", help="diffusers' folder format")
     p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size; they load "
                    "back as float32)")
-    p.add_argument("--sampler", help="generator: default sampler of `encdiff sample`")
-    p.add_argument("--steps", type=int, help="generator: default sampler steps")
-    p.add_argument("--guidance", type=float, help="generator: default classifier-free guidance scale")
-    p.add_argument("--sigmas", type=_finite_float, nargs="+", metavar="SIGMA",
-                   help="generator: explicit noise levels, one per step (a consistency student's tuned levels)")
+    _sampling_flags(p, "the generator's stored default: ", "the run's")
     p.add_argument("--sigma-rel", type=_finite_float, help="export the post-hoc EMA of this relative width "
                    "(EDM2), reconstructed from the run's snapshots, instead of its EMA")
 
@@ -701,13 +713,10 @@ def build_parser() -> argparse.ArgumentParser:
             m.add_argument("image", help="the image to edit (resized and centre-cropped to the model's size)")
         _model_flags(m)
         m.add_argument("--class", dest="class_", help="class name or index (default: none, the null class)")
-        own = {"invert": "50 (the inversion's own)", "interpolate": "the generator's; with --images 50"}
-        m.add_argument("--steps", type=int, help="sampler steps of the whole grid (default: "
-                       + own.get(mode, "the generator's") + ")")
-        m.add_argument("--sampler", help={"invert": "euler, ddim or heun (default: euler)",
-                                          "interpolate": "sampler (default: the generator's; with --images euler, "
-                                          "ddim or heun, default euler)"}.get(mode, "sampler (default: the generator's)"))
-        m.add_argument("--guidance", type=_finite_float, help="classifier-free guidance scale (needs --class)")
+        default = {"invert": "the inversion's own: euler, 50 steps",
+                   "interpolate": "the generator's; with --images the inversion's: euler, 50 steps"}
+        _sampling_flags(m, default=default.get(mode, "the generator's"), sigmas=False,
+                        interval=mode != "invert")
         m.add_argument("--seed", type=int, default=0, help="seed of the noise")
         m.add_argument("--out", default=f"{mode}.png", help="output PNG")
         if mode == "img2img":
@@ -764,12 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="reference image folder (e.g. a split) or reference-*.safetensors statistics")
     p.add_argument("--num", type=int, default=10000, help="samples to generate (autoencoder: images to reconstruct)")
     p.add_argument("--reference-num", type=int, help="use a seeded random subset of this many reference images")
-    p.add_argument("--sampler", help="sampler name (see encdiff.SAMPLERS; default: the generator's)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the generator's)")
-    p.add_argument("--sigmas", type=_finite_float, nargs="+", metavar="SIGMA",
-                   help="explicit noise levels, one per step (overrides --steps and the schedule)")
-    p.add_argument("--guidance", type=_finite_float, help="classifier-free guidance scale (default: the generator's; "
-                   "1: none)")
+    _sampling_flags(p)
     p.add_argument("--classes", help="comma-separated class names or indices to generate (default: all, balanced)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i; also seeds subsets")
     p.add_argument("--batch-size", type=int, default=100)

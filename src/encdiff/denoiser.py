@@ -96,10 +96,13 @@ class Denoiser(torch.nn.Module):
             )
         return class_labels
 
+    evaluations = 0  # images passed through the network since the count was last reset (NFE x images)
+
     def forward(self, x, sigma, class_labels=None, net=None, return_logvar=False):
         """D(x; sigma). `net` replaces the backbone for this call (the trainer passes its DDP wrapper, so the
         gradients are synchronised); `return_logvar` also returns the backbone's uncertainty u(sigma) (EDM2 eq. 8)."""
         B = x.shape[0]
+        self.evaluations += B
         net = self.net if net is None else net
         sigma = _as_batch(sigma, x)
         class_labels = self.check_class_labels(class_labels, B)
@@ -229,22 +232,35 @@ class GuidedDenoiser:
 
         D_guided = D(x; sigma, null) + w * (D(x; sigma, c) - D(x; sigma, null))
 
-    w = 1 is the conditional model, w = 0 the unconditional one. Any other attribute (sigma range,
-    training grid) is the wrapped denoiser's, so samplers and schedules treat it as a denoiser.
+    w = 1 is the conditional model, w = 0 the unconditional one. With an `interval` (sigma_lo, sigma_hi), guidance
+    applies only where sigma_lo < sigma <= sigma_hi and the conditional model alone runs elsewhere, one evaluation
+    instead of two (Kynkaenniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and
+    Distribution Quality in Diffusion Models", sec. 3): guidance at high noise levels pulls every sample of a class
+    towards one layout, and at low ones it adds nothing. Any other attribute (sigma range, training grid) is the
+    wrapped denoiser's, so samplers and schedules treat it as a denoiser.
     """
 
-    def __init__(self, denoiser, guidance_scale):
+    def __init__(self, denoiser, guidance_scale, interval=None):
         if denoiser.num_classes == 0:
             raise EncdiffError("guidance needs a class-conditional model; this one is unconditional (num_classes = 0)")
         if not denoiser.null_class:
             raise EncdiffError("guidance needs a model trained with a null class (config.null_class); this has none")
         if not math.isfinite(guidance_scale):
             raise EncdiffError(f"guidance_scale must be finite, got {guidance_scale}")
+        if interval is not None and not (len(interval) == 2 and 0 <= interval[0] <= interval[1]):
+            raise EncdiffError(f"guidance interval {interval!r}: expected (sigma_lo, sigma_hi) with 0 <= lo <= hi")
         self.denoiser = denoiser
         self.guidance_scale = guidance_scale
+        self.interval = None if interval is None else (float(interval[0]), float(interval[1]))
 
     def __getattr__(self, name):
         return getattr(self.__dict__["denoiser"], name)
+
+    def guided(self, sigma):
+        """Where guidance applies: (B,) bool, sigma_lo < sigma <= sigma_hi (everywhere without an interval)."""
+        if self.interval is None:
+            return torch.ones_like(sigma, dtype=torch.bool)
+        return (sigma > self.interval[0]) & (sigma <= self.interval[1])
 
     def __call__(self, x, sigma, class_labels=None):
         B = x.shape[0]
@@ -253,11 +269,17 @@ class GuidedDenoiser:
         class_labels = torch.as_tensor(class_labels, device=x.device)
         null = torch.full_like(class_labels, self.denoiser.num_classes)
         sigma = _as_batch(sigma, x)
+        inside = self.guided(sigma)
+        if not inside.any():  # outside the interval: the conditional model, one evaluation
+            return self.denoiser(x, sigma, class_labels)
         # One forward over [conditional; unconditional] halves the passes and keeps both halves' numerics identical.
         denoised_cond, denoised_uncond = self.denoiser(
             torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([class_labels, null])
         ).split(B)
-        return denoised_uncond + self.guidance_scale * (denoised_cond - denoised_uncond)
+        guided = denoised_uncond + self.guidance_scale * (denoised_cond - denoised_uncond)
+        if inside.all():
+            return guided
+        return torch.where(_per_image(inside, x).bool(), guided, denoised_cond)  # per-image levels (training)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,10 +356,11 @@ def denoising_loss(denoiser, x0, sigma, eps, class_labels=None, weighting="epsil
     # The forward process in sigma space (EDM eq. 2 with s(t) = 1); VP scaling happens inside the denoiser.
     x = x0 + _per_image(sigma, x0) * eps
     lambda_ = lambda_fn(sigma, **weighting_options).to(x0.dtype)
+    through = {} if net is None else {"net": net}  # any denoiser-like callable works without a net to pass
     if not uncertainty:
-        denoised = denoiser(x, sigma, class_labels, net=net)
+        denoised = denoiser(x, sigma, class_labels, **through)
         return lambda_ * (denoised - x0).square().flatten(1).mean(1)
-    denoised, logvar = denoiser(x, sigma, class_labels, net=net, return_logvar=True)
+    denoised, logvar = denoiser(x, sigma, class_labels, return_logvar=True, **through)
     logvar = logvar.to(x0.dtype)
     return lambda_ / logvar.exp() * (denoised - x0).square().flatten(1).mean(1) + logvar
 

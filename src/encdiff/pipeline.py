@@ -80,6 +80,8 @@ class Sampling:
     guidance_scale: float | None = None  # classifier-free guidance scale (class-conditional models); None or 1: none
     sigmas: tuple[float, ...] | None = None  # explicit noise levels, one per step, decreasing (a consistency
     # student's tuned levels; the final 0 is implied); None: the schedule's
+    guidance_interval: tuple[float, float] | None = None  # guidance only where lo < sigma <= hi, one evaluation
+    # elsewhere (Kynkaenniemi et al. 2024); None: at every noise level
 
     def __post_init__(self):
         check_field(self.sampler in SAMPLERS, "sampling.sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
@@ -87,6 +89,14 @@ class Sampling:
         check_field(self.schedule in SCHEDULES, "sampling.schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
         if self.guidance_scale is not None:
             check_number(self.guidance_scale, "sampling.guidance_scale", positive=True)
+        if self.guidance_interval is not None:
+            interval = self.guidance_interval
+            check_field(isinstance(interval, (list, tuple)) and len(interval) == 2, "sampling.guidance_interval",
+                        interval, "two noise levels [lo, hi]")
+            for level in interval:
+                check_number(level, "sampling.guidance_interval")
+            check_field(0 <= interval[0] <= interval[1], "sampling.guidance_interval", interval, "0 <= lo <= hi")
+            object.__setattr__(self, "guidance_interval", (float(interval[0]), float(interval[1])))
         if self.sigmas is not None:
             check_field(isinstance(self.sigmas, (list, tuple)) and len(self.sigmas) == self.steps,
                         "sampling.sigmas", self.sigmas, f"a list of {self.steps} noise levels (one per step)")
@@ -216,7 +226,8 @@ class Generator:
     @torch.inference_mode()
     def images(self, seeds: list[int], class_labels: torch.Tensor | None = None, sampling: Sampling | None = None, *,
                sampler: str | None = None, steps: int | None = None, guidance_scale: float | None = None,
-               schedule: str | None = None, callback=None) -> torch.Tensor:
+               schedule: str | None = None, guidance_interval: tuple[float, float] | None = None,
+               callback=None) -> torch.Tensor:
         """uint8 images (B, C, H, W), image i made from its own seed: its noise, and so its image, does not depend on
         the other seeds of the batch. The pixels of a batch equal those of images made one by one to within rounding:
         the CPU's convolution kernels round differently for another batch size, so a value in a few thousand may
@@ -226,13 +237,14 @@ class Generator:
         guidance off); its default guidance is used only where there are class labels to guide towards.
         `callback(i, sigma, x, denoised)` runs after every step (see samplers)."""
         settings = self.settings(class_labels, sampling, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-                                 schedule=schedule)
+                                 schedule=schedule, guidance_interval=guidance_interval)
         c = self.unet.config
         device = next(self.unet.parameters()).device
         generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
         latents = generate(self.denoiser, (len(seeds), c.in_channels, c.sample_size, c.sample_size), generators,
                            sampler=settings.sampler, steps=settings.steps, sigmas=settings.grid(self.denoiser),
-                           class_labels=class_labels, guidance_scale=settings.guidance_scale, device=device,
+                           class_labels=class_labels, guidance_scale=settings.guidance_scale,
+                           guidance_interval=settings.guidance_interval, device=device,
                            callback=callback)
         return self.decode(latents)
 

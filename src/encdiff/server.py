@@ -157,6 +157,9 @@ def create_app(generator: Generator, limits: ServerLimits = ServerLimits(), allo
         sampler: Optional[Literal[sampler_names]] = Field(None, description="sampler name")
         guidance: Optional[float] = Field(None, gt=0, le=limits.max_guidance, allow_inf_nan=False,
                                           description="classifier-free guidance scale; 1: none")
+        guidance_interval: Optional[list[float]] = Field(
+            None, min_length=2, max_length=2, description="[lo, hi]: guide only where lo < sigma <= hi (one network "
+            "evaluation per step elsewhere); none: the model's default")
         seed: Optional[StrictInt] = Field(None, ge=0, le=SEED_MAX - limits.max_images,
                                           description="seed of the first image (image i: seed + i); none: random")
 
@@ -211,9 +214,13 @@ def create_app(generator: Generator, limits: ServerLimits = ServerLimits(), allo
         if body.guidance is not None and labels is None:
             return field_error("guidance", "this model is unconditional: it cannot be guided")
         try:
-            settings = generator.settings(labels, sampler=body.sampler, steps=body.steps, guidance_scale=body.guidance)
-        except EncdiffError as e:  # a consistency student has its guidance built in
-            return field_error("sampler" if str(e).startswith("sampler") else "guidance", str(e))
+            settings = generator.settings(labels, sampler=body.sampler, steps=body.steps, guidance_scale=body.guidance,
+                                          guidance_interval=body.guidance_interval)
+        except EncdiffError as e:  # a sampler that does not fit; a student's built-in guidance; a bad interval
+            message = str(e)
+            field = ("sampler" if message.startswith("sampler") else
+                     "guidance_interval" if "guidance_interval" in message else "guidance")
+            return field_error(field, message)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         return [seed + i for i in range(body.num_images)], labels, settings
 
@@ -237,6 +244,7 @@ def create_app(generator: Generator, limits: ServerLimits = ServerLimits(), allo
         return {"classes": generator.class_names or list(range(generator.num_classes)),
                 "image_size": generator.image_size, "channels": generator.image_channels,
                 "latent": generator.downsample_factor > 1, "sampling": dataclasses.asdict(defaults),
+                "sigma_max": generator.denoiser.sigma_max,
                 "samplers": list(sampler_names), "limits": dataclasses.asdict(limits), "seed_max": SEED_MAX,
                 # a consistency student's guidance scale, fixed at distillation: the page then offers no guidance
                 "guidance_built_in": (generator.distillation or {}).get("guidance_scale")

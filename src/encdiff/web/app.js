@@ -24,6 +24,7 @@ async function loadModel() {
     option(cls, "", "(unconditional)");
     cls.disabled = true;
     $("guidance").disabled = true;
+    $("interval_lo").disabled = $("interval_hi").disabled = true;
   }
   model.samplers.forEach((name) => option($("sampler"), name, name));
   $("sampler").value = model.sampling.sampler;
@@ -31,10 +32,14 @@ async function loadModel() {
   $("steps").max = model.limits.max_steps;
   $("num_images").max = model.limits.max_images;
   if (model.sampling.guidance_scale !== null) $("guidance").value = model.sampling.guidance_scale;
+  if (model.sampling.guidance_interval) {
+    [$("interval_lo").value, $("interval_hi").value] = model.sampling.guidance_interval;
+  }
   if (model.guidance_built_in !== null) {
     $("guidance").value = model.guidance_built_in;
     $("guidance").disabled = true;
     $("guidance").title = "built into this distilled model";
+    $("interval_lo").disabled = $("interval_hi").disabled = true;
   }
   $("model-line").textContent = `${model.image_size}x${model.image_size} images, ` +
     `${model.classes.length || "no"} classes, ${model.sampling.sampler} ${model.sampling.steps} steps by default`;
@@ -44,6 +49,10 @@ function request() {
   const body = { num_images: Number($("num_images").value), steps: Number($("steps").value), sampler: $("sampler").value };
   if ($("class").value !== "") body.class = Number($("class").value);
   if ($("guidance").value !== "" && !$("guidance").disabled) body.guidance = Number($("guidance").value);
+  const lo = $("interval_lo").value, hi = $("interval_hi").value;
+  if ((lo !== "" || hi !== "") && !$("interval_lo").disabled) {
+    body.guidance_interval = [lo === "" ? 0 : Number(lo), hi === "" ? model.sigma_max : Number(hi)];
+  }
   if ($("seed").value !== "") body.seed = Number($("seed").value);
   return body;
 }
