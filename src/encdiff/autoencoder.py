@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Pretrained
+from .diffusers_format import autoencoder_config_to_diffusers, autoencoder_fields_from_diffusers
 from .errors import (MAX_SIZE, EncdiffError, check_bool, check_field, check_int, check_number, check_tuple, is_finite_number,
                      is_flag, is_positive_int)
 from .layers import CHANNELS_LAST, Downsample, Level, MidBlock, ResnetBlock, SelfAttention, Upsample, norm_silu, run_block
@@ -151,6 +152,8 @@ class Autoencoder(Pretrained, nn.Module):
 
     config_class = AutoencoderConfig
     diffusers_class_name = "AutoencoderKL"
+    fields_from_diffusers = staticmethod(autoencoder_fields_from_diffusers)
+    diffusers_config = staticmethod(autoencoder_config_to_diffusers)
 
     def __init__(self, config: AutoencoderConfig):
         super().__init__()

@@ -136,26 +136,25 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
 class Pretrained:
     """`from_pretrained` / `save_pretrained` for a model with a frozen config dataclass.
 
-    A subclass sets `config_class` and `diffusers_class_name`; diffusers_format.py converts its config to and from
-    diffusers'.
+    A subclass sets `config_class` and, if diffusers has an equivalent, `diffusers_class_name` and the two converters
+    of diffusers_format.py (`fields_from_diffusers`, `config_to_diffusers`); this module imports no model or format
+    module, so the model files import it and the format module without a cycle.
     """
 
     config_class: ClassVar[type]
-    diffusers_class_name: ClassVar[str]
+    diffusers_class_name: ClassVar[str | None] = None
+    fields_from_diffusers: ClassVar[Any] = None  # diffusers' config dict -> our config's fields
+    diffusers_config: ClassVar[Any] = None  # our config -> diffusers' config fields
 
     @classmethod
     def config_from_diffusers(cls, values: dict[str, Any]):
-        """diffusers' config (a dict of config.json) -> our config dataclass (diffusers_format.py)."""
-        from .diffusers_format import CONVERTERS
-
-        return CONVERTERS[cls.diffusers_class_name][0](values)
+        """diffusers' config (a dict of config.json) -> our config dataclass."""
+        return cls.config_class(**cls.fields_from_diffusers(values))
 
     @classmethod
     def config_to_diffusers(cls, config) -> dict[str, Any]:
-        """Our config dataclass -> diffusers' config.json fields (diffusers_format.py)."""
-        from .diffusers_format import CONVERTERS
-
-        return CONVERTERS[cls.diffusers_class_name][1](config)
+        """Our config dataclass -> diffusers' config.json fields."""
+        return cls.diffusers_config(config)
 
     @classmethod
     def read_config(cls, path: str | os.PathLike):

@@ -1,18 +1,17 @@
 """diffusers' config format for our models: the translation tables and converters, in both directions.
 
 Module names equal diffusers' keys (layers.py), so weights move unchanged and only config.json differs; this file
-is all the difference. `Pretrained` reads and writes diffusers folders through `CONVERTERS`. A diffusers field or
-value encdiff cannot represent is refused, naming it, rather than approximated.
+is all the difference. The converters read diffusers' fields into plain dicts of ours and write ours back; the model
+classes hook them into `Pretrained`, and this file imports no model file. A diffusers field or value encdiff cannot
+represent is refused, naming it, rather than approximated.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .autoencoder import AutoencoderConfig
 from .errors import (MAX_SIZE, EncdiffError, check_field, check_int, check_number, check_tuple, is_finite_number,
                      is_positive_int)
-from .unet import UNetConfig
 
 
 def refuse_unsupported(values: dict[str, Any], supported: dict[str, Any], where: str) -> dict[str, Any]:
@@ -42,7 +41,9 @@ AUTOENCODER_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def autoencoder_config_from_diffusers(values: dict[str, Any]) -> AutoencoderConfig:
+def autoencoder_fields_from_diffusers(values: dict[str, Any]) -> dict[str, Any]:
+    """diffusers' AutoencoderKL config -> the fields of our AutoencoderConfig (a plain dict: this module knows no
+    model file, so the model files can import it)."""
     v = refuse_unsupported(values, AUTOENCODER_DEFAULTS, "AutoencoderKL config")
     down = block_attention(v["down_block_types"], "down_block_types",
                            {"DownEncoderBlock2D": False, "AttnDownEncoderBlock2D": True})
@@ -74,7 +75,7 @@ def autoencoder_config_from_diffusers(values: dict[str, Any]) -> AutoencoderConf
     sample_size = v["sample_size"]
     if isinstance(sample_size, (list, tuple)):
         sample_size = sample_size[0]
-    return AutoencoderConfig(
+    return dict(
         in_channels=v["in_channels"], out_channels=v["out_channels"],
         block_out_channels=tuple(v["block_out_channels"]), attention_levels=tuple(down),
         layers_per_block=v["layers_per_block"], latent_channels=v["latent_channels"],
@@ -84,7 +85,8 @@ def autoencoder_config_from_diffusers(values: dict[str, Any]) -> AutoencoderConf
     )
 
 
-def autoencoder_config_to_diffusers(config: AutoencoderConfig) -> dict[str, Any]:
+def autoencoder_config_to_diffusers(config) -> dict[str, Any]:
+    """Our AutoencoderConfig -> diffusers' AutoencoderKL config fields."""
     shift, mean = None, None
     if config.shift_factor is not None and len(set(config.shift_factor)) == 1:
         shift = config.shift_factor[0]
@@ -117,7 +119,8 @@ UNET_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def unet_config_from_diffusers(values: dict[str, Any]) -> UNetConfig:
+def unet_fields_from_diffusers(values: dict[str, Any]) -> dict[str, Any]:
+    """diffusers' UNet2DModel config -> the fields of our UNetConfig (a plain dict)."""
     v = refuse_unsupported(values, UNET_DEFAULTS, "UNet2DModel config")
     fixed = dict(center_input_sample=False, time_embedding_type="positional", mid_block_type="UNetMidBlock2D",
                  mid_block_scale_factor=1, downsample_type="conv", upsample_type="conv", act_fn="silu",
@@ -141,7 +144,7 @@ def unet_config_from_diffusers(values: dict[str, Any]) -> UNetConfig:
         sample_size = sample_size[0]
     classes = v["num_class_embeds"] or 0
     check_int(classes, "num_class_embeds", minimum=0)
-    return UNetConfig(
+    fields = dict(
         in_channels=v["in_channels"], out_channels=v["out_channels"], sample_size=sample_size or 32,
         block_out_channels=tuple(v["block_out_channels"]), attention_levels=tuple(down),
         layers_per_block=v["layers_per_block"], attention_head_dim=v["attention_head_dim"],
@@ -153,11 +156,14 @@ def unet_config_from_diffusers(values: dict[str, Any]) -> UNetConfig:
         downsample_padding=v["downsample_padding"], dropout=v["dropout"],
         # A diffusers table has no reserved row unless we wrote it: then its last row is the null class.
         num_classes=classes - 1 if classes and values.get("_encdiff_null_class") else classes,
-        null_class=bool(values.get("_encdiff_null_class")) if classes else UNetConfig.null_class,
     )
+    if classes:  # otherwise the config's own default
+        fields["null_class"] = bool(values.get("_encdiff_null_class"))
+    return fields
 
 
-def unet_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
+def unet_config_to_diffusers(config) -> dict[str, Any]:
+    """Our UNetConfig -> diffusers' UNet2DModel config fields."""
     if not (config.mid_attention_norm or config.scale_shift):
         raise EncdiffError("mid_attention_norm = False needs scale_shift = True to be expressed in diffusers' format")
     return dict(
@@ -179,8 +185,4 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
     )
 
 
-# diffusers' class name -> (its config -> ours, ours -> its config)
-CONVERTERS = {
-    "AutoencoderKL": (autoencoder_config_from_diffusers, autoencoder_config_to_diffusers),
-    "UNet2DModel": (unet_config_from_diffusers, unet_config_to_diffusers),
-}
+

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Pretrained
+from .diffusers_format import unet_config_to_diffusers, unet_fields_from_diffusers
 from .errors import (MAX_SIZE, EncdiffError, check_bool, check_field, check_int, check_number, check_tuple, is_flag,
                      is_positive_int)
 from .layers import (CHANNELS_LAST, Downsample, Level, MidBlock, NoiseEmbedding, ResnetBlock, SelfAttention, Upsample, run_block,
@@ -77,6 +78,8 @@ class UNetConfig:
 class UNet(Pretrained, nn.Module):
     config_class = UNetConfig
     diffusers_class_name = "UNet2DModel"
+    fields_from_diffusers = staticmethod(unet_fields_from_diffusers)
+    diffusers_config = staticmethod(unet_config_to_diffusers)
 
     def __init__(self, config: UNetConfig):
         super().__init__()
