@@ -604,3 +604,33 @@ def test_a_missing_plotting_extra_is_said_on_its_own_line(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert err.count("needs matplotlib") == 1
     assert any(line.startswith("encdiff: no loss.png") for line in err.replace("\r", "\n").splitlines())
+
+
+def test_a_diffusion_stage_at_another_resolution_than_its_autoencoder_is_refused(tmp_path):
+    """Issue 24, item 7: a 16-px autoencoder with a 32-px diffusion run is refused before any data is read."""
+    data = make_folder(tmp_path / "data")
+    ae = train_autoencoder(TrainConfig(data=str(data), run_dir=str(tmp_path / "ae"), steps=2, checkpoint_every=2,
+                                       **COMMON))
+    with pytest.raises(EncdiffError, match=r"trained on 16x16 images.*--resolution 16"):
+        train_diffusion(TrainConfig(data=str(data), autoencoder=str(ae), run_dir=str(tmp_path / "ldm"), steps=2,
+                                    **{**COMMON, "resolution": 32}))
+    assert not (tmp_path / "ldm" / "cache").exists()
+
+
+def test_flips_are_a_choice(tmp_path, monkeypatch):
+    """Issue 24, item 6: with flips off no batch is ever mirrored (they mirror flags, text and arrows)."""
+    seen = []
+    real = ImageDataset.batch
+
+    def batch(self, indices, flips=None):
+        if flips is not None:  # the training batches (previews and statistics are never flipped)
+            seen.append(flips.clone())
+        return real(self, indices, flips)
+
+    monkeypatch.setattr(ImageDataset, "batch", batch)
+    data = make_folder(tmp_path / "data")
+    train_autoencoder(TrainConfig(data=str(data), run_dir=str(tmp_path / "on"), steps=4, **COMMON))
+    assert any(f.any() for f in seen)
+    seen.clear()
+    train_autoencoder(TrainConfig(data=str(data), run_dir=str(tmp_path / "off"), steps=4, flips=False, **COMMON))
+    assert len(seen) == 4 and not any(f.any() for f in seen)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .autoencoder import Autoencoder, AutoencoderConfig
 from .autoencoder_loss import AutoencoderObjective, DiscriminatorConfig, PatchDiscriminator
-from .checkpoint import atomic_write_bytes, sha256_file
+from .checkpoint import atomic_write_bytes, read_json, sha256_file
 from .train_state import (flatten_state, latest_training_state, load_training_state, rng_state, save_training_state,
                           set_rng_state, unflatten_state)
 from .data import BatchSampler, ImageDataset, random_flips
@@ -50,6 +50,7 @@ class TrainConfig:
     run_dir: str = "runs/run"  # checkpoints, logs, samples and the final model go here
     resolution: int = 32  # images are resized (shorter side) and center-cropped to this size
     channels: int = 3  # 3: RGB, 1: grayscale
+    flips: bool = True  # random horizontal flips; false for data a mirror changes (text, flags, arrows, logos)
     strict: bool = False  # unreadable files: error instead of a warning
     # the model
     model: str = ""  # preset name (presets.AUTOENCODERS for stage 1, presets.UNETS for stage 2)
@@ -170,7 +171,7 @@ class TrainConfig:
         if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
                 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas)):
             raise EncdiffError(f"config field 'betas' = {self.betas!r}: expected two numbers in [0, 1)")
-        for name in ("strict", "compile", "decoder_only", "accept_data_change", "uncertainty"):
+        for name in ("strict", "compile", "decoder_only", "accept_data_change", "uncertainty", "flips"):
             if not isinstance(getattr(self, name), bool):
                 raise EncdiffError(f"config field {name!r} = {getattr(self, name)!r}: expected true or false")
         if self.bf16 is not None and not isinstance(self.bf16, bool):
@@ -534,6 +535,8 @@ def train_loop(run: Run, loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch
                 indices = next(run.sampler)
                 rank, world_size = run.shard
                 flips = random_flips(len(indices) * world_size, run.generators["data"])[rank::world_size]
+                if not config.flips:  # drawn all the same, so the data stream does not depend on the choice
+                    flips = torch.zeros_like(flips)
                 x, labels = images_of(indices, flips)
                 # Gradients are all-reduced on the last accumulation round only.
                 sync = micro == config.grad_accum - 1 or dist_.world_size == 1
@@ -810,12 +813,16 @@ def _train_diffusion(config: TrainConfig) -> Path:
     table = backbone_presets(config.backbone)
     preset(table, config.model)  # a bad name or autoencoder folder fails before the data is decoded
     autoencoder = Autoencoder.from_pretrained(config.autoencoder) if config.autoencoder else None
+    trained_by_us = autoencoder is not None and "encdiff_class" in read_json(Path(config.autoencoder) / "config.json")
+    if trained_by_us and config.resolution != autoencoder.config.sample_size:
+        # Convolutional, so it would run, but on latents of images at a scale it never saw: refused, not combined.
+        # (A diffusers VAE's sample_size is not the size it was trained at, so it is not held to it.)
+        raise EncdiffError(f"resolution {config.resolution}: the autoencoder {config.autoencoder} was trained on "
+                           f"{autoencoder.config.sample_size}x{autoencoder.config.sample_size} images; train the "
+                           f"diffusion stage at that size (--resolution {autoencoder.config.sample_size})")
     dist_, dataset = prepare(config, "diffusion")
     if autoencoder is not None:
         autoencoder = autoencoder.to(dist_.device)
-    if autoencoder is not None and config.resolution % autoencoder.downsample_factor:
-        raise EncdiffError(f"resolution {config.resolution} is not divisible by the autoencoder's downsampling "
-                           f"factor {autoencoder.downsample_factor}")
     factor = autoencoder.downsample_factor if autoencoder else 1
     channels = autoencoder.latent_channels if autoencoder else config.channels
     # The uncertainty head exists only when the loss uses it: a parameter no step touches would stall DDP.
