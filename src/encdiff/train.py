@@ -770,10 +770,12 @@ def frozen_modules(autoencoder: Autoencoder) -> torch.nn.ModuleList:
 
 
 @torch.inference_mode()
-def measure_latent_statistics(autoencoder: Autoencoder, dataset: ImageDataset, device, batch: int = 256) -> Autoencoder:
+def measure_latent_statistics(autoencoder: Autoencoder, dataset: ImageDataset, device, batch: int = 256,
+                              progress: bool = True) -> Autoencoder:
     """Set shift = per-channel mean and scale = 1 / std of the raw latents over the data (LDM sec. 4.3.2)."""
     n, total, total_sq = 0, 0.0, 0.0
-    for start in range(0, len(dataset), batch):
+    for start in tqdm(range(0, len(dataset), batch), desc="latent statistics", unit="batch", leave=False,
+                      disable=not progress):
         x, _ = dataset.batch(torch.arange(start, min(start + batch, len(dataset))))
         z = autoencoder.posterior(x.to(device)).mode().double()
         total = total + z.sum(dim=(0, 2, 3))
@@ -791,10 +793,12 @@ def measure_latent_statistics(autoencoder: Autoencoder, dataset: ImageDataset, d
 
 # -- stage 2 ----------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def encode_dataset(autoencoder: Autoencoder, dataset: ImageDataset, device, batch: int = 256) -> torch.Tensor:
+def encode_dataset(autoencoder: Autoencoder, dataset: ImageDataset, device, batch: int = 256,
+                   progress: bool = True) -> torch.Tensor:
     """Latents of every image and of its mirror image: (N, 2, C, h, w) float32, flip index 1 = mirrored."""
     out = []
-    for start in range(0, len(dataset), batch):
+    # A progress bar from the first batch: encoding a large folder takes minutes on a CPU.
+    for start in tqdm(range(0, len(dataset), batch), desc="encoding latents", unit="batch", disable=not progress):
         idx = torch.arange(start, min(start + batch, len(dataset)))
         x, _ = dataset.batch(idx)
         x = x.to(device)
