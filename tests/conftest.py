@@ -115,3 +115,22 @@ def colour_classes(root: Path, classes: int = 3, per_class: int = 8, size: int =
             pixels = np.clip(rng.normal(colour, spread, (size, size, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
     return root
+
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def run_encdiff(args: list[str], processes: int = 1, port: int = 29800, timeout: float = 300):
+    """`python -m encdiff ARGS`, or under torchrun with `processes` gloo processes (on `port` + a per-process offset,
+    so parallel test runs do not collide); asserts success and returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}", "--master-port",
+                 str(port + os.getpid() % 150)] if processes > 1 else [sys.executable])
+    result = subprocess.run([*launcher, "-m", "encdiff", *args], env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import colour_classes, randomize_
+from conftest import colour_classes, randomize_, run_encdiff
 from encdiff import Autoencoder, EncdiffError
 from encdiff.autoencoder_loss import (AutoencoderObjective, DiscriminatorConfig, PatchDiscriminator, adaptive_weight,
                                       focal_frequency_loss, hinge_discriminator_loss, ssim)
@@ -191,14 +191,8 @@ def test_gan_run_with_two_gloo_processes_equals_one_process(image_folder, tmp_pa
     args = ["train-autoencoder", str(image_folder), "--model", "tiny", "--resolution", "16", "--batch-size", "8",
             "--steps", "4", "--checkpoint-every", "4", "--log-every", "2", "--sample-every", "0", "--workers", "0",
             "--adv-weight", "0.5", "--fm-weight", "1", "--ssim-weight", "0.2", "--disc-channels", "8"]
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port",
-                          str(30500 + os.getpid() % 1000), "-m", "encdiff", *args, "--run-dir", str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "encdiff", *args, "--run-dir", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
+    run_encdiff([*args, "--run-dir", str(tmp_path / "ddp")], processes=2, port=30500)
+    run_encdiff([*args, "--run-dir", str(tmp_path / "one")])
     a = load_file(str(tmp_path / "ddp" / "checkpoints" / "step-00000004" / "state.safetensors"))
     b = load_file(str(tmp_path / "one" / "checkpoints" / "step-00000004" / "state.safetensors"))
     keys = [k for k in b if k.startswith(("model.", "ema.", "disc."))]

@@ -6,23 +6,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import colour_classes
+from conftest import colour_classes, run_encdiff
 from encdiff import EncdiffError
 from encdiff.denoiser import EDMDenoiser, training_loss
 from encdiff.mp_unet import MPConv, MPUNet, MPUNetConfig, mp_cat, mp_silu, mp_sum
-from encdiff.pipeline import DenoiserSpec, Generator
+from encdiff.pipeline import Generator
 from encdiff.presets import MP_UNETS
 from encdiff.train import TrainConfig, export_run, train_consistency, train_diffusion
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 CONFIG = MPUNetConfig(in_channels=4, out_channels=4, sample_size=8, block_out_channels=(32, 64, 64),
                       attention_levels=(False, True, True), layers_per_block=2, channels_per_head=32, num_classes=5,
                       logvar_channels=16)
@@ -156,14 +152,8 @@ def test_two_gloo_processes_equal_one_for_the_edm2_backbone(folder, tmp_path):
             "--lr-schedule", "inv_sqrt", "--lr-decay-steps", "2", "--resolution", "16", "--batch-size", "8",
             "--steps", "4", "--checkpoint-every", "4", "--log-every", "2", "--sample-every", "0", "--workers", "0",
             "--phema-every", "2"]
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port",
-                          str(29700 + os.getpid() % 200), "-m", "encdiff", *args, "--run-dir", str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "encdiff", *args, "--run-dir", str(tmp_path / "one")], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
+    run_encdiff([*args, "--run-dir", str(tmp_path / "ddp")], processes=2, port=29700)
+    run_encdiff([*args, "--run-dir", str(tmp_path / "one")])
     from safetensors.torch import load_file
 
     a, b = (load_file(str(tmp_path / d / "checkpoints" / "step-00000004" / "state.safetensors")) for d in
