@@ -69,9 +69,8 @@ def profile_dot(t_a, gamma_a, t_b, gamma_b) -> np.ndarray:
     return ((gamma_a + 1) * (gamma_b + 1) * ratio**exponent) / ((gamma_a + gamma_b + 1) * np.maximum(t_a, t_b))
 
 
-def solve_coefficients(in_t, in_sigma_rel, out_t, out_sigma_rel) -> np.ndarray:
-    """The least-squares weights (len(in) x len(out)) that make the stored profiles (times in_t, widths
-    in_sigma_rel) best fit each wanted profile (out_t, out_sigma_rel): x = A^-1 b (EDM2 app. C.2, eq. 63)."""
+def profile_products(in_t, in_sigma_rel, out_t, out_sigma_rel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A_ij = <p_i, p_j> among the stored profiles, b_ij = <p_i, q_j> with the wanted ones, and <q_j, q_j>."""
     in_t, out_t = np.asarray(in_t, np.float64).ravel(), np.asarray(out_t, np.float64).ravel()
     in_gamma = np.array([sigma_rel_to_gamma(s) for s in np.ravel(in_sigma_rel)])
     out_gamma = np.array([sigma_rel_to_gamma(s) for s in np.ravel(out_sigma_rel)])
@@ -79,6 +78,13 @@ def solve_coefficients(in_t, in_sigma_rel, out_t, out_sigma_rel) -> np.ndarray:
         raise EncdiffError("one time per profile: the stored times and widths (and the wanted ones) must pair up")
     A = profile_dot(in_t[:, None], in_gamma[:, None], in_t[None, :], in_gamma[None, :])
     b = profile_dot(in_t[:, None], in_gamma[:, None], out_t[None, :], out_gamma[None, :])
+    return A, b, profile_dot(out_t, out_gamma, out_t, out_gamma)
+
+
+def solve_coefficients(in_t, in_sigma_rel, out_t, out_sigma_rel) -> np.ndarray:
+    """The least-squares weights (len(in) x len(out)) that make the stored profiles (times in_t, widths
+    in_sigma_rel) best fit each wanted profile (out_t, out_sigma_rel): x = A^-1 b (EDM2 app. C.2, eq. 63)."""
+    A, b, _ = profile_products(in_t, in_sigma_rel, out_t, out_sigma_rel)
     # lstsq rather than solve: two profiles that are nearly the same make A nearly singular.
     return np.linalg.lstsq(A, b, rcond=None)[0]
 
@@ -171,13 +177,11 @@ def reconstruct(run_dir: str | Path, sigma_rel: float, images: int | None = None
     target = stored[-1][1] if images is None else images
     in_t = [t for _, t, rels in stored for _ in rels]
     in_rel = [r for _, _, rels in stored for r in rels]
-    x = solve_coefficients(in_t, in_rel, [target], [sigma_rel])[:, 0]
-    in_gamma = np.array([sigma_rel_to_gamma(r) for r in in_rel])
-    out_gamma = sigma_rel_to_gamma(sigma_rel)
-    A = profile_dot(np.array(in_t)[:, None], in_gamma[:, None], np.array(in_t)[None, :], in_gamma[None, :])
-    b = profile_dot(np.array(in_t), in_gamma, target, out_gamma)
-    pp = float(profile_dot(target, out_gamma, target, out_gamma))
-    residual = max(pp - 2 * float(x @ b) + float(x @ A @ x), 0.0)
+    A, b, qq = profile_products(in_t, in_rel, [target], [sigma_rel])
+    x = np.linalg.lstsq(A, b, rcond=None)[0][:, 0]
+    pp = float(qq[0])
+    # ||q - sum_i x_i p_i||^2 = <q, q> - 2 x.b + x.A.x
+    residual = max(pp - 2 * float(x @ b[:, 0]) + float(x @ A @ x), 0.0)
     state: dict[str, torch.Tensor] = {}
     k = 0
     for path, _, rels in stored:
