@@ -40,7 +40,7 @@ from encdiff import Autoencoder, UNet, presets
 from encdiff.autoencoder_loss import AutoencoderObjective
 from encdiff.denoiser import EDMDenoiser, training_loss
 from encdiff.images import image_grid, load_image, save_png, to_uint8
-from encdiff.train_state import (latest_training_state, load_training_state, rng_state, save_training_state,
+from encdiff.training.state import (latest_training_state, load_training_state, rng_state, save_training_state,
                                  set_rng_state)
 
 try:

@@ -18,9 +18,9 @@ from conftest import colour_classes, randomize_, run_encdiff
 from encdiff import Autoencoder, EncdiffError
 from encdiff.autoencoder_loss import (AutoencoderObjective, DiscriminatorConfig, PatchDiscriminator, adaptive_weight,
                                       focal_frequency_loss, hinge_discriminator_loss, ssim)
-from encdiff.train_state import latest_training_state
+from encdiff.training.state import latest_training_state
 from encdiff.presets import AUTOENCODERS
-from encdiff.train import TrainConfig, train_autoencoder
+from encdiff.training import TrainConfig, train_autoencoder
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 COMMON = dict(resolution=16, batch_size=8, log_every=2, sample_every=0, workers=0, warmup_steps=2)
@@ -215,7 +215,7 @@ def test_a_diverging_discriminator_stops_the_run_naming_the_last_good_checkpoint
 def test_set_autoencoder_puts_a_fine_tuned_decoder_into_a_generator_and_refuses_another_latent_space(
         image_folder, base_autoencoder, tmp_path):
     from encdiff.pipeline import Generator
-    from encdiff.train import train_diffusion
+    from encdiff.training import train_diffusion
 
     generator_dir = train_diffusion(TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "ldm"), model="tiny",
                                                 autoencoder=str(base_autoencoder), steps=2, checkpoint_every=2,

@@ -24,7 +24,7 @@ from encdiff.denoiser import ConsistencyDenoiser, EDMDenoiser, GaussianDenoiser
 from encdiff.pipeline import DenoiserSpec, Generator, Sampling
 from encdiff.samplers import sample_consistency
 from encdiff.schedules import get_sigmas
-from encdiff.train import TrainConfig, stage_fields, train_consistency
+from encdiff.training import TrainConfig, stage_fields, train_consistency
 from encdiff.unet import UNetConfig
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -308,7 +308,7 @@ def test_the_bundled_teacher_distils_on_latents(tmp_path):
 
 
 def test_the_shipped_distillation_recipe_costs_a_tenth_of_the_teachers_images():
-    from encdiff.train import load_config
+    from encdiff.training import load_config
 
     configs = Path(__file__).resolve().parents[1] / "configs" / "cifar10"
     student = load_config(str(configs / "distill.toml"), None, "consistency", {})

@@ -19,7 +19,8 @@ from PIL import Image
 from encdiff import Autoencoder, EncdiffError
 from encdiff.data import ImageDataset, scan_folder
 from encdiff.pipeline import Generator
-from encdiff.train import RunLock, TrainConfig, train_autoencoder, train_diffusion
+from encdiff.training import TrainConfig, train_autoencoder, train_diffusion
+from encdiff.training.loop import RunLock
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 COMMON = dict(model="tiny", resolution=16, batch_size=8, log_every=2, sample_every=0, workers=0, warmup_steps=2)
@@ -304,7 +305,7 @@ def test_malicious_pickles_under_every_accepted_file_name_never_run(tmp_path):
     from encdiff.evaluate import ReferenceStats
     from encdiff.featurenet import FeatureNet
     from encdiff.pipeline import bundled_path
-    from encdiff.train_state import load_training_state
+    from encdiff.training.state import load_training_state
 
     marker = tmp_path / "pwned"
 
@@ -451,7 +452,7 @@ def test_info_refuses_a_generator_without_its_unet(generator_copy, capsys):
 
 def test_info_of_a_run_whose_last_row_is_an_evaluation(tmp_path, capsys):
     """Defect 6: the last logged row of a run with evaluations has metrics and no loss."""
-    from encdiff.train_state import latest_training_state, load_training_state, save_training_state
+    from encdiff.training.state import latest_training_state, load_training_state, save_training_state
 
     data = make_folder(tmp_path / "data")
     train_autoencoder(TrainConfig(data=str(data), run_dir=str(tmp_path / "run"), steps=2, checkpoint_every=2,
@@ -472,7 +473,7 @@ def test_info_with_no_path_describes_the_bundled_generator(capsys):
 def test_export_never_reads_the_run_folder_as_data(tmp_path):
     """Defect 7: export measures the latent statistics on the training data alone, as training did, even when the
     run folder (with its PNGs) lies inside the data folder."""
-    from encdiff.train import export_run
+    from encdiff.training import export_run
 
     data = make_folder(tmp_path / "data")
     trained = train_autoencoder(TrainConfig(data=str(data), run_dir=str(data / "run"), steps=2, checkpoint_every=1,

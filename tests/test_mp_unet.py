@@ -17,7 +17,7 @@ from encdiff.denoiser import EDMDenoiser, training_loss
 from encdiff.mp_unet import MPConv, MPUNet, MPUNetConfig, mp_cat, mp_silu, mp_sum
 from encdiff.pipeline import Generator
 from encdiff.presets import MP_UNETS
-from encdiff.train import TrainConfig, export_run, train_consistency, train_diffusion
+from encdiff.training import TrainConfig, export_run, train_consistency, train_diffusion
 
 CONFIG = MPUNetConfig(in_channels=4, out_channels=4, sample_size=8, block_out_channels=(32, 64, 64),
                       attention_levels=(False, True, True), layers_per_block=2, channels_per_head=32, num_classes=5,

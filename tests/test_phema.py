@@ -101,7 +101,7 @@ def test_the_trainer_stores_snapshots_that_resume_exactly_and_export(tmp_path, c
 
     from encdiff import Autoencoder
     from encdiff.cli import main
-    from encdiff.train import TrainConfig, train_autoencoder, export_run
+    from encdiff.training import TrainConfig, train_autoencoder, export_run
 
     data = make_folder(tmp_path / "data")
     base = dict(data=str(data), checkpoint_every=2, phema_every=2, phema_sigma_rels=(0.05, 0.10), **COMMON)

@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 
 from conftest import colour_classes, extract_cifar_subset, needs_cifar
 from encdiff import Autoencoder, EncdiffError
-from encdiff.train_state import latest_training_state
+from encdiff.training.state import latest_training_state
 from encdiff.data import ImageDataset
 from encdiff.pipeline import Generator, Sampling
-from encdiff.train import TrainConfig, export_run, load_config, train_autoencoder, train_diffusion
+from encdiff.training import TrainConfig, export_run, load_config, train_autoencoder, train_diffusion
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 COMMON = dict(model="tiny", resolution=16, batch_size=8, log_every=2, sample_every=0, workers=0, warmup_steps=2)

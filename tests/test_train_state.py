@@ -15,8 +15,8 @@ from torch import nn
 
 from encdiff import EncdiffError
 from encdiff import checkpoint
-from encdiff import train_state
-from encdiff.train_state import (flatten_state, latest_training_state, load_training_state, rng_state,
+from encdiff.training import state as train_state
+from encdiff.training.state import (flatten_state, latest_training_state, load_training_state, rng_state,
                                  save_training_state, set_rng_state, unflatten_state)
 
 

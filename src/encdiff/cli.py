@@ -44,7 +44,7 @@ EDIT_EXAMPLES = """examples:
 
 def _train_flags(parser: argparse.ArgumentParser, stage: str) -> None:
     """One flag per TrainConfig field of this stage, named after the field, its help the field's comment."""
-    from .train import TrainConfig, stage_fields
+    from .training import TrainConfig, stage_fields
 
     if stage == "consistency":
         parser.add_argument("teacher", help="generator folder to distil (its U-Net starts the student)")
@@ -101,15 +101,15 @@ def _field_comment(cls: type, name: str) -> str | None:
 
 
 def _train_overrides(args: argparse.Namespace, stage: str) -> dict[str, Any]:
-    from .train import stage_fields
+    from .training import stage_fields
 
     return {name: getattr(args, name) for name in stage_fields(stage) if hasattr(args, name)}
 
 
 def cmd_train(args: argparse.Namespace, stage: str) -> int:
-    from .train_state import latest_training_state
-    from .train import (check_model_name, config_to_json, load_config, train_autoencoder, train_consistency,
-                        train_diffusion)
+    from .training.state import latest_training_state
+    from .training import train_autoencoder, train_consistency, train_diffusion
+    from .training.config import check_model_name, config_to_json, load_config
 
     if not Path(args.data).is_dir():
         raise EncdiffError(f"{args.data}: " + ("a file, not a folder" if Path(args.data).exists() else "no such folder")
@@ -281,7 +281,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .train import export_run
+    from .training import export_run
 
     sampling = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("guidance_scale", args.guidance),
                                   ("sigmas", args.sigmas), ("guidance_interval", args.guidance_interval))
@@ -298,7 +298,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_posthoc_ema(args: argparse.Namespace) -> int:
     """One model folder per sigma_rel, reconstructed from the run's snapshots (EDM2 sec. 3)."""
     from .phema import check_sigma_rel, snapshots
-    from .train import export_run
+    from .training import export_run
 
     for value in args.sigma_rel:
         check_sigma_rel(value, "--sigma-rel")
@@ -517,7 +517,7 @@ def cmd_set_autoencoder(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import folder_kind
     from .pipeline import Generator, bundled_path
-    from .train_state import latest_training_state, load_training_state
+    from .training.state import latest_training_state, load_training_state
 
     path = Path(args.path) if args.path else bundled_path()
     kind = folder_kind(path)

@@ -74,11 +74,12 @@ SOLVERS = ("heun", "euler")
 def distillation_loss(student, teacher, x0: torch.Tensor, generator: torch.Generator, grid: torch.Tensor,
                       probabilities: torch.Tensor, *, class_labels=None, guidance_scale: float | None = None,
                       label_dropout: float = 0.0, solver: str = "heun", huber_c: float | None = None,
-                      target=None, shard=(0, 1)) -> torch.Tensor:
+                      target=None, shard=(0, 1), net=None) -> torch.Tensor:
     """The mean CD loss (eq. 7 with iCT's weighting and metric) of one batch; randomness only from `generator`.
 
-    `student` and `teacher` are denoisers (the student a ConsistencyDenoiser), `target` the student's network as
-    the stop-gradient target sees it (default: `student` itself, evaluated without gradient). A label replaced by
+    `student` and `teacher` are denoisers (the student a ConsistencyDenoiser); `net` replaces the student's network
+    for its gradient-carrying call (the trainer's DDP wrapper, as in `training_loss`); `target` is the denoiser the
+    stop-gradient target is computed with (default: `student` itself, with its own network, without gradient). A label replaced by
     the null class (probability `label_dropout`) is distilled from the unguided teacher: the student then also
     generates without a class. `shard = (rank, world_size)` as in denoiser.training_loss: every rank draws the
     whole global batch's randomness and keeps its rows, so K processes equal one.
@@ -99,7 +100,7 @@ def distillation_loss(student, teacher, x0: torch.Tensor, generator: torch.Gener
     with torch.no_grad():
         x_hat = ode_step(guided, x_next, sigma_next, sigma, class_labels, solver)
         target_f = (target or student)(x_hat, sigma, class_labels)
-    f = student(x_next, sigma_next, class_labels)
+    f = student(x_next, sigma_next, class_labels, net=net)
     weight = (1 / (sigma_next - sigma)).to(torch.float32)
     c = default_huber_c(x0) if huber_c is None else huber_c
     return (weight * pseudo_huber(f, target_f, c)).mean()

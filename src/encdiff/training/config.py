@@ -1,0 +1,273 @@
+"""The training config: every field of every stage, checked before any data is read; named presets; how a run's
+config is loaded (defaults < preset < TOML < flags) and which fields a stage reads or a resume may change."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..data import ImageDataset
+from ..denoiser import LOSS_WEIGHTS, NOISE_LEVELS
+from ..errors import EncdiffError, config_from_dict
+from ..phema import check_sigma_rel
+from ..presets import AUTOENCODERS, MP_UNETS, UNETS, preset
+from ..schedules import TRAIN_SCHEDULES
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # what to train on
+    data: str = ""  # image folder: class subfolders -> labels, flat -> unconditional
+    run_dir: str = "runs/run"  # checkpoints, logs, samples and the final model go here
+    resolution: int = 32  # images are resized (shorter side) and center-cropped to this size
+    channels: int = 3  # 3: RGB, 1: grayscale
+    flips: bool = True  # random horizontal flips; false for data a mirror changes (text, flags, arrows, logos)
+    strict: bool = False  # unreadable files: error instead of a warning
+    # the model
+    model: str = ""  # preset name (presets.AUTOENCODERS for stage 1, presets.UNETS for stage 2)
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # config fields to change in the preset
+    autoencoder: str | None = None  # stage 2: autoencoder folder for latent diffusion; None: pixel space
+    # optimisation
+    steps: int = 10000  # optimizer steps
+    batch_size: int = 64  # global batch per optimizer step (all ranks, all accumulation rounds)
+    grad_accum: int = 1  # accumulation rounds per step
+    lr: float = 2e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    warmup_steps: int = 200  # linear warm-up from 0 to lr
+    lr_schedule: str = "constant"  # after warm-up: "constant", "cosine" (to 0 at `steps`) or "inv_sqrt" (EDM2)
+    lr_decay_steps: int = 10000  # inv_sqrt: the rate is lr / sqrt(max(step / lr_decay_steps, 1)) (EDM2's t_ref)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    ema_halflife_images: float = 50_000.0  # EMA half-life in training images (EDM)
+    ema_rampup: float | None = 0.05  # cap the half-life at this fraction of images seen early on; None: off
+    phema_every: int = 0  # steps between post-hoc EMA snapshots (EDM2 sec. 3; `encdiff posthoc-ema`); 0: none
+    phema_sigma_rels: tuple[float, ...] = (0.05, 0.10)  # widths of the power-function EMA profiles stored (EDM2's)
+    bf16: bool | None = None  # bf16 autocast; None: on CUDA only
+    compile: bool = False  # torch.compile the network
+    seed: int = 0  # every random stream derives from it (per rank)
+    # stage 1: autoencoder
+    recon_loss: str = "l1"  # "l1" or "l2" reconstruction loss
+    kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)) per latent element
+    ssim_weight: float = 0.0  # weight of 1 - SSIM (11x11 Gaussian windows) added to the reconstruction loss
+    fft_weight: float = 0.0  # weight of the focal frequency loss (spectrum distance, hard frequencies first)
+    adv_weight: float = 0.0  # weight of the PatchGAN hinge term, times the adaptive gradient-norm ratio; 0: no GAN
+    adv_start: int = 0  # optimizer step from which the discriminator trains and the adversarial term counts
+    fm_weight: float = 0.0  # weight of feature matching in the discriminator's layers (a perceptual term)
+    disc_lr: float | None = None  # discriminator learning rate (AdamW, betas 0.5/0.9); None: lr
+    disc_channels: int = 64  # discriminator width (DiscriminatorConfig.channels)
+    disc_layers: int = 2  # discriminator depth (DiscriminatorConfig.layers): 2 -> 34-pixel patches
+    init: str | None = None  # autoencoder folder to start from (its config replaces model / model_overrides)
+    decoder_only: bool = False  # with init: train the decoder only; encoder, posterior and latent scale/shift frozen
+    # stage 2: diffusion
+    backbone: str = "unet"  # "unet" (ADM-style, presets.UNETS) or "edm2" (magnitude-preserving, presets.MP_UNETS)
+    uncertainty: bool = False  # weigh the loss by the backbone's learned u(sigma) (EDM2 eq. 8; edm2 backbone)
+    denoiser: str = "edm"  # "edm" or "vp" (DenoiserSpec.kind)
+    prediction: str = "epsilon"  # vp: epsilon, v or x0
+    train_schedule: str = "linear"  # vp: beta schedule
+    noise_level: str = "lognormal"  # how sigma is drawn (denoiser.NOISE_LEVELS)
+    weighting: str = "edm"  # loss weight lambda(sigma) (denoiser.LOSS_WEIGHTS)
+    sigma_data: float = 0.5  # edm: data standard deviation (0.5 for pixels in [-1, 1]; 1 for encdiff's unit-variance latents)
+    loss_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # noise-level/weighting options, e.g. p_mean, p_std
+    label_dropout: float = 0.1  # probability of training on the null class (classifier-free guidance)
+    # consistency distillation (encdiff distill)
+    teacher: str | None = None  # generator folder distilled: its U-Net initialises the student, its autoencoder is kept
+    guidance: float | None = None  # guidance scale built into the student; None: the teacher's default (1: none)
+    intervals: int = 18  # noise-level intervals of the distillation grid (Karras, the teacher's sigma_min..sigma_max)
+    solver: str = "heun"  # the teacher's ODE step over one interval: heun or euler
+    huber_c: float | None = None  # pseudo-Huber constant of the loss; None: 0.00054 sqrt(dimensions) (iCT)
+    student_steps: int = 2  # sampling steps stored as the student's default (multistep consistency sampling)
+    # bookkeeping
+    log_every: int = 50  # steps between metrics.jsonl rows
+    checkpoint_every: int = 500  # steps between checkpoints
+    keep_last: int = 3  # checkpoints kept
+    sample_every: int = 1000  # steps between sample grids (0: never)
+    sample_steps: int = 20  # sampler steps of the sample grids and evaluations
+    eval_every: int = 0  # stage 2: steps between FID/KID/P&R evaluations of the EMA weights (0: never); best kept in best/
+    eval_samples: int = 2000  # images generated per evaluation (at least 257, the feature dimension + 1)
+    workers: int | None = None  # image-decoding processes (None: up to 8)
+    accept_data_change: bool = False  # resume although the data folder's files differ from the checkpoint's
+
+    def __post_init__(self):
+        """Every field is checked here, before any data is read or any step is taken."""
+        def integer(name: str, minimum: int, maximum: int | None = None) -> None:
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+                    and (maximum is None or value <= maximum)):
+                bound = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+                raise EncdiffError(f"config field {name!r} = {value!r}: expected {bound}")
+
+        def number(name: str, minimum: float = 0.0, strict: bool = False, maximum: float | None = None,
+                   optional: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  and (value > minimum if strict else value >= minimum) and (maximum is None or value < maximum))
+            if not ok:
+                bound = f"{'>' if strict else '>='} {minimum:g}" + (f" and < {maximum:g}" if maximum is not None else "")
+                raise EncdiffError(f"config field {name!r} = {value!r}: expected a finite number {bound}"
+                                   + (" or null" if optional else ""))
+
+        def choice(name: str, valid) -> None:
+            if getattr(self, name) not in valid:
+                raise EncdiffError(f"config field {name!r} = {getattr(self, name)!r}: expected one of "
+                                   f"{', '.join(map(str, valid))}")
+
+        for name in ("steps", "batch_size", "grad_accum", "resolution", "log_every", "checkpoint_every", "keep_last",
+                     "sample_steps", "disc_channels", "disc_layers", "intervals", "student_steps", "lr_decay_steps"):
+            integer(name, 1)
+        for name in ("warmup_steps", "sample_every", "eval_every", "adv_start", "phema_every"):
+            integer(name, 0)
+        integer("seed", 0, 2**63 // 1000 - 1)  # the RNG streams are seeded with seed * 1000 + k
+        integer("eval_samples", 257)  # FID needs more images than the 256 feature dimensions
+        if self.workers is not None:
+            integer("workers", 0)
+        if self.resolution > 4096:
+            raise EncdiffError(f"config field 'resolution' = {self.resolution}: expected at most 4096")
+        number("lr", strict=True)
+        number("disc_lr", strict=True, optional=True)
+        number("ema_halflife_images", strict=True)
+        number("ema_rampup", strict=True, optional=True)
+        number("sigma_data", strict=True)
+        number("label_dropout", maximum=1.0)
+        if not (isinstance(self.phema_sigma_rels, (tuple, list)) and self.phema_sigma_rels):
+            raise EncdiffError(f"config field 'phema_sigma_rels' = {self.phema_sigma_rels!r}: expected a list of "
+                               "numbers in (0, 0.2887)")
+        for value in self.phema_sigma_rels:
+            check_sigma_rel(value, "config field 'phema_sigma_rels'")
+        number("guidance", strict=True, optional=True)
+        number("huber_c", strict=True, optional=True)
+        for name in ("weight_decay", "grad_clip", "kl_weight", "ssim_weight", "fft_weight", "adv_weight", "fm_weight"):
+            number(name)
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas)):
+            raise EncdiffError(f"config field 'betas' = {self.betas!r}: expected two numbers in [0, 1)")
+        for name in ("strict", "compile", "decoder_only", "accept_data_change", "uncertainty", "flips"):
+            if not isinstance(getattr(self, name), bool):
+                raise EncdiffError(f"config field {name!r} = {getattr(self, name)!r}: expected true or false")
+        if self.bf16 is not None and not isinstance(self.bf16, bool):
+            raise EncdiffError(f"config field 'bf16' = {self.bf16!r}: expected true, false or null")
+        if self.channels not in (1, 3) or isinstance(self.channels, bool):
+            raise EncdiffError(f"config field 'channels' = {self.channels!r}: expected 1 or 3")
+        choice("lr_schedule", ("constant", "cosine", "inv_sqrt"))
+        choice("backbone", ("unet", "edm2"))
+        if self.uncertainty and self.backbone != "edm2":
+            raise EncdiffError("config field 'uncertainty' = true needs backbone = \"edm2\" (its u(sigma) head)")
+        choice("recon_loss", ("l1", "l2"))
+        choice("denoiser", ("edm", "vp"))
+        choice("prediction", ("epsilon", "v", "x0"))
+        choice("noise_level", tuple(NOISE_LEVELS))
+        choice("weighting", tuple(LOSS_WEIGHTS))
+        choice("train_schedule", tuple(TRAIN_SCHEDULES))
+        choice("solver", ("heun", "euler"))
+        if self.decoder_only and not self.init:
+            raise EncdiffError("config field 'decoder_only' = true needs 'init': the autoencoder whose decoder "
+                               "is fine-tuned (--init MODEL)")
+        if self.init and (self.model or self.model_overrides):
+            raise EncdiffError(f"config fields 'init' = {self.init!r} and 'model' = {self.model!r} / "
+                               "'model_overrides': give one (the init folder's config is the model's)")
+
+
+# Named training setups: the resolved config of every run is saved beside it.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "cifar10": {
+        # L1 first; SSIM, the PatchGAN (adaptive weight) and feature matching once reconstructions are sound (LDM
+        # starts its discriminator late too): the weights the decoder ablation of BENCHMARKS.md chose.
+        "autoencoder": dict(model="cifar10_f4", resolution=32, steps=20000, batch_size=64, lr=2e-4,
+                            ema_halflife_images=100_000.0, ssim_weight=0.2, adv_weight=0.5, adv_start=5000,
+                            fm_weight=1.0),
+        "diffusion": dict(model="latent_8x8", resolution=32, steps=100_000, batch_size=128, lr=2e-4,
+                          ema_halflife_images=500_000.0),
+    },
+    "folder64": {
+        "autoencoder": dict(model="cifar10_f4", resolution=64, steps=20000, batch_size=32, lr=2e-4),
+        "diffusion": dict(model="latent_8x8", model_overrides={"sample_size": 16, "num_classes": 0},
+                          resolution=64, steps=100_000, batch_size=64, lr=2e-4),
+    },
+}
+
+
+# Fields that only some stages read; every other field is common to all. A consistency student's model is its
+# teacher's, so it has no model fields.
+STAGE_ONLY = {
+    "autoencoder": frozenset({"recon_loss", "kl_weight", "ssim_weight", "fft_weight", "adv_weight", "adv_start",
+                              "fm_weight", "disc_lr", "disc_channels", "disc_layers", "init", "decoder_only",
+                              "model", "model_overrides"}),
+    "diffusion": frozenset({"autoencoder", "backbone", "uncertainty", "denoiser", "prediction", "train_schedule", "noise_level", "weighting",
+                            "sigma_data", "loss_options", "label_dropout", "eval_every", "eval_samples",
+                            "model", "model_overrides"}),
+    "consistency": frozenset({"teacher", "guidance", "intervals", "solver", "huber_c", "student_steps",
+                              "loss_options", "label_dropout", "eval_every", "eval_samples"}),
+}
+
+
+def stage_fields(stage: str) -> list[str]:
+    """The TrainConfig fields a stage ("autoencoder", "diffusion" or "consistency") reads, in declaration order."""
+    others = set().union(*(fields for name, fields in STAGE_ONLY.items() if name != stage)) - STAGE_ONLY[stage]
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in others]
+
+
+# Fields a resumed run may change: more steps extend training, the rest only touch logging and files.
+RESUMABLE_CHANGES = frozenset({"steps", "log_every", "checkpoint_every", "keep_last", "sample_every", "sample_steps",
+                               "workers", "eval_every", "eval_samples", "run_dir", "accept_data_change"})
+# Fields holding paths: a resumed run compares the folders they name, not their spelling.
+PATH_FIELDS = ("data", "autoencoder", "init", "teacher")
+
+
+def config_to_json(config: TrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def dataset_of(config: TrainConfig, run_dir: str | os.PathLike, progress: bool = True) -> ImageDataset:
+    """The images a run trains on, for every stage and for export: decoded once into the run's cache; the run
+    folder is never data, even inside the data folder (`cd images && encdiff train .`)."""
+    run_dir = Path(run_dir)
+    return ImageDataset(config.data, config.resolution, config.channels, strict=config.strict,
+                        cache_dir=run_dir / "cache", workers=config.workers, progress=progress, exclude=(run_dir,))
+
+
+def backbone_presets(backbone: str) -> dict:
+    """The model presets of a backbone (TrainConfig.backbone)."""
+    return {"unet": UNETS, "edm2": MP_UNETS}[backbone]
+
+
+def model_config(table: dict, config: TrainConfig, config_class: type, **fixed: Any):
+    base = dataclasses.asdict(preset(table, config.model))
+    return config_from_dict(config_class, {**base, **config.model_overrides, **fixed}, "model config")
+
+
+def check_model_name(config: TrainConfig, stage: str) -> None:
+    """An unknown model preset is refused with the valid names (before any data is read)."""
+    if config.model and stage in ("autoencoder", "diffusion"):
+        preset(AUTOENCODERS if stage == "autoencoder" else backbone_presets(config.backbone), config.model)
+
+
+def load_config(path: str | None, preset_name: str | None, stage: str, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults < named preset < TOML file < command-line flags."""
+    values: dict[str, Any] = {}
+    if preset_name:
+        if preset_name not in PRESETS:
+            raise EncdiffError(f"unknown training preset {preset_name!r}; valid: {', '.join(sorted(PRESETS))}")
+        if stage not in PRESETS[preset_name]:
+            raise EncdiffError(f"training preset {preset_name!r} has no {stage} settings; it has "
+                               f"{', '.join(PRESETS[preset_name])}")
+        values.update(PRESETS[preset_name][stage])
+    if path:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            with open(path, "rb") as f:
+                values.update(tomllib.load(f))
+        except FileNotFoundError:
+            raise EncdiffError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise EncdiffError(f"{path}: not valid TOML ({e})") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_dict(TrainConfig, values, path or "training config")

@@ -1,0 +1,112 @@
+"""Consistency distillation, `train_consistency`: a few-step student from a stage-2 generator (consistency.py), with
+the teacher's guidance built in; the same loop as the other stages (exact resume, DDP, EMA, logs, grids, evaluations)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from ..autoencoder import Autoencoder
+from ..backbones import backbone_class, backbone_name
+from ..checkpoint import sha256_file
+from ..consistency import distillation_grid, distillation_loss, interval_probabilities
+from ..errors import EncdiffError, count
+from ..pipeline import Generator, Sampling
+from .config import TrainConfig
+from .hooks import evaluation_hook, sample_grid
+from .latents import cached_latents, latent_batches
+from .loop import Recipe, Run, RunLock, prepare, train_loop
+
+
+def train_consistency(config: TrainConfig) -> Path:
+    """Distil the generator folder `config.teacher` into a consistency student (consistency.py) that samples in
+    `student_steps` evaluations with the teacher's guidance built in; returns the student's generator folder. The
+    same loop as the other stages: exact resume, DDP, EMA, logs, sample grids, evaluations."""
+    with RunLock(config.run_dir):
+        return _train_consistency(config)
+
+
+def _train_consistency(config: TrainConfig) -> Path:
+    if not config.teacher:
+        raise EncdiffError("no teacher: pass the generator folder to distil (encdiff distill TEACHER DATA)")
+    teacher = Generator.from_pretrained(config.teacher)  # a bad folder fails before the data is decoded
+    if teacher.spec.kind != "edm":
+        raise EncdiffError(f"{config.teacher}: a {teacher.spec.kind!r} generator; distillation needs an EDM teacher "
+                           "(its probability-flow ODE is the student's target)")
+    guidance = config.guidance if config.guidance is not None else teacher.sampling.guidance_scale
+    guidance = None if guidance == 1 else guidance
+    if guidance is not None and not teacher.num_classes:
+        raise EncdiffError(f"guidance {guidance}: the teacher {config.teacher} is unconditional")
+    if config.resolution != teacher.image_size:
+        raise EncdiffError(f"resolution {config.resolution}: the teacher {config.teacher} makes "
+                           f"{teacher.image_size}x{teacher.image_size} images (pass --resolution {teacher.image_size})")
+    dist_, dataset = prepare(config, "consistency")
+    if dataset.num_classes != teacher.num_classes:
+        raise EncdiffError(f"{config.data}: {count(dataset.num_classes, 'class folder')}, but the teacher {config.teacher} "
+                           f"is conditional on {count(teacher.num_classes, 'class', 'classes')}; distil on its training data")
+    teacher_net = teacher.unet.to(dist_.device).requires_grad_(False)
+    teacher_denoiser = teacher.spec.build(teacher_net)
+    latent = isinstance(teacher.autoencoder, Autoencoder)
+    autoencoder = teacher.autoencoder.to(dist_.device) if latent else None
+    spec = dataclasses.replace(teacher.spec, kind="consistency")
+    torch.manual_seed(config.seed)
+    backbone = backbone_name(teacher.unet)
+    student_config = teacher.unet.config
+    if backbone == "edm2":  # the consistency loss has no use for an uncertainty head (DDP needs every parameter used)
+        student_config = dataclasses.replace(student_config, logvar_channels=0)
+    student = backbone_class(backbone)(student_config)
+    own = student.state_dict()
+    student.load_state_dict({k: v for k, v in teacher.unet.state_dict().items() if k in own})  # ECT: from the teacher
+    sampling = Sampling(sampler="consistency", steps=config.student_steps, schedule="consistency")
+    distillation = {"method": "consistency distillation (Song et al. 2023) with iCT's metric and weighting",
+                    "teacher_unet_sha256": sha256_file(Path(config.teacher) / "unet" / "model.safetensors"),
+                    "guidance_scale": guidance, "intervals": config.intervals, "solver": config.solver}
+    ae_folder = Path(config.teacher) / "autoencoder"
+    export_info = {"denoiser": dataclasses.asdict(spec), "class_names": teacher.class_names,
+                   "autoencoder": str(ae_folder.resolve()) if latent else None, "backbone": backbone,
+                   "sampling": dataclasses.asdict(sampling), "distillation": distillation}
+    run = Run(config, "consistency", student, dataset, dist_, export_info)
+    if run.resume():
+        then = run.resumed_export.get("distillation", {}).get("teacher_unet_sha256")
+        if then != distillation["teacher_unet_sha256"]:
+            raise EncdiffError(f"{config.teacher}: not the teacher this run was distilling (its U-Net's sha256 "
+                               f"{distillation['teacher_unet_sha256'][:16]}, the checkpoint's {str(then)[:16]}); "
+                               "resume with the original teacher or use another --run-dir")
+
+    batch = (latent_batches(cached_latents(autoencoder, dataset, Path(config.run_dir) / "cache", str(ae_folder),
+                                           dist_), dataset)
+             if latent else dataset.batch)
+
+    grid = distillation_grid(config.intervals, teacher_denoiser)
+    # iCT's log-normal over the intervals (P_mean -1.1, P_std 2 at sigma_data 0.5), shifted to the data's scale
+    options = {"p_mean": -1.1 + math.log(spec.sigma_data / 0.5), "p_std": 2.0, **config.loss_options}
+    unknown = sorted(set(options) - {"p_mean", "p_std"})
+    if unknown:
+        raise EncdiffError(f"unknown loss option(s) {unknown} for distillation; valid: p_mean, p_std")
+    probabilities = interval_probabilities(grid, options["p_mean"], options["p_std"])
+    label_dropout = config.label_dropout if dataset.num_classes else 0.0
+    student_denoiser = spec.build(run.model)
+
+    def loss(model, x, labels):
+        # DDP syncs gradients only for calls through its wrapper: the student runs the network it is given, its
+        # stop-gradient target the plain module.
+        return distillation_loss(student_denoiser, teacher_denoiser, x, run.generators["noise"], grid, probabilities,
+                                 class_labels=labels, guidance_scale=guidance, label_dropout=label_dropout,
+                                 solver=config.solver, huber_c=config.huber_c, shard=run.shard, net=model)
+
+    def student_of(run: Run) -> Generator:
+        return Generator(run.ema.model, spec, autoencoder, teacher.class_names, sampling,
+                         {**distillation, "images": run.images_seen})
+
+    train_loop(run, Recipe(batch=batch, loss=loss, sample=sample_grid(student_of, dataset),
+                           evaluate=evaluation_hook(config, dataset, student_of)))
+    out = run.dir / "model"
+    if dist_.main:
+        student_of(run).save_pretrained(out)
+        print(f"consistency student written to {out}", file=sys.stderr)
+    dist_.barrier()
+    return out

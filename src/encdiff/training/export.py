@@ -1,0 +1,78 @@
+"""`export_run`: the EMA weights (or a post-hoc EMA) of a run's newest checkpoint as a model folder, encdiff's or
+diffusers' format."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..autoencoder import Autoencoder, AutoencoderConfig
+from ..backbones import CONFIGS, backbone_class
+from ..errors import EncdiffError, config_from_dict
+from ..phema import reconstruct
+from ..pipeline import DenoiserSpec, Generator, Sampling
+from .config import TrainConfig, dataset_of
+from .latents import measure_latent_statistics
+from .state import latest_training_state, load_training_state
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bool = False,
+               dtype: torch.dtype | None = None, sampling: dict[str, Any] | None = None,
+               sigma_rel: float | None = None) -> Path:
+    """Write the EMA weights of a run's newest checkpoint as a model folder: an autoencoder (its latent
+    statistics measured on the run's data, as at the end of training) or a generator. With `diffusers`,
+    the networks are written in diffusers' format (`unet/`, `vae/`); `dtype` (e.g. torch.float16) stores the
+    weights in that precision; `sampling` sets a generator's default sampler/steps/guidance_scale; `sigma_rel`
+    exports the post-hoc EMA of that width reconstructed from the run's snapshots (phema.reconstruct) instead of
+    the run's EMA."""
+    path = latest_training_state(run_dir)
+    if path is None:
+        raise EncdiffError(f"{run_dir}: no complete checkpoint to export")
+    tensors, meta = load_training_state(path)
+    info = meta.get("export", {})
+    ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+    if sigma_rel is not None:
+        posthoc, record = reconstruct(run_dir, sigma_rel)
+        missing = sorted(set(ema) - set(posthoc))
+        if missing:
+            raise EncdiffError(f"{run_dir}: the post-hoc EMA snapshots lack {missing[0]!r}: not this run's model")
+        ema = {**ema, **posthoc}
+        print(f"post-hoc EMA: sigma_rel {sigma_rel} at {record['images']} images from {record['snapshots']} "
+              f"(profile fit error {record['fit_error']:.2%})", file=sys.stderr)
+    out = Path(out)
+    if meta["stage"] == "autoencoder":
+        autoencoder = Autoencoder(config_from_dict(AutoencoderConfig, info["model_config"], f"{path} model_config"))
+        autoencoder.load_state_dict(ema)
+        config = config_from_dict(TrainConfig, meta["config"], f"{path} config")
+        if config.decoder_only:  # the latent space (statistics included) is the init autoencoder's
+            autoencoder.eval().save_pretrained(out, diffusers=diffusers, dtype=dtype)
+            return out
+        dataset = dataset_of(config, run_dir)
+        measure_latent_statistics(autoencoder, dataset, "cpu").save_pretrained(out, diffusers=diffusers, dtype=dtype)
+        return out
+    backbone = info.get("backbone", "unet")  # runs before the edm2 backbone recorded none
+    if diffusers and backbone != "unet":
+        raise EncdiffError(f"{run_dir}: a {backbone!r} U-Net (magnitude-preserving, EDM2) has no diffusers "
+                           "equivalent; export it without --diffusers")
+    unet = backbone_class(backbone)(config_from_dict(CONFIGS[backbone], info["model_config"], f"{path} model_config"))
+    unet.load_state_dict(ema)
+    autoencoder = Autoencoder.from_pretrained(info["autoencoder"]) if info.get("autoencoder") else None
+    # A student's run records its own sampling (consistency); the caller's settings change it as `but` does.
+    sampling = Sampling.from_dict(info.get("sampling"), f"{path} sampling").but(**(sampling or {}))
+    distillation = info.get("distillation")
+    if distillation is not None:
+        distillation = {**distillation, "images": meta["images_seen"]}
+    generator = Generator(unet, DenoiserSpec(**info["denoiser"]), autoencoder, info.get("class_names"), sampling,
+                          distillation)
+    if not diffusers:
+        return generator.save_pretrained(out, dtype=dtype)
+    unet.save_pretrained(out / "unet", diffusers=True, dtype=dtype)
+    if autoencoder is not None:
+        autoencoder.save_pretrained(out / "vae", diffusers=True, dtype=dtype)
+    return out
+
+
