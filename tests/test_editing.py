@@ -177,7 +177,7 @@ def test_repaint_resampling_costs_steps_times_resample_evaluations():
 def test_bad_editing_input_is_refused_naming_what_is_wrong():
     generator = tiny_generator()
     x = images(1)
-    with pytest.raises(EncdiffError, match="strength 1.5"):
+    with pytest.raises(EncdiffError, match="strength = 1.5"):
         editing.img2img(generator, x, [0], strength=1.5)
     with pytest.raises(EncdiffError, match=r"3 x 16 x 16"):
         editing.img2img(generator, images(1, size=32), [0], strength=0.5)
@@ -261,7 +261,7 @@ def test_cli_edits_write_their_pngs(edit_files, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["img2img", "{d}/image.png", "--strength", "1.5"], "strength 1.5"),
+    (["img2img", "{d}/image.png", "--strength", "1.5"], "strength = 1.5"),
     (["img2img", "{d}/image.png", "--strength", "nan"], "not a finite number"),
     (["img2img", "{d}/image.png", "--class", "zebra"], "unknown class 'zebra'"),
     (["img2img", "{d}/text.png"], "not an image"),
@@ -270,10 +270,10 @@ def test_cli_edits_write_their_pngs(edit_files, tmp_path):
     (["img2img", "{d}/image.png", "--guidance", "2"], "--guidance needs --class"),
     (["inpaint", "{d}/image.png", "--mask", "{d}/small-mask.png"], "16x16 pixels"),
     (["inpaint", "{d}/image.png", "--mask", "{d}/grey-mask.png"], "binary mask"),
-    (["inpaint", "{d}/image.png", "--mask", "{d}/mask.png", "--resample", "0"], "resample 0"),
+    (["inpaint", "{d}/image.png", "--mask", "{d}/mask.png", "--resample", "0"], "resample = 0"),
     (["invert", "{d}/image.png", "--sampler", "dpmpp_2m"], "--sampler dpmpp_2m"),
     (["interpolate"], "exactly one of --seeds"),
-    (["interpolate", "--seeds", "1", "2", "--frames", "1"], "frames 1"),
+    (["interpolate", "--seeds", "1", "2", "--frames", "1"], "frames = 1"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(edit_files, tmp_path, args, message):
     result = cli("edit", *[a.format(d=edit_files) for a in args], cwd=tmp_path)

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .errors import MAX_SIZE, check_int
+from .errors import MAX_SIZE, check_int, lookup
+
+RECON_LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}  # TrainConfig.recon_loss
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class AutoencoderObjective:
     def __init__(self, *, recon_loss: str, kl_weight: float, ssim_weight: float, fft_weight: float,
                  adv_weight: float, adv_start: int, fm_weight: float, discriminator: PatchDiscriminator | None,
                  last_layer: torch.Tensor, all_reduce=None):
-        self.recon = F.l1_loss if recon_loss == "l1" else F.mse_loss
+        self.recon = lookup(RECON_LOSSES, recon_loss, "reconstruction loss")
         self.kl_weight, self.ssim_weight, self.fft_weight = kl_weight, ssim_weight, fft_weight
         self.adv_weight, self.adv_start, self.fm_weight = adv_weight, adv_start, fm_weight
         self.discriminator = discriminator

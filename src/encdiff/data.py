@@ -23,7 +23,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from .checkpoint import atomic_save_tensors
-from .errors import EncdiffError, count
+from .errors import EncdiffError, check_field, check_int, count
 from .images import UnreadableImageError, check_image_args, load_image, to_unit
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
@@ -172,8 +172,7 @@ class ImageDataset:
                  cache_dir: str | os.PathLike | None = None, workers: int | None = None, progress: bool = True,
                  exclude: tuple[Path, ...] = ()):
         check_image_args(resolution, channels)
-        if workers is not None and not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0):
-            raise EncdiffError(f"workers = {workers!r}: expected an integer >= 0")
+        check_int(workers, "workers", 0, optional=True, what="")
         self.root = Path(root)
         self.resolution, self.channels = resolution, channels
         files, labels, self.class_names = scan_folder(self.root, exclude)
@@ -334,12 +333,10 @@ class BatchSampler:
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        if not (isinstance(seed, int) and not isinstance(seed, bool)):
-            raise EncdiffError(f"seed = {seed!r}: expected an integer")
+        check_field(isinstance(seed, int) and not isinstance(seed, bool), "seed", seed, "an integer", what="")
         for name, value, minimum in (("n", n, 1), ("batch_size", batch_size, 1), ("world_size", world_size, 1),
                                      ("rank", rank, 0)):
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
-                raise EncdiffError(f"{name} = {value!r}: expected an integer >= {minimum}")
+            check_int(value, name, minimum, what="")
         if rank >= world_size:
             raise EncdiffError(f"rank = {rank}: expected less than world_size = {world_size}")
         self.batch_size = batch_size
@@ -377,10 +374,7 @@ class BatchSampler:
         """Continue from a `state_dict()`: the batches served next are those the uninterrupted run served."""
         if not isinstance(state, dict):
             raise EncdiffError(f"sampler state: expected a dict with 'epoch' and 'batch', found {type(state).__name__}")
-        for field, limit in (("epoch", None), ("batch", self.batches_per_epoch)):
-            value = state.get(field)
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-            if not ok or (limit is not None and value >= limit):
-                bound = f" and < {limit} (batches per epoch)" if limit is not None else ""
-                raise EncdiffError(f"sampler state field {field!r} = {value!r}: expected an integer >= 0{bound}")
+        check_int(state.get("epoch"), "epoch", 0, what="sampler state field")
+        # the batch within the epoch: below the batches per epoch
+        check_int(state.get("batch"), "batch", 0, self.batches_per_epoch - 1, what="sampler state field")
         self.epoch, self.batch = state["epoch"], state["batch"]

@@ -125,6 +125,9 @@ class Denoiser(torch.nn.Module):
         return (denoised, logvar) if return_logvar else denoised
 
 
+PREDICTIONS = ("epsilon", "v", "x0")  # what a VP network predicts (VPDenoiser.prediction)
+
+
 class VPDenoiser(Denoiser):
     """A discrete variance-preserving (DDPM) model with eps-, v- or x0-prediction, in sigma space.
 
@@ -134,11 +137,9 @@ class VPDenoiser(Denoiser):
     ``quantize=True`` rounds t to the nearest training step (for models only trained on integer t).
     """
 
-    PREDICTIONS = ("epsilon", "v", "x0")
-
     def __init__(self, net, alpha_bars, prediction="epsilon", quantize=False):
         super().__init__(net)
-        lookup(dict.fromkeys(self.PREDICTIONS), prediction, "prediction")
+        lookup(dict.fromkeys(PREDICTIONS), prediction, "prediction")
         self.prediction = prediction
         self.quantize = quantize
         alpha_bars = torch.as_tensor(alpha_bars, dtype=torch.float64)

@@ -28,7 +28,7 @@ import math
 import torch
 
 from .denoiser import GuidedDenoiser
-from .errors import EncdiffError, count
+from .errors import EncdiffError, check_int, check_number, count
 from .samplers import draws_fresh_noise, generate, noise
 from .schedules import get_sigmas
 
@@ -40,8 +40,7 @@ INVERSION_STEPS = 50
 
 
 def check_strength(strength: float) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
-        raise EncdiffError(f"strength {strength!r}: expected a number in [0, 1] (0 keeps the image, 1 repaints it all)")
+    check_number(strength, "strength", minimum=0, maximum=1, what="", note="0 keeps the image, 1 repaints it all")
     return float(strength)
 
 
@@ -131,8 +130,7 @@ def inpaint(generator, images: torch.Tensor, mask: torch.Tensor, seeds: list[int
     s = generator.settings(class_labels, sampler=sampler, steps=steps, guidance_scale=guidance_scale, schedule=schedule,
                            guidance_interval=guidance_interval)
     sampler, steps, guidance_scale = s.sampler, s.steps, s.guidance_scale
-    if isinstance(resample, bool) or not isinstance(resample, int) or resample < 1:
-        raise EncdiffError(f"resample {resample!r}: expected an integer >= 1 (1: no resampling)")
+    check_int(resample, "resample", 1, what="", note="1: no resampling")
     if len(seeds) != len(images):
         raise EncdiffError(f"{count(len(seeds), 'seed')} for {count(len(images), 'image')}: give one seed per image")
     with torch.inference_mode():
@@ -209,8 +207,7 @@ def invert(generator, images: torch.Tensor, class_labels: torch.Tensor | None = 
     trip's latent error falls from 1.2e-2 of the latent variance (explicit) to below 1e-3. Heun's steps are
     second-order accurate already and are inverted explicitly."""
     check_images(generator, images)
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise EncdiffError(f"iterations {iterations!r}: expected an integer >= 0 (0: plain DDIM inversion)")
+    check_int(iterations, "iterations", 0, what="", note="0: plain DDIM inversion")
     if sampler not in ODE_SAMPLERS:
         raise EncdiffError(f"inversion integrates the ODE deterministically: sampler one of {', '.join(ODE_SAMPLERS)}, "
                            f"not {sampler!r}")
@@ -302,7 +299,6 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 def interpolate_noise(start: torch.Tensor, end: torch.Tensor, frames: int) -> torch.Tensor:
     """`frames` noises from start to end (both ends included) on the great circle between them."""
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
-        raise EncdiffError(f"frames {frames!r}: expected an integer >= 2 (both ends included)")
+    check_int(frames, "frames", 2, what="", note="both ends included")
     return torch.cat([slerp(start, end, i / (frames - 1)) for i in range(frames)])
 

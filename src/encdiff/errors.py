@@ -51,38 +51,60 @@ def config_from_dict(config_class: type, values: dict[str, Any], where: str):
         raise EncdiffError(f"{where}: {e}") from None
 
 
-def check_field(ok: bool, field: str, value: Any, expected: str) -> None:
-    """Config validation: raise an error naming the field, its value and what would be valid."""
+def check_field(ok: bool, field: str, value: Any, expected: str, what: str = "config field") -> None:
+    """Raise an error naming what is at fault, its value and what would be valid. `what` says what kind of thing
+    `field` is ("config field", "option", "sampler state field"); empty: `field` is named as it stands."""
     if not ok:
-        raise EncdiffError(f"config field {field!r} = {value!r}: expected {expected}")
+        name = f"{what} {field!r}" if what else field
+        raise EncdiffError(f"{name} = {value!r}: expected {expected}")
 
 
 MAX_SIZE = 65536  # no channel count, image size, layer count or class count of a real model is larger
 
 
-def check_int(value: Any, field: str, minimum: int = 1, maximum: int | None = None) -> None:
+def check_int(value: Any, field: str, minimum: int = 1, maximum: int | None = None, *, optional: bool = False,
+              what: str = "config field", note: str = "") -> None:
     """An integer >= minimum (and <= maximum: model sizes pass MAX_SIZE, so an absurd size never reaches the
-    allocator)."""
+    allocator); with `optional`, None too. `note` says in brackets what the bound means."""
+    if value is None and optional:
+        return
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    expected = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
     check_field(ok and (maximum is None or value <= maximum), field, value,
-                f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}")
+                expected + (" or null" if optional else "") + (f" ({note})" if note else ""), what)
 
 
-def check_number(value: Any, field: str, *, positive: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    check_field(ok and (value > 0 or not positive), field, value, "a positive finite number" if positive else
-                "a finite number")
+def check_number(value: Any, field: str, *, positive: bool = False, minimum: float | None = None,
+                 maximum: float | None = None, below: float | None = None, optional: bool = False,
+                 what: str = "config field", note: str = "") -> None:
+    """A finite number: > 0 with `positive`, >= `minimum`, <= `maximum`, < `below`; with `optional`, None too."""
+    if value is None and optional:
+        return
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > 0 or not positive) and (minimum is None or value >= minimum)
+          and (maximum is None or value <= maximum) and (below is None or value < below))
+    bounds = [b for b in ("> 0" if positive else None, None if minimum is None else f">= {minimum:g}",
+                          None if maximum is None else f"<= {maximum:g}", None if below is None else f"< {below:g}")
+              if b]
+    expected = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
+    check_field(ok, field, value, expected + (" or null" if optional else "") + (f" ({note})" if note else ""), what)
 
 
-def check_bool(value: Any, field: str) -> None:
-    check_field(isinstance(value, bool), field, value, "true or false")
+def check_bool(value: Any, field: str, *, optional: bool = False, what: str = "config field") -> None:
+    check_field(isinstance(value, bool) or (optional and value is None), field, value,
+                "true, false or null" if optional else "true or false", what)
 
 
-def check_tuple(value: Any, field: str, length: int | None, item_check) -> None:
+def check_choice(value: Any, field: str, valid, what: str = "config field") -> None:
+    """One of the values of `valid` (a registry's keys or a tuple): the one wording for a closed set of names."""
+    check_field(value in valid, field, value, f"one of {', '.join(map(str, valid))}", what)
+
+
+def check_tuple(value: Any, field: str, length: int | None, item_check, what: str = "config field") -> None:
     """A list/tuple (of `length` items, if given) whose every item passes `item_check(item) -> bool`."""
     ok = isinstance(value, (tuple, list)) and len(value) > 0 and (length is None or len(value) == length)
     check_field(ok and all(item_check(v) for v in value), field, value,
-                f"a list of {length or 'one or more'} {item_check.__doc__}")
+                f"a list of {length or 'one or more'} {item_check.__doc__}", what)
 
 
 def is_positive_int(v: Any) -> bool:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import EncdiffError
+from .errors import EncdiffError, check_field, check_int
 
 EXIF_ORIENTATION = 0x0112
 
@@ -36,10 +36,9 @@ class UnreadableImageError(EncdiffError):
 
 
 def check_image_args(resolution: int, channels: int) -> None:
-    if not (isinstance(resolution, int) and not isinstance(resolution, bool) and resolution >= 1):
-        raise EncdiffError(f"resolution = {resolution!r}: expected an integer >= 1")
-    if channels not in (1, 3) or isinstance(channels, bool):
-        raise EncdiffError(f"channels = {channels!r}: expected 1 (grayscale) or 3 (RGB)")
+    check_int(resolution, "resolution", 1, what="")
+    check_field(channels in (1, 3) and not isinstance(channels, bool), "channels", channels,
+                "1 (grayscale) or 3 (RGB)", what="")
 
 
 def high_depth_to_8bit(image: Image.Image) -> Image.Image:

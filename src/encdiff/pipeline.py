@@ -18,8 +18,8 @@ import torch
 
 from .autoencoder import Autoencoder, IdentityAutoencoder
 from .checkpoint import atomic_write_bytes, folder_kind, read_json, shipped_file
-from .errors import check_field, check_int, check_number, config_from_dict, count
-from .denoiser import ConsistencyDenoiser, Denoiser, EDMDenoiser, VPDenoiser
+from .errors import check_choice, check_field, check_int, check_number, config_from_dict, count
+from .denoiser import PREDICTIONS, ConsistencyDenoiser, Denoiser, EDMDenoiser, VPDenoiser
 from .images import to_uint8, to_unit
 from .errors import EncdiffError
 from .samplers import SAMPLERS, generate
@@ -29,6 +29,7 @@ from .unet import UNet
 
 GENERATOR_FILE = "generator.json"
 DENOISER_KINDS = ("edm", "vp", "consistency")  # DenoiserSpec.kind
+TRAINED_KINDS = ("edm", "vp")  # the kinds stage 2 trains (a consistency student is distilled from an edm one)
 
 
 def samplers_for(kind: str) -> tuple[str, ...]:
@@ -52,11 +53,11 @@ class DenoiserSpec:
     options: dict[str, Any] = field(default_factory=dict)  # vp: schedule options (beta_start, ...)
 
     def __post_init__(self):
-        check_field(self.kind in DENOISER_KINDS, "denoiser.kind", self.kind, " or ".join(DENOISER_KINDS))
+        check_choice(self.kind, "denoiser.kind", DENOISER_KINDS)
         for name in ("sigma_data", "sigma_min", "sigma_max"):
             check_number(getattr(self, name), f"denoiser.{name}", positive=True)
         check_field(self.sigma_min < self.sigma_max, "denoiser.sigma_min", self.sigma_min, "below sigma_max")
-        check_field(self.prediction in ("epsilon", "v", "x0"), "denoiser.prediction", self.prediction, "epsilon, v or x0")
+        check_choice(self.prediction, "denoiser.prediction", PREDICTIONS)
         check_field(isinstance(self.schedule, str), "denoiser.schedule", self.schedule, "a schedule name")
         check_field(isinstance(self.options, dict), "denoiser.options", self.options, "an object")
 

@@ -5,18 +5,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..autoencoder_loss import RECON_LOSSES
+from ..backbones import BACKBONES
+from ..consistency import SOLVERS
 from ..data import ImageDataset
-from ..denoiser import LOSS_WEIGHTS, NOISE_LEVELS
-from ..errors import EncdiffError, config_from_dict
+from ..denoiser import LOSS_WEIGHTS, NOISE_LEVELS, PREDICTIONS
+from ..errors import (EncdiffError, check_bool, check_choice, check_field, check_int, check_number, check_tuple,
+                      config_from_dict, is_finite_number)
 from ..phema import check_sigma_rel
+from ..pipeline import TRAINED_KINDS
 from ..presets import AUTOENCODERS, MP_UNETS, UNETS, preset
 from ..schedules import TRAIN_SCHEDULES
+
+
+LR_SCHEDULES = ("constant", "cosine", "inv_sqrt")  # after the warm-up (loop.lr_factor)
 
 
 @dataclass(frozen=True)
@@ -94,83 +101,53 @@ class TrainConfig:
 
     def __post_init__(self):
         """Every field is checked here, before any data is read or any step is taken."""
-        def integer(name: str, minimum: int, maximum: int | None = None) -> None:
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-                    and (maximum is None or value <= maximum)):
-                bound = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
-                raise EncdiffError(f"config field {name!r} = {value!r}: expected {bound}")
-
-        def number(name: str, minimum: float = 0.0, strict: bool = False, maximum: float | None = None,
-                   optional: bool = False) -> None:
-            value = getattr(self, name)
-            if value is None and optional:
-                return
-            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                  and (value > minimum if strict else value >= minimum) and (maximum is None or value < maximum))
-            if not ok:
-                bound = f"{'>' if strict else '>='} {minimum:g}" + (f" and < {maximum:g}" if maximum is not None else "")
-                raise EncdiffError(f"config field {name!r} = {value!r}: expected a finite number {bound}"
-                                   + (" or null" if optional else ""))
-
-        def choice(name: str, valid) -> None:
-            if getattr(self, name) not in valid:
-                raise EncdiffError(f"config field {name!r} = {getattr(self, name)!r}: expected one of "
-                                   f"{', '.join(map(str, valid))}")
-
         for name in ("steps", "batch_size", "grad_accum", "resolution", "log_every", "checkpoint_every", "keep_last",
                      "sample_steps", "disc_channels", "disc_layers", "intervals", "student_steps", "lr_decay_steps"):
-            integer(name, 1)
+            check_int(getattr(self, name), name, 1)
         for name in ("warmup_steps", "sample_every", "eval_every", "adv_start", "phema_every"):
-            integer(name, 0)
-        integer("seed", 0, 2**63 // 1000 - 1)  # the RNG streams are seeded with seed * 1000 + k
-        integer("eval_samples", 257)  # FID needs more images than the 256 feature dimensions
-        if self.workers is not None:
-            integer("workers", 0)
-        if self.resolution > 4096:
-            raise EncdiffError(f"config field 'resolution' = {self.resolution}: expected at most 4096")
-        number("lr", strict=True)
-        number("disc_lr", strict=True, optional=True)
-        number("ema_halflife_images", strict=True)
-        number("ema_rampup", strict=True, optional=True)
-        number("sigma_data", strict=True)
-        number("label_dropout", maximum=1.0)
-        if not (isinstance(self.phema_sigma_rels, (tuple, list)) and self.phema_sigma_rels):
-            raise EncdiffError(f"config field 'phema_sigma_rels' = {self.phema_sigma_rels!r}: expected a list of "
-                               "numbers in (0, 0.2887)")
+            check_int(getattr(self, name), name, 0)
+        check_int(self.seed, "seed", 0, 2**63 // 1000 - 1)  # the RNG streams are seeded with seed * 1000 + k
+        check_int(self.eval_samples, "eval_samples", 257)  # FID needs more images than the 256 feature dimensions
+        check_int(self.workers, "workers", 0, optional=True)
+        check_int(self.resolution, "resolution", 1, 4096)
+        for name in ("lr", "ema_halflife_images", "sigma_data"):
+            check_number(getattr(self, name), name, positive=True)
+        for name in ("disc_lr", "ema_rampup", "guidance", "huber_c"):
+            check_number(getattr(self, name), name, positive=True, optional=True)
+        check_number(self.label_dropout, "label_dropout", minimum=0, below=1)
+        for name in ("weight_decay", "grad_clip", "kl_weight", "ssim_weight", "fft_weight", "adv_weight", "fm_weight"):
+            check_number(getattr(self, name), name, minimum=0)
+        check_tuple(self.phema_sigma_rels, "phema_sigma_rels", None, is_finite_number)
         for value in self.phema_sigma_rels:
             check_sigma_rel(value, "config field 'phema_sigma_rels'")
-        number("guidance", strict=True, optional=True)
-        number("huber_c", strict=True, optional=True)
-        for name in ("weight_decay", "grad_clip", "kl_weight", "ssim_weight", "fft_weight", "adv_weight", "fm_weight"):
-            number(name)
-        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
-                and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas)):
-            raise EncdiffError(f"config field 'betas' = {self.betas!r}: expected two numbers in [0, 1)")
+        check_tuple(self.betas, "betas", 2, is_adam_beta)
         for name in ("strict", "compile", "decoder_only", "accept_data_change", "uncertainty", "flips"):
-            if not isinstance(getattr(self, name), bool):
-                raise EncdiffError(f"config field {name!r} = {getattr(self, name)!r}: expected true or false")
-        if self.bf16 is not None and not isinstance(self.bf16, bool):
-            raise EncdiffError(f"config field 'bf16' = {self.bf16!r}: expected true, false or null")
-        if self.channels not in (1, 3) or isinstance(self.channels, bool):
-            raise EncdiffError(f"config field 'channels' = {self.channels!r}: expected 1 or 3")
-        choice("lr_schedule", ("constant", "cosine", "inv_sqrt"))
-        choice("backbone", ("unet", "edm2"))
+            check_bool(getattr(self, name), name)
+        check_bool(self.bf16, "bf16", optional=True)
+        check_field(self.channels in (1, 3) and not isinstance(self.channels, bool), "channels", self.channels,
+                    "1 or 3")
+        check_choice(self.lr_schedule, "lr_schedule", LR_SCHEDULES)
+        check_choice(self.backbone, "backbone", tuple(BACKBONES))
         if self.uncertainty and self.backbone != "edm2":
             raise EncdiffError("config field 'uncertainty' = true needs backbone = \"edm2\" (its u(sigma) head)")
-        choice("recon_loss", ("l1", "l2"))
-        choice("denoiser", ("edm", "vp"))
-        choice("prediction", ("epsilon", "v", "x0"))
-        choice("noise_level", tuple(NOISE_LEVELS))
-        choice("weighting", tuple(LOSS_WEIGHTS))
-        choice("train_schedule", tuple(TRAIN_SCHEDULES))
-        choice("solver", ("heun", "euler"))
+        check_choice(self.recon_loss, "recon_loss", tuple(RECON_LOSSES))
+        check_choice(self.denoiser, "denoiser", TRAINED_KINDS)
+        check_choice(self.prediction, "prediction", PREDICTIONS)
+        check_choice(self.noise_level, "noise_level", tuple(NOISE_LEVELS))
+        check_choice(self.weighting, "weighting", tuple(LOSS_WEIGHTS))
+        check_choice(self.train_schedule, "train_schedule", tuple(TRAIN_SCHEDULES))
+        check_choice(self.solver, "solver", SOLVERS)
         if self.decoder_only and not self.init:
             raise EncdiffError("config field 'decoder_only' = true needs 'init': the autoencoder whose decoder "
                                "is fine-tuned (--init MODEL)")
         if self.init and (self.model or self.model_overrides):
             raise EncdiffError(f"config fields 'init' = {self.init!r} and 'model' = {self.model!r} / "
                                "'model_overrides': give one (the init folder's config is the model's)")
+
+
+def is_adam_beta(v: Any) -> bool:
+    """numbers in [0, 1)"""
+    return is_finite_number(v) and 0 <= v < 1
 
 
 # Named training setups: the resolved config of every run is saved beside it.
