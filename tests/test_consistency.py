@@ -18,11 +18,10 @@ from safetensors.torch import load_file
 
 from conftest import colour_classes, randomize_
 from encdiff import EncdiffError, UNet
-from encdiff.consistency import (distillation_grid, distillation_loss, interval_probabilities, ode_step,
-                                 pseudo_huber)
+from encdiff.consistency import distillation_grid, distillation_loss, interval_probabilities, pseudo_huber
 from encdiff.denoiser import ConsistencyDenoiser, EDMDenoiser, GaussianDenoiser
 from encdiff.pipeline import DenoiserSpec, Generator, Sampling
-from encdiff.samplers import sample_consistency
+from encdiff.samplers import ode_step, sample_consistency
 from encdiff.schedules import get_sigmas
 from encdiff.training import TrainConfig, stage_fields, train_consistency
 from encdiff.unet import UNetConfig
@@ -100,7 +99,7 @@ def test_the_teacher_steps_have_their_order_local_error_h2_euler_h3_heun():
     def local_error(solver: str, h: float) -> float:
         sigma, sigma_next = torch.full((8,), 2.0, dtype=torch.float64), torch.full((8,), 2.0 - h, dtype=torch.float64)
         exact = teacher.ode_solution(x, 2.0, 2.0 - h)
-        return (ode_step(teacher, x, sigma, sigma_next, None, solver) - exact).abs().max().item()
+        return (ode_step(teacher, x, sigma, sigma_next, None, solver)[0] - exact).abs().max().item()
 
     for solver, order in (("euler", 2), ("heun", 3)):
         ratio = local_error(solver, 0.2) / local_error(solver, 0.1)

@@ -28,6 +28,7 @@ import torch
 
 from .denoiser import GuidedDenoiser, _per_image, drop_labels
 from .errors import EncdiffError, lookup
+from .samplers import ODE_SOLVERS, ode_step
 from .schedules import sigmas_karras
 
 
@@ -56,20 +57,6 @@ def interval_probabilities(grid: torch.Tensor, p_mean: float, p_std: float) -> t
     return p / p.sum()
 
 
-def ode_step(teacher, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, class_labels, solver: str):
-    """One step of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (EDM eqs. 1, 3) from sigma to
-    sigma_next > 0, per image (sigma of shape (B,)): Euler, or Heun's trapezoidal correction (EDM Alg. 1)."""
-    d = (x - teacher(x, sigma, class_labels)) / _per_image(sigma, x)
-    h = _per_image(sigma_next - sigma, x)
-    x_euler = x + h * d
-    if solver == "euler":
-        return x_euler
-    d_next = (x_euler - teacher(x_euler, sigma_next, class_labels)) / _per_image(sigma_next, x)
-    return x + h * (d + d_next) / 2
-
-
-SOLVERS = ("heun", "euler")
-
 
 def distillation_loss(student, teacher, x0: torch.Tensor, generator: torch.Generator, grid: torch.Tensor,
                       probabilities: torch.Tensor, *, class_labels=None, guidance_scale: float | None = None,
@@ -84,7 +71,7 @@ def distillation_loss(student, teacher, x0: torch.Tensor, generator: torch.Gener
     generates without a class. `shard = (rank, world_size)` as in denoiser.training_loss: every rank draws the
     whole global batch's randomness and keeps its rows, so K processes equal one.
     """
-    lookup(dict.fromkeys(SOLVERS), solver, "ODE solver")
+    lookup(dict.fromkeys(ODE_SOLVERS), solver, "ODE solver")
     rank, world_size = shard
     B = x0.shape[0] * world_size
     if label_dropout:
@@ -98,7 +85,7 @@ def distillation_loss(student, teacher, x0: torch.Tensor, generator: torch.Gener
     x_next = x0 + _per_image(sigma_next, x0) * z
     guided = (GuidedDenoiser(teacher, guidance_scale) if guidance_scale not in (None, 1) else teacher)
     with torch.no_grad():
-        x_hat = ode_step(guided, x_next, sigma_next, sigma, class_labels, solver)
+        x_hat, _ = ode_step(guided, x_next, sigma_next, sigma, class_labels, solver)
         target_f = (target or student)(x_hat, sigma, class_labels)
     f = student(x_next, sigma_next, class_labels, net=net)
     weight = (1 / (sigma_next - sigma)).to(torch.float32)

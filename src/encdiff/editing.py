@@ -29,8 +29,7 @@ import torch
 
 from .denoiser import GuidedDenoiser
 from .errors import EncdiffError, check_int, check_number, count
-from .samplers import draws_fresh_noise, generate, noise
-from .schedules import get_sigmas
+from .samplers import draws_fresh_noise, generate, noise, ode_step
 
 ODE_SAMPLERS = ("euler", "ddim", "heun")  # deterministic one-step methods: inversion and RePaint steps use them
 # Inversion's own ODE settings: an exact inverse needs a one-step method (a multistep solver's step depends on the
@@ -213,13 +212,14 @@ def invert(generator, images: torch.Tensor, class_labels: torch.Tensor | None = 
                            f"not {sampler!r}")
     with torch.inference_mode():
         z0 = generator.encode(images).double()
-        sigmas = get_sigmas(schedule, steps, generator.denoiser)
+        sigmas = generator.settings(None, sampler=sampler, steps=steps, schedule=schedule).grid(generator.denoiser)
         # Upwards over the levels the sampler walks down, starting at the smallest non-zero one: the ODE's slope is
         # undefined at 0, and at sigma_min (0.002) the clean latent is already the state to within its precision.
         upward = (sigmas[:-1] if sigmas[-1] == 0 else sigmas).flip(0)
         x = z0
         for sigma, sigma_next in zip(upward[:-1].tolist(), upward[1:].tolist()):
-            x_next = _ode_step(generator.denoiser, x, sigma, sigma_next, class_labels, heun=sampler == "heun")
+            x_next, _ = ode_step(generator.denoiser, x, sigma, sigma_next, class_labels,
+                                 "heun" if sampler == "heun" else "euler")
             for _ in range(iterations if sampler != "heun" else 0):
                 x_next = x + (sigma_next - sigma) * (x_next - generator.denoiser(x_next, sigma_next, class_labels)) / sigma_next
             x = x_next
@@ -239,19 +239,9 @@ def regenerate_latents(generator, noise_latents: torch.Tensor, class_labels: tor
                        guidance_scale: float | None = None) -> torch.Tensor:
     """Inverted noise -> latents, in float64 (the ODE is integrated in the precision `invert` used)."""
     with torch.inference_mode():
-        sigmas = get_sigmas(schedule, steps, generator.denoiser)
+        sigmas = generator.settings(class_labels, sampler=sampler, steps=steps, schedule=schedule).grid(generator.denoiser)
         return generate(generator.denoiser, noise_latents.shape, None, sampler=sampler, steps=steps, sigmas=sigmas,
                         class_labels=class_labels, guidance_scale=guidance_scale, x=noise_latents.double()).float()
-
-
-def _ode_step(denoiser, x, sigma, sigma_next, class_labels, heun: bool):
-    """One step of dx/dsigma = (x - D(x; sigma)) / sigma (EDM eq. 3): Euler, or Heun's trapezoidal correction."""
-    d = (x - denoiser(x, sigma, class_labels)) / sigma
-    x_next = x + (sigma_next - sigma) * d
-    if heun:
-        d_next = (x_next - denoiser(x_next, sigma_next, class_labels)) / sigma_next
-        x_next = x + (sigma_next - sigma) * (d + d_next) / 2
-    return x_next
 
 
 def interpolate_seeds(generator, seeds: tuple[int, int], frames: int, class_labels: torch.Tensor | None = None,

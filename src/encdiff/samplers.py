@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from encdiff.denoiser import GuidedDenoiser
+from encdiff.denoiser import GuidedDenoiser, _per_image
 from encdiff.errors import EncdiffError, count, lookup
 from encdiff.schedules import get_sigmas
 
@@ -76,13 +76,30 @@ def ancestral_step(sigma, sigma_next, eta=1.0):
     return sigma_down, sigma_up
 
 
+ODE_SOLVERS = ("heun", "euler")  # ode_step's solvers
+
+
+def ode_step(denoiser, x, sigma, sigma_next, class_labels=None, solver="euler"):
+    """One step of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (EDM eqs. 1, 3) from sigma to
+    sigma_next > 0: Euler, or Heun's trapezoidal correction with the slope at sigma_next (EDM Alg. 1, lines 5-8).
+    The one step of the samplers, of distillation's teacher and of inversion (which walks it upwards). sigma and
+    sigma_next are numbers, or (B,) tensors of per-image levels. Returns (x_next, D(x; sigma))."""
+    per_image = lambda s: _per_image(s, x) if torch.is_tensor(s) else s  # noqa: E731
+    denoised = denoiser(x, sigma, class_labels)
+    d = (x - denoised) / per_image(sigma)
+    h = per_image(sigma_next - sigma)
+    x_next = x + h * d
+    if solver == "heun":
+        d_next = (x_next - denoiser(x_next, sigma_next, class_labels)) / per_image(sigma_next)
+        x_next = x + h * (d + d_next) / 2
+    return x_next, denoised
+
+
 def sample_euler(denoiser, x, sigmas, class_labels=None, generator=None, callback=None):
     """Euler's method on the probability-flow ODE (EDM, Karras et al. 2022, Alg. 1 without its correction); order 1."""
     sigmas = _check_sigmas(sigmas, x)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        denoised = denoiser(x, sigma, class_labels)
-        d = (x - denoised) / sigma  # EDM eqs. 1, 3: dx/dsigma = (x - D(x; sigma)) / sigma
-        x = x + (sigma_next - sigma) * d
+        x, denoised = ode_step(denoiser, x, sigma, sigma_next, class_labels, "euler")
         if callback is not None:
             callback(i, sigma, x, denoised)
     return x
@@ -105,16 +122,10 @@ def sample_heun(
         sigma_hat = sigma * (1 + gamma)
         if gamma > 0:
             x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * noise(x.shape, generator, x.dtype, x.device)
-        # Lines 7-8: Euler step from sigma_hat to sigma_next.
-        denoised = denoiser(x, sigma_hat, class_labels)
-        d = (x - denoised) / sigma_hat
-        x_next = x + (sigma_next - sigma_hat) * d
-        # Lines 9-11: trapezoidal correction with the slope at sigma_next (skipped at sigma_next = 0).
-        if sigma_next != 0:
-            denoised_next = denoiser(x_next, sigma_next, class_labels)
-            d_next = (x_next - denoised_next) / sigma_next
-            x_next = x + (sigma_next - sigma_hat) * (d + d_next) / 2
-        x = x_next
+        # Lines 7-11: Euler step from sigma_hat to sigma_next and the trapezoidal correction with the slope at
+        # sigma_next, skipped at sigma_next = 0.
+        x, denoised = ode_step(denoiser, x, sigma_hat, sigma_next, class_labels,
+                               "heun" if sigma_next != 0 else "euler")
         if callback is not None:
             callback(i, sigma, x, denoised)
     return x

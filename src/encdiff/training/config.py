@@ -12,7 +12,6 @@ from typing import Any
 
 from ..autoencoder_loss import RECON_LOSSES
 from ..backbones import BACKBONES
-from ..consistency import SOLVERS
 from ..data import ImageDataset
 from ..denoiser import LOSS_WEIGHTS, NOISE_LEVELS, PREDICTIONS
 from ..errors import (EncdiffError, check_bool, check_choice, check_field, check_int, check_number, check_tuple,
@@ -20,6 +19,7 @@ from ..errors import (EncdiffError, check_bool, check_choice, check_field, check
 from ..phema import check_sigma_rel
 from ..pipeline import TRAINED_KINDS
 from ..presets import AUTOENCODERS, MP_UNETS, UNETS, preset
+from ..samplers import ODE_SOLVERS
 from ..schedules import TRAIN_SCHEDULES
 
 
@@ -136,7 +136,7 @@ class TrainConfig:
         check_choice(self.noise_level, "noise_level", tuple(NOISE_LEVELS))
         check_choice(self.weighting, "weighting", tuple(LOSS_WEIGHTS))
         check_choice(self.train_schedule, "train_schedule", tuple(TRAIN_SCHEDULES))
-        check_choice(self.solver, "solver", SOLVERS)
+        check_choice(self.solver, "solver", ODE_SOLVERS)
         if self.decoder_only and not self.init:
             raise EncdiffError("config field 'decoder_only' = true needs 'init': the autoencoder whose decoder "
                                "is fine-tuned (--init MODEL)")
