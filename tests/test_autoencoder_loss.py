@@ -128,6 +128,7 @@ def test_autoencoder_training_never_uses_the_evaluation_feature_net(image_folder
     """Training against the network that measures FID would make every FID meaningless: every way into the
     feature net raises during a stage-1 run with every term of the objective switched on."""
     import encdiff.featurenet as featurenet
+    import encdiff.inception as inception
 
     def refuse(*args, **kwargs):
         raise AssertionError("the autoencoder's training path used the evaluation feature net")
@@ -135,12 +136,15 @@ def test_autoencoder_training_never_uses_the_evaluation_feature_net(image_folder
     monkeypatch.setattr(featurenet.FeatureNet, "forward", refuse)
     monkeypatch.setattr(featurenet.FeatureNet, "__init__", refuse)
     monkeypatch.setattr(featurenet.FeatureNet, "load", refuse)
-    monkeypatch.setattr(featurenet, "load_inception", refuse)
+    monkeypatch.setattr(inception, "load_inception", refuse)
+    monkeypatch.setattr(inception.FIDInceptionV3, "__init__", refuse)
+    monkeypatch.setattr(inception.FIDInceptionV3, "forward", refuse)
     config = TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "run"), model="tiny", steps=3,
                          checkpoint_every=3, **{**COMMON, **GAN, "sample_every": 3})
     train_autoencoder(config)
     source = (Path(SRC) / "encdiff" / "autoencoder_loss.py").read_text()
-    assert "featurenet" not in source.replace("feature net", "").split('"""', 2)[2]
+    code = source.replace("feature net", "").split('"""', 2)[2]
+    assert "featurenet" not in code and "inception" not in code.lower()
 
 
 def test_decoder_only_fine_tune_keeps_the_latent_space_bit_for_bit(image_folder, base_autoencoder, tmp_path):

@@ -12,10 +12,9 @@ import torch
 from conftest import extract_cifar_subset, needs_cifar
 
 from encdiff.errors import EncdiffError
-from encdiff.evaluate import (ReferenceStats, add_noise, bits_per_dim, compare_features,
-                              discretized_gaussian_log_likelihood, gaussian_blur,
-                              frechet_distance, gaussian_stats, kid, precision_recall, psnr_ssim, reference_stats,
-                              write_report)
+from encdiff.evaluate import ReferenceStats, add_noise, compare_features, gaussian_blur, reference_stats, write_report
+from encdiff.metrics import (bits_per_dim, discretized_gaussian_log_likelihood, frechet_distance, gaussian_stats, kid,
+                             precision_recall, psnr_ssim)
 
 
 # --- FID / KID on constructed features ----------------------------------------------------------------

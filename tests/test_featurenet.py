@@ -8,8 +8,8 @@ import torch
 
 from encdiff import cli
 from encdiff.errors import EncdiffError
-from encdiff.featurenet import (FeatureNet, FeatureNetConfig, FeatureNetTraining, FIDInceptionV3, augment,
-                                load_inception, shipped_weights_path, train_feature_net)
+from encdiff.featurenet import FeatureNet, FeatureNetConfig, FeatureNetTraining, augment, shipped_weights_path, train_feature_net
+from encdiff.inception import FIDInceptionV3, load_inception
 
 TINY = FeatureNetConfig(widths=(4, 8, 8, 16), num_classes=3, class_names=("a", "b", "c"))
 QUICK = FeatureNetTraining(epochs=2, batch_size=16, bf16=False, eval_every=1)

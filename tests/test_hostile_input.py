@@ -279,7 +279,7 @@ def test_eval_skips_a_decompression_bomb_in_a_folder(tmp_path):
 def test_a_pickled_inception_file_is_refused_without_relaying_torchs_allowlist_advice(tmp_path):
     import functools
 
-    from encdiff.featurenet import load_inception
+    from encdiff.inception import load_inception
 
     path = tmp_path / "pt_inception.pth"
     torch.save({"weights": functools.partial(print, "ran")}, path)  # a pickled callable, not a tensor
