@@ -1,0 +1,141 @@
+"""The commands around a model: serve, set-autoencoder, info, eval."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import EncdiffError
+from .flags import generator_of, in_range
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ipaddress
+
+    try:
+        from ..server import ServerLimits, serve
+        import fastapi  # noqa: F401  (the serve extra)
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise EncdiffError(f"encdiff serve needs FastAPI and uvicorn ({e.name} is missing): "
+                           "pip install 'encdiff[serve]'") from None
+    if not 0 < args.port < 65536:
+        raise EncdiffError(f"--port {args.port}: expected 1..65535")
+    limits = ServerLimits(max_images=args.max_images, max_steps=args.max_steps, queue_size=args.queue_size)
+    for field in ("max_images", "max_steps", "queue_size"):
+        if getattr(limits, field) < 1:
+            raise EncdiffError(f"--{field.replace('_', '-')} {getattr(limits, field)}: expected at least 1")
+    generator = generator_of(args)
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        raise EncdiffError(f"--host {args.host}: expected an IP address to bind (127.0.0.1, ::1, 0.0.0.0, ...)") from None
+    if not loopback:
+        print(f"encdiff: serving on {args.host}, reachable from other machines: anyone who can reach it can use "
+              "this CPU/GPU; add --allowed-host NAME for each host name clients use", file=sys.stderr)
+    serve(generator, args.host, args.port, limits, tuple(args.allowed_host or ()))
+    return 0
+
+
+def cmd_set_autoencoder(args: argparse.Namespace) -> int:
+    from ..autoencoder import Autoencoder
+    from ..pipeline import Generator
+
+    generator = Generator.from_pretrained(args.generator)
+    try:
+        updated = generator.with_autoencoder(Autoencoder.from_pretrained(args.autoencoder))
+    except EncdiffError as e:
+        raise EncdiffError(f"{args.autoencoder}: {e}") from None
+    out = Path(args.out or args.generator)
+    updated.save_pretrained(out, dtype=torch.float16 if args.half else None)
+    print(f"wrote {out} with the decoder of {args.autoencoder}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ..checkpoint import folder_kind
+    from ..pipeline import Generator, bundled_path
+    from ..training.state import latest_training_state, load_training_state
+
+    path = Path(args.path) if args.path else bundled_path()
+    kind = folder_kind(path)
+    if kind == "generator":
+        # Loaded, not read raw: info vouches for exactly what `sample` and `eval` accept, with the same message.
+        generator = Generator.from_pretrained(path)
+        print(f"{path}: generator ({'latent' if generator.downsample_factor > 1 else 'pixel'} diffusion), denoiser "
+              f"{generator.spec.kind}, classes: {', '.join(generator.class_names) or 'none'}")
+        s = generator.sampling
+        print(f"  sampling: {s.sampler}, {s.steps} steps"
+              + (f" at noise levels {list(s.sigmas)}" if s.sigmas else f", {s.schedule} schedule")
+              + (f", guidance {s.guidance_scale}" if s.guidance_scale else ""))
+        if generator.distillation:
+            d = generator.distillation
+            print(f"  distilled: guidance {d.get('guidance_scale')} built in, {d.get('images')} images, "
+                  f"{d.get('intervals')} intervals, {d.get('solver')} teacher steps")
+        for sub in ("unet", "autoencoder"):
+            if (path / sub).is_dir():
+                _describe_model(path / sub)
+        return 0
+    if kind == "run":
+        latest = latest_training_state(path)
+        if latest is None:
+            print(f"{path}: run folder without a complete checkpoint")
+            return 0
+        _, meta = load_training_state(latest)
+        print(f"{path}: {meta['stage']} run, step {meta['step']} of {meta['config']['steps']}, "
+              f"{meta['images_seen']} images seen, latest checkpoint {latest.name}")
+        # Evaluation rows carry metrics, not the loss: the last row that has one.
+        losses = [row for row in meta["history"] if "loss" in row]
+        if losses:
+            print(f"  last logged loss {losses[-1]['loss']:.4f} (step {losses[-1]['step']})")
+        evals = [row for row in meta["history"] if "fid" in row]
+        if evals:
+            print(f"  last evaluation: FID {evals[-1]['fid']:.2f} (step {evals[-1]['step']})")
+        print(f"  finished model: {path / 'model'}" if (path / "model").is_dir() else "  not finished")
+        return 0
+    if kind is not None:
+        _describe_model(path)
+        return 0
+    raise EncdiffError(f"{path}: neither a model folder, a generator folder nor a run folder")
+
+
+def _describe_model(folder: Path) -> None:
+    from ..autoencoder import Autoencoder
+    from ..checkpoint import CONFIG, read_json
+    from ..backbones import BACKBONES, CLASS_NAMES
+
+    raw = read_json(folder / CONFIG)
+    name = raw.get("encdiff_class") or raw.get("_class_name")
+    cls = {"Autoencoder": Autoencoder, "AutoencoderKL": Autoencoder,
+           **{n: BACKBONES[b] for n, b in CLASS_NAMES.items()}}.get(name)
+    if cls is None:
+        raise EncdiffError(f"{folder / CONFIG}: not an encdiff or diffusers model config")
+    config, weights = cls.verify(folder)  # the weights are there, safetensors, and match their recorded hash
+    fmt = "diffusers" if "_class_name" in raw else "encdiff"
+    print(f"{folder}: {cls.__name__} ({fmt} format, weights {weights.name})")
+    for key, value in dataclasses.asdict(config).items():
+        print(f"  {key}: {value}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..evaluate import EvalRequest, run_evaluation
+
+    for flag, value, minimum in (("--num", args.num, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--kid-subsets", args.kid_subsets, 1), ("--kid-subset-size", args.kid_subset_size, 2),
+                                 ("--k", args.k, 1), ("--bpd-images", args.bpd_images, 1),
+                                 ("--reference-num", args.reference_num, 1), ("--steps", args.steps, 1),
+                                 ("--resolution", args.resolution, 1), ("--bpd-timesteps", args.bpd_timesteps, 1)):
+        in_range(value, flag, minimum)
+    in_range(args.seed, "--seed", 0, 2**63 - args.num)
+    in_range(args.resolution, "--resolution", 1, 4096)
+    if args.out and Path(args.out).is_file():
+        raise EncdiffError(f"--out {args.out}: is a file; give a folder for metrics.json and metrics.md")
+    request = EvalRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalRequest)})
+    json_path, md_path = run_evaluation(request)
+    print(md_path.read_text())
+    print(f"wrote {json_path} and {md_path}")
+    return 0

@@ -1,0 +1,105 @@
+"""The commands that train and export: train-autoencoder, train, distill, export, posthoc-ema, train-feature-net."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import EncdiffError
+from .flags import check_writable_folder, train_overrides
+
+
+def cmd_train(args: argparse.Namespace, stage: str) -> int:
+    from ..training.state import latest_training_state
+    from ..training import train_autoencoder, train_consistency, train_diffusion
+    from ..training.config import check_model_name, config_to_json, load_config
+
+    if not Path(args.data).is_dir():
+        raise EncdiffError(f"{args.data}: " + ("a file, not a folder" if Path(args.data).exists() else "no such folder")
+                           + "; give the image folder to train on")
+    if stage == "diffusion" and bool(args.autoencoder) == bool(args.pixel):
+        raise EncdiffError("give exactly one of --autoencoder MODEL (latent diffusion) or --pixel")
+    config = load_config(args.config, args.preset, stage, train_overrides(args, stage))
+    if stage != "consistency" and not config.model and not config.init:
+        raise EncdiffError("no model: pass --model NAME or --preset NAME" +
+                           (" (or --init AUTOENCODER to start from one)" if stage == "autoencoder" else ""))
+    check_model_name(config, stage)  # a dry run shows only a config that would train
+    check_writable_folder(Path(config.run_dir), "--run-dir")
+    if args.dry_run:
+        print(json.dumps({"stage": stage, **config_to_json(config)}, indent=2))
+        return 0
+    if args.resume and latest_training_state(config.run_dir) is None:
+        raise EncdiffError(f"--resume: no complete checkpoint in {config.run_dir}")
+    train = {"autoencoder": train_autoencoder, "diffusion": train_diffusion, "consistency": train_consistency}[stage]
+    out = train(config)
+    print(out)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..training import export_run
+
+    sampling = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("guidance_scale", args.guidance),
+                                  ("sigmas", args.sigmas), ("guidance_interval", args.guidance_interval))
+                if v is not None}
+    if args.sigmas is not None and args.steps is None:
+        sampling["steps"] = len(args.sigmas)
+    out = export_run(args.run, args.out, diffusers=args.diffusers, dtype=torch.float16 if args.half else None,
+                     sampling=sampling, sigma_rel=args.sigma_rel)
+    what = "EMA" if args.sigma_rel is None else f"post-hoc EMA (sigma_rel {args.sigma_rel})"
+    print(f"exported the {what} weights of {args.run} to {out}")
+    return 0
+
+
+def cmd_posthoc_ema(args: argparse.Namespace) -> int:
+    """One model folder per sigma_rel, reconstructed from the run's snapshots (EDM2 sec. 3)."""
+    from ..phema import check_sigma_rel, snapshots
+    from ..training import export_run
+
+    for value in args.sigma_rel:
+        check_sigma_rel(value, "--sigma-rel")
+    if not snapshots(args.run):
+        raise EncdiffError(f"{args.run}: no post-hoc EMA snapshots (train with --phema-every N to store them)")
+    out = check_writable_folder(Path(args.out), "--out")
+    for value in args.sigma_rel:
+        folder = export_run(args.run, out / f"sigma-rel-{value:g}", dtype=torch.float16 if args.half else None,
+                            sigma_rel=value)
+        print(folder)
+    return 0
+
+
+def _split_folders(data: Path, test: str | None) -> tuple[Path, Path | None]:
+    """DATA with train/ (and test/) subfolders, or DATA itself as the training folder."""
+    if (data / "train").is_dir():
+        return data / "train", Path(test) if test else (data / "test" if (data / "test").is_dir() else None)
+    return data, Path(test) if test else None
+
+
+def cmd_train_feature_net(args: argparse.Namespace) -> int:
+    from ..data import ImageDataset
+    from ..featurenet import FeatureNetConfig, FeatureNetTraining, train_feature_net
+
+    data = Path(args.data)
+    if not data.is_dir():
+        raise EncdiffError(f"{data}: not a folder; give an image folder with class subfolders "
+                           "(or a folder holding train/ and test/ ones)")
+    train_dir, test_dir = _split_folders(data, args.test)
+    cache = args.cache_dir
+    train = ImageDataset(train_dir, 32, cache_dir=cache)
+    if train.labels is None:
+        raise EncdiffError(f"{train_dir}: no class subfolders, so no labels to train a classifier on")
+    test = ImageDataset(test_dir, 32, cache_dir=cache) if test_dir is not None else None
+    if test is not None and test.class_names != train.class_names:
+        raise EncdiffError(f"{test_dir}: classes {test.class_names} differ from {train_dir}'s {train.class_names}")
+    if args.epochs < 0 or (args.epochs == 0 and not args.init):
+        raise EncdiffError(f"--epochs {args.epochs}: expected at least 1 (or 0 together with --init FILE)")
+    settings = FeatureNetTraining(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                  bf16=args.bf16)
+    config = FeatureNetConfig(num_classes=train.num_classes, class_names=tuple(train.class_names))
+    train_feature_net(train.images, train.labels, args.out, settings, config,
+                      None if test is None else test.images, None if test is None else test.labels, init=args.init)
+    print(f"wrote {args.out}")
+    return 0
