@@ -28,6 +28,7 @@ FORMAT_VERSION = 1
 OUR_WEIGHTS = "model.safetensors"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 CONFIG = "config.json"
+CHECKPOINTS = "checkpoints"  # a training run's checkpoint folders (training/state.py) live under RUN/checkpoints/
 # The diffusers release whose folder layout `save_pretrained(..., diffusers=True)` writes.
 DIFFUSERS_FORMAT_VERSION = "0.30.0"
 
@@ -252,21 +253,3 @@ class Pretrained:
         # The config goes last: with our format, its sha256 vouches for the weights written before it.
         atomic_write_bytes(folder / CONFIG, (json.dumps(config, indent=2) + "\n").encode())
         return folder
-
-
-def folder_kind(path: str | os.PathLike) -> str | None:
-    """What a folder holds, from its marker files alone: "generator" (generator.json), "autoencoder" or "unet" (a
-    model folder, ours or diffusers'), "model" (another model's config.json), "run" (a training run's checkpoints/),
-    or None. The one place `encdiff info`, `eval` and `sample` decide what they were given."""
-    folder = Path(path)
-    if (folder / "generator.json").is_file():
-        return "generator"
-    if (folder / "checkpoints").is_dir():  # before config.json: a run folder keeps its resolved config there too
-        return "run"
-    if (folder / CONFIG).is_file():
-        raw = read_json(folder / CONFIG)
-        name = raw.get("encdiff_class") or raw.get("_class_name")
-        return {"Autoencoder": "autoencoder", "AutoencoderKL": "autoencoder", "UNet": "unet",
-                "UNet2DModel": "unet", "MPUNet": "unet"}.get(name, "model")
-    return None
-

@@ -415,7 +415,7 @@ def _single_size(folder: Path, what: str) -> int:
 
 
 def _eval_kind(path: Path) -> str:
-    from .checkpoint import folder_kind
+    from .pipeline import folder_kind
     from .data import image_files_under
 
     kind = folder_kind(path)

@@ -17,14 +17,14 @@ from typing import Any
 import torch
 
 from .autoencoder import Autoencoder, IdentityAutoencoder
-from .checkpoint import atomic_write_bytes, folder_kind, read_json, shipped_file
+from .checkpoint import CHECKPOINTS, CONFIG, atomic_write_bytes, read_json, shipped_file
 from .errors import check_choice, check_field, check_int, check_number, config_from_dict, count
 from .denoiser import PREDICTIONS, ConsistencyDenoiser, Denoiser, EDMDenoiser, VPDenoiser
 from .images import to_uint8, to_unit
 from .errors import EncdiffError
 from .samplers import SAMPLERS, generate
 from .schedules import SCHEDULES, get_alpha_bars, get_sigmas
-from .backbones import load_backbone
+from .backbones import CLASS_NAMES, load_backbone
 from .unet import UNet
 
 GENERATOR_FILE = "generator.json"
@@ -350,3 +350,21 @@ def bundled_path(student: bool = False) -> Path:
     return shipped_file(f"{BUNDLED_STUDENT if student else BUNDLED}/{GENERATOR_FILE}", "generator",
                         "pass a generator folder written by `encdiff train`, `encdiff distill` or `encdiff export`"
                         ).parent
+
+
+def folder_kind(path: str | os.PathLike) -> str | None:
+    """What a folder holds, from its marker files alone: "generator" (generator.json), "autoencoder" or "unet" (a
+    model folder, ours or diffusers'), "model" (another model's config.json), "run" (a training run's checkpoints/),
+    or None. The one place `encdiff info`, `eval` and `sample` decide what they were given."""
+    folder = Path(path)
+    if (folder / GENERATOR_FILE).is_file():
+        return "generator"
+    if (folder / CHECKPOINTS).is_dir():  # before config.json: a run folder keeps its resolved config there too
+        return "run"
+    if (folder / CONFIG).is_file():
+        raw = read_json(folder / CONFIG)
+        name = raw.get("encdiff_class") or raw.get("_class_name")
+        if name in (Autoencoder.__name__, Autoencoder.diffusers_class_name):
+            return "autoencoder"
+        return "unet" if name in CLASS_NAMES else "model"
+    return None

@@ -57,7 +57,7 @@ def cmd_set_autoencoder(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from ..checkpoint import folder_kind
+    from ..pipeline import folder_kind
     from ..pipeline import Generator, bundled_path
     from ..training.state import latest_training_state, load_training_state
 
