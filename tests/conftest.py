@@ -85,6 +85,24 @@ CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.
 _cifar_present = pytest.mark.skipif(not CIFAR.is_file(), reason=f"the CIFAR-10 copy is absent ({CIFAR})")
 
 
+EMOJI = CIFAR.parent / "emoji64.tar.gz"  # 64x64 RGBA PNGs in 9 unbalanced classes (../shared/data/README.md)
+needs_emoji = pytest.mark.skipif(not EMOJI.is_file(), reason=f"the emoji64 copy is absent ({EMOJI})")
+
+
+def extract_emoji(target: Path, n: int, seed: int = 0) -> list[Path]:
+    """A seeded random subset of n emoji64 files into target/<class>/<file> (the archive is ordered by class)."""
+    with tarfile.open(EMOJI) as archive:
+        members = [m for m in archive.getmembers() if m.isfile() and m.name.endswith(".png")]
+        chosen = sorted(random.Random(seed).sample(members, n), key=lambda m: m.offset)
+        paths = []
+        for member in chosen:
+            *_, name, filename = member.name.split("/")
+            (target / name).mkdir(parents=True, exist_ok=True)
+            (target / name / filename).write_bytes(archive.extractfile(member).read())
+            paths.append(target / name / filename)
+    return paths
+
+
 def needs_cifar(test):
     """Real CIFAR-10 images (skipped without the copy); such tests learn or measure, so they are `slow` too."""
     return pytest.mark.slow(_cifar_present(test))

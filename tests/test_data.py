@@ -18,9 +18,9 @@ from torch.utils.data import DistributedSampler
 
 import encdiff.data as data
 from encdiff import EncdiffError
-from conftest import extract_cifar_subset, needs_cifar
+from conftest import extract_cifar_subset, extract_emoji, needs_cifar, needs_emoji
 from encdiff.data import IMAGE_EXTENSIONS, BatchSampler, ImageDataset, random_flips, scan_folder
-from encdiff.images import load_image
+from encdiff.images import load_image, on_checkerboard, png_bytes
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -199,6 +199,85 @@ def test_modes_to_grayscale(tmp_path, mode):
     assert (np.abs(out[0, :, :4] - luma[0]) <= 1).all() and (np.abs(out[0, :, 4:] - luma[1]) <= 1).all()
 
 
+def transparent_image(mode: str) -> Image.Image:
+    """Left half opaque red, right half fully transparent (its colour junk: green), in an RGBA-capable mode."""
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[:, :4] = (255, 0, 0, 255)
+    rgba[:, 4:] = (0, 255, 0, 0)
+    image = Image.fromarray(rgba, "RGBA")
+    if mode == "LA":
+        return image.convert("LA")
+    if mode == "P+transparency":  # a palette PNG whose transparent pixels are one palette index
+        palette = Image.new("P", (8, 8))
+        palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+        palette.putdata([0 if x < 4 else 1 for _ in range(8) for x in range(8)])
+        palette.info["transparency"] = 1
+        return palette
+    return image
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P+transparency"])
+def test_transparency_is_kept_as_a_fourth_channel_and_transparent_pixels_are_cleared(tmp_path, mode):
+    path = save(tmp_path / "icon.png", transparent_image(mode), **({"transparency": 1} if mode == "P+transparency" else {}))
+    out = load_image(path, 8, channels=4).astype(int)
+    assert out.shape == (4, 8, 8)
+    left = (255, 0, 0, 255) if mode != "LA" else (76, 76, 76, 255)  # LA keeps red's luma
+    assert (np.abs(out[:, :, :4] - np.array(left)[:, None, None]) <= 1).all(), out[:, 0, 0]
+    assert (out[:, :, 4:] == 0).all(), out[:, 0, 7]  # (0, 0, 0, 0): the stored green is gone
+
+
+def test_transparency_is_composited_onto_the_background_without_alpha(tmp_path):
+    path = save(tmp_path / "icon.png", transparent_image("RGBA"))
+    assert (load_image(path, 8)[:, :, 4:] == 255).all()  # white by default
+    black = load_image(path, 8, background="black")
+    assert (black[:, :, 4:] == 0).all() and (black[:, :, :4] == np.array([255, 0, 0])[:, None, None]).all()
+    with pytest.raises(EncdiffError, match="background = 'sky'"):
+        load_image(path, 8, background="sky")
+
+
+def test_an_opaque_image_read_with_alpha_is_fully_opaque_and_resizing_does_not_bleed_colour(tmp_path):
+    assert (load_image(solid(tmp_path / "a.jpg", (10, 200, 30)), 8, channels=4)[3] == 255).all()
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[:, :8] = (0, 0, 255, 255)
+    rgba[:, 8:] = (255, 255, 0, 0)  # transparent yellow: must not tint the blue edge when downscaled
+    out = load_image(save(tmp_path / "edge.png", Image.fromarray(rgba, "RGBA")), 8, channels=4).astype(int)
+    visible = out[3] > 0
+    assert (out[0][visible] <= 1).all() and (out[1][visible] <= 1).all()
+
+
+def test_rgba_folders_decode_to_four_channels_and_are_cached_apart_from_the_composited_ones(tmp_path):
+    for i in range(3):
+        save(tmp_path / "data" / f"{i}.png", transparent_image("RGBA"))
+    rgba = quiet_dataset(tmp_path / "data", 8, channels=4, cache_dir=tmp_path / "cache")
+    grey = quiet_dataset(tmp_path / "data", 8, channels=3, cache_dir=tmp_path / "cache", background="#808080")
+    white = quiet_dataset(tmp_path / "data", 8, channels=3, cache_dir=tmp_path / "cache")
+    assert rgba.images.shape == (3, 4, 8, 8) and (rgba.images[:, 3, :, 4:] == 0).all()
+    assert (grey.images[:, :, :, 4:] == 128).all() and (white.images[:, :, :, 4:] == 255).all()
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+
+
+def test_grids_show_transparency_on_a_checkerboard_and_pngs_keep_it():
+    image = torch.zeros(4, 8, 8, dtype=torch.uint8)
+    image[:, :, :4] = torch.tensor([255, 0, 0, 255]).view(4, 1, 1)
+    shown = on_checkerboard(image)
+    assert shown.shape == (3, 8, 8) and (shown[:, :, :4] == torch.tensor([255, 0, 0]).view(3, 1, 1)).all()
+    assert set(shown[0, :, 4:].unique().tolist()) == {204, 255}  # the two squares' greys
+    assert torch.equal(on_checkerboard(image[:3]), image[:3])
+    with Image.open(io.BytesIO(png_bytes(image))) as reread:
+        assert reread.mode == "RGBA" and reread.getpixel((6, 0)) == (0, 0, 0, 0)
+
+
+@needs_emoji
+def test_emoji64_files_read_with_transparent_backgrounds(tmp_path):
+    paths = extract_emoji(tmp_path / "emoji", 12)
+    dataset = quiet_dataset(tmp_path / "emoji", 64, channels=4)
+    alpha = dataset.images[:, 3].float()
+    assert dataset.images.shape == (12, 4, 64, 64) and len(paths) == 12
+    # every emoji has a transparent surround and an opaque body; what is fully transparent holds no colour
+    assert ((alpha == 0).float().mean((1, 2)) > 0.05).all() and ((alpha == 255).float().mean((1, 2)) > 0.1).all()
+    assert (dataset.images[:, :3].permute(1, 0, 2, 3)[:, alpha == 0] == 0).all()
+
+
 def test_gif_first_frame(tmp_path):
     frames = [Image.new("RGB", (8, 8), color) for color in [(255, 0, 0), (0, 0, 255), (0, 255, 0)]]
     path = tmp_path / "anim.gif"
@@ -259,8 +338,8 @@ def test_unreadable_files_raise_naming_them(tmp_path):
         load_image(tmp_path / "a_empty.png", 8)
     with pytest.raises(EncdiffError, match="truncated"):
         load_image(tmp_path / "b_truncated.jpg", 8)
-    with pytest.raises(EncdiffError, match="channels = 4"):
-        load_image(solid(tmp_path / "ok.png", 0), 8, channels=4)
+    with pytest.raises(EncdiffError, match="channels = 2"):
+        load_image(solid(tmp_path / "ok.png", 0), 8, channels=2)
     with pytest.raises(EncdiffError, match="resolution = 0"):
         load_image(tmp_path / "ok.png", 0)
 

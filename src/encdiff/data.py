@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_save_tensors
 from .errors import EncdiffError, check_field, check_int, count
-from .images import UnreadableImageError, check_image_args, load_image, to_unit
+from .images import UnreadableImageError, background_rgb, check_image_args, load_image, to_unit
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
 # Bump whenever load_image's output for a given file changes, so that stale caches are never read.
@@ -125,15 +125,15 @@ def scan_folder(root: str | os.PathLike, exclude: tuple[Path, ...] = ()) -> tupl
     return files, labels, class_names
 
 
-def decode_chunk(paths: list[str], resolution: int, channels: int,
-                 strict: bool) -> tuple[np.ndarray, list[tuple[int, str]]]:
+def decode_chunk(paths: list[str], resolution: int, channels: int, strict: bool,
+                 background: str = "white") -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Decode files in order: their images (zeros where unreadable) and (position, reason) per unreadable
     file. In strict mode it stops at the first unreadable file, which fails the whole set anyway."""
     images = np.zeros((len(paths), channels, resolution, resolution), dtype=np.uint8)
     failures = []
     for i, path in enumerate(paths):
         try:
-            images[i] = load_image(path, resolution, channels)
+            images[i] = load_image(path, resolution, channels, background)
         except UnreadableImageError as e:
             failures.append((i, e.reason))
             if strict:
@@ -170,11 +170,14 @@ class ImageDataset:
 
     def __init__(self, root: str | os.PathLike, resolution: int, channels: int = 3, strict: bool = False,
                  cache_dir: str | os.PathLike | None = None, workers: int | None = None, progress: bool = True,
-                 exclude: tuple[Path, ...] = ()):
+                 exclude: tuple[Path, ...] = (), background: str = "white"):
         check_image_args(resolution, channels)
         check_int(workers, "workers", 0, optional=True, what="")
+        background_rgb(background)
         self.root = Path(root)
         self.resolution, self.channels = resolution, channels
+        # the colour transparency is composited onto when read without alpha (channels 1 or 3)
+        self.background = background
         files, labels, self.class_names = scan_folder(self.root, exclude)
         cache_path, key = self.cache_location(files, cache_dir) if cache_dir is not None else (None, None)
         self.key: str | None = key  # the data's fingerprint (files, sizes, times, decoding settings) when cached
@@ -242,7 +245,7 @@ class ImageDataset:
         starts = range(0, len(files), per_chunk)
         chunks = [[str(f) for f in files[s:s + per_chunk]] for s in starts]
         workers = min(workers, len(chunks))
-        decode = functools.partial(decode_chunk, resolution=r, channels=c, strict=strict)
+        decode = functools.partial(decode_chunk, resolution=r, channels=c, strict=strict, background=self.background)
         executor = None
         if workers > 1:
             executor = ProcessPoolExecutor(workers, mp_context=process_context())
@@ -273,6 +276,8 @@ class ImageDataset:
         self._changes = hashlib.sha256(json.dumps(changes, separators=(",", ":")).encode()).hexdigest()
         identity = {"decode_version": DECODE_VERSION, "resolution": self.resolution, "channels": self.channels,
                     "files": listing}
+        if self.channels != 4 and self.background != "white":  # white: the caches written before the choice existed
+            identity["background"] = self.background
         key = hashlib.sha256(json.dumps(identity, separators=(",", ":")).encode()).hexdigest()
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", self.root.resolve().name) or "images"
         return Path(cache_dir) / f"{name}-{self.resolution}px-{self.channels}ch-{key[:16]}.safetensors", key

@@ -96,6 +96,9 @@ class FeatureNet(nn.Module):
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] == 4:  # RGBA: seen as it is shown on white, as images read without alpha are
+            alpha = (x[:, 3:] + 1) / 2
+            x = x[:, :3] * alpha + (1 - alpha)
         r = self.config.resolution
         if x.shape[-2:] != (r, r):
             x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True)

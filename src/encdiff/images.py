@@ -1,5 +1,10 @@
 """Images in and out: one pixel convention (uint8 <-> float in [-1, 1]), files read with the training rule (any
 mode, EXIF orientation, shorter side resized with Lanczos, centre crop), PNGs written, and grids.
+
+Channels: 1 (grayscale), 3 (RGB) or 4 (RGBA, straight alpha). Read without alpha, a transparent image is composited
+onto a background colour; read with it, fully transparent pixels are (0, 0, 0, 0) whatever colour the file stored
+there (invisible, and a constant keeps a network from learning noise), and resizing is premultiplied (PIL), so no
+colour bleeds in from transparent pixels.
 """
 
 from __future__ import annotations
@@ -10,11 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
 from .errors import EncdiffError, check_field, check_int
 
 EXIF_ORIENTATION = 0x0112
+MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # the channel counts an image is read with, and their PIL modes
+CHECKER = (204, 255)  # the two greys, and the square size below, that show transparency in grids
+CHECKER_SQUARE = 4
 
 
 def to_unit(pixels: torch.Tensor) -> torch.Tensor:
@@ -37,8 +45,22 @@ class UnreadableImageError(EncdiffError):
 
 def check_image_args(resolution: int, channels: int) -> None:
     check_int(resolution, "resolution", 1, what="")
-    check_field(channels in (1, 3) and not isinstance(channels, bool), "channels", channels,
-                "1 (grayscale) or 3 (RGB)", what="")
+    check_field(channels in MODES and not isinstance(channels, bool), "channels", channels,
+                "1 (grayscale), 3 (RGB) or 4 (RGBA)", what="")
+
+
+def background_rgb(colour: str) -> tuple[int, int, int]:
+    """A colour name or #rrggbb (PIL's names: "white", "black", "#808080", ...) as an RGB triple."""
+    try:
+        return ImageColor.getrgb(colour)[:3]
+    except (ValueError, AttributeError, TypeError):
+        raise EncdiffError(f"background = {colour!r}: expected a colour name or #rrggbb (white, black, #808080, ...)") \
+            from None
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Whether an image carries transparency: an alpha band, or a palette/grayscale transparency entry."""
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
 
 
 def high_depth_to_8bit(image: Image.Image) -> Image.Image:
@@ -56,14 +78,17 @@ def high_depth_to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(values * (255.0 / top)).clip(0, 255).astype(np.uint8), "L")
 
 
-def to_8bit(image: Image.Image, channels: int) -> Image.Image:
-    """Any PIL mode as "RGB" (channels=3) or "L" (channels=1); transparent pixels are composited on white."""
+def to_8bit(image: Image.Image, channels: int, background: str = "white") -> Image.Image:
+    """Any PIL mode as "L", "RGB" or "RGBA" (MODES[channels]). Without an alpha channel, transparent pixels are
+    composited onto `background`; with one, an opaque image gets alpha 255."""
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         image = high_depth_to_8bit(image)
-    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
+    if channels == 4:
+        return image.convert("RGBA")
+    if has_alpha(image):
         rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert("RGB" if channels == 3 else "L")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background_rgb(background), 255)), rgba)
+    return image.convert(MODES[channels])
 
 
 def upright(image: Image.Image) -> Image.Image:
@@ -77,12 +102,13 @@ def upright(image: Image.Image) -> Image.Image:
     return image
 
 
-def load_image(path: str | os.PathLike, resolution: int, channels: int = 3) -> np.ndarray:
+def load_image(path: str | os.PathLike, resolution: int, channels: int = 3, background: str = "white") -> np.ndarray:
     """Decode an image file (its first frame) to uint8 (channels, resolution, resolution).
 
-    EXIF orientation is applied, any mode is converted (see `to_8bit`), the shorter side is resized to
-    `resolution` with Lanczos (antialiased; no resampling when it already has that size), and the centre is
-    cropped (an odd leftover pixel goes to the right or bottom). An unreadable file raises EncdiffError.
+    EXIF orientation is applied, any mode is converted (see `to_8bit`; `background` is the colour transparency is
+    composited onto without alpha), the shorter side is resized to `resolution` with Lanczos (antialiased; no
+    resampling when it already has that size), and the centre is cropped (an odd leftover pixel goes to the right
+    or bottom). An unreadable file raises EncdiffError.
     """
     check_image_args(resolution, channels)
     path = Path(path)
@@ -93,7 +119,7 @@ def load_image(path: str | os.PathLike, resolution: int, channels: int = 3) -> n
         # plugin raise any exception type. Truncated files fail in load() (LOAD_TRUNCATED_IMAGES stays off).
         with Image.open(path) as image:
             image.load()
-            image = to_8bit(upright(image), channels)
+            image = to_8bit(upright(image), channels, background)
     except EncdiffError:
         raise
     except UnidentifiedImageError:
@@ -101,7 +127,9 @@ def load_image(path: str | os.PathLike, resolution: int, channels: int = 3) -> n
     except Exception as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
         raise UnreadableImageError(path, f"not a readable image ({reason})") from None
-    array = np.asarray(fit(image, resolution), dtype=np.uint8)
+    array = np.array(fit(image, resolution), dtype=np.uint8)
+    if channels == 4:
+        array[array[:, :, 3] == 0] = 0  # fully transparent: (0, 0, 0, 0), whatever colour the file kept there
     return np.ascontiguousarray(array[None] if channels == 1 else array.transpose(2, 0, 1))
 
 
@@ -128,14 +156,26 @@ def image_grid(images: torch.Tensor, rows: int) -> torch.Tensor:
     return grid
 
 
+def on_checkerboard(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 4, H, W) RGBA -> (..., 3, H, W) RGB over a grey checkerboard, the way image editors show
+    transparency (for grids people look at); other channel counts are returned as they are."""
+    if images.shape[-3] != 4:
+        return images
+    H, W = images.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    board = torch.where(((ys // CHECKER_SQUARE + xs // CHECKER_SQUARE) % 2) == 0, *[torch.tensor(float(v)) for v in CHECKER])
+    rgb, alpha = images[..., :3, :, :].float(), images[..., 3:, :, :].float() / 255
+    return (rgb * alpha + board * (1 - alpha)).round().to(torch.uint8)
+
+
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> None:
-    """uint8 (C, H, W) with C = 1 or 3 -> PNG file."""
+    """uint8 (C, H, W) with C = 1, 3 or 4 (RGBA, transparency kept) -> PNG file."""
     array = image.permute(1, 2, 0).numpy()
     Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
 
 
 def png_bytes(image: torch.Tensor) -> bytes:
-    """uint8 (C, H, W) with C = 1 or 3 -> the bytes of a PNG file."""
+    """uint8 (C, H, W) with C = 1, 3 or 4 -> the bytes of a PNG file."""
     array = image.permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
     Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format="PNG")

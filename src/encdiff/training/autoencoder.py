@@ -12,7 +12,7 @@ import torch
 from ..autoencoder import Autoencoder, AutoencoderConfig
 from ..autoencoder_loss import AutoencoderObjective, DiscriminatorConfig, PatchDiscriminator
 from ..errors import EncdiffError
-from ..images import image_grid, save_png, to_uint8
+from ..images import image_grid, on_checkerboard, save_png, to_uint8
 from ..presets import AUTOENCODERS, preset
 from .config import TrainConfig, model_config
 from .latents import measure_latent_statistics
@@ -81,7 +81,7 @@ def _train_autoencoder(config: TrainConfig) -> Path:
         with torch.inference_mode():
             out = run.ema.model.decode(run.ema.model.encode(preview.to(dist_.device))).clamp(-1, 1).cpu()
         pairs = torch.stack([preview, out], 1).flatten(0, 1)  # original | reconstruction, side by side
-        save_png(image_grid(to_uint8(pairs), rows=len(preview) // 2),
+        save_png(image_grid(on_checkerboard(to_uint8(pairs)), rows=len(preview) // 2),
                  run.dir / f"reconstructions-{run.step:08d}.png")
 
     train_loop(run, Recipe(batch=dataset.batch, loss=loss, sample=sample))

@@ -16,6 +16,7 @@ from ..data import ImageDataset
 from ..denoiser import LOSS_WEIGHTS, NOISE_LEVELS, PREDICTIONS
 from ..errors import (EncdiffError, check_bool, check_choice, check_field, check_int, check_number, check_tuple,
                       config_from_dict, is_finite_number)
+from ..images import MODES, background_rgb
 from ..phema import check_sigma_rel
 from ..pipeline import TRAINED_KINDS
 from ..presets import AUTOENCODERS, MP_UNETS, UNETS, preset
@@ -32,7 +33,8 @@ class TrainConfig:
     data: str = ""  # image folder: class subfolders -> labels, flat -> unconditional
     run_dir: str = "runs/run"  # checkpoints, logs, samples and the final model go here
     resolution: int = 32  # images are resized (shorter side) and center-cropped to this size
-    channels: int = 3  # 3: RGB, 1: grayscale
+    channels: int = 3  # 3: RGB, 1: grayscale, 4: RGBA (transparency learnt); `encdiff train*` read it from the data
+    background: str = "white"  # trained without alpha (channels 1 or 3): the colour transparent images go onto
     flips: bool = True  # random horizontal flips; false for data a mirror changes (text, flags, arrows, logos)
     strict: bool = False  # unreadable files: error instead of a warning
     # the model
@@ -124,8 +126,10 @@ class TrainConfig:
         for name in ("strict", "compile", "decoder_only", "accept_data_change", "uncertainty", "flips"):
             check_bool(getattr(self, name), name)
         check_bool(self.bf16, "bf16", optional=True)
-        check_field(self.channels in (1, 3) and not isinstance(self.channels, bool), "channels", self.channels,
-                    "1 or 3")
+        check_field(self.channels in MODES and not isinstance(self.channels, bool), "channels", self.channels,
+                    "1 (grayscale), 3 (RGB) or 4 (RGBA)")
+        check_field(isinstance(self.background, str), "background", self.background, "a colour name or #rrggbb")
+        background_rgb(self.background)
         check_choice(self.lr_schedule, "lr_schedule", LR_SCHEDULES)
         check_choice(self.backbone, "backbone", tuple(BACKBONES))
         if self.uncertainty and self.backbone != "edm2":
@@ -205,7 +209,8 @@ def dataset_of(config: TrainConfig, run_dir: str | os.PathLike, progress: bool =
     folder is never data, even inside the data folder (`cd images && encdiff train .`)."""
     run_dir = Path(run_dir)
     return ImageDataset(config.data, config.resolution, config.channels, strict=config.strict,
-                        cache_dir=run_dir / "cache", workers=config.workers, progress=progress, exclude=(run_dir,))
+                        cache_dir=run_dir / "cache", workers=config.workers, progress=progress, exclude=(run_dir,),
+                        background=config.background)
 
 
 def backbone_presets(backbone: str) -> dict:

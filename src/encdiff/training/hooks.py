@@ -11,7 +11,7 @@ import torch
 
 from ..checkpoint import atomic_write_bytes
 from ..data import ImageDataset
-from ..images import image_grid, save_png
+from ..images import image_grid, on_checkerboard, save_png
 from ..pipeline import Generator
 from .config import TrainConfig
 from .loop import Run
@@ -19,13 +19,14 @@ from .loop import Run
 
 def sample_grid(generator_of: Callable[[Run], Generator], dataset: ImageDataset,
                 **sampling: Any) -> Callable[[Run], None]:
-    """samples-<step>.png: 8 seeds per row, one row per class (at most 10), the same seeds at every step."""
+    """samples-<step>.png: 8 seeds per row, one row per class (at most 10), the same seeds at every step;
+    transparency shown on a checkerboard."""
     def sample(run: Run) -> None:
         rows = max(1, min(dataset.num_classes, 10))
         per_row = 8
         labels = torch.arange(rows).repeat_interleave(per_row) if dataset.num_classes else None
         images = generator_of(run).images(list(range(rows * per_row)), labels, **sampling)
-        save_png(image_grid(images, rows=rows), run.dir / f"samples-{run.step:08d}.png")
+        save_png(image_grid(on_checkerboard(images), rows=rows), run.dir / f"samples-{run.step:08d}.png")
     return sample
 
 
