@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -22,10 +23,22 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
                            + "; give the image folder to train on")
     if stage == "diffusion" and bool(args.autoencoder) == bool(args.pixel):
         raise EncdiffError("give exactly one of --autoencoder MODEL (latent diffusion) or --pixel")
-    config = load_config(args.config, args.preset, stage, train_overrides(args, stage))
+    overrides = train_overrides(args, stage)
+    config = load_config(args.config, args.preset, stage, overrides)
     if stage != "consistency" and not config.model and not config.init:
-        raise EncdiffError("no model: pass --model NAME or --preset NAME" +
-                           (" (or --init AUTOENCODER to start from one)" if stage == "autoencoder" else ""))
+        if stage == "diffusion" and args.pixel:
+            raise EncdiffError("no model: pass --model NAME or --preset NAME (pixel-space U-Nets are not sized "
+                               "from the data; latent diffusion is, with --autoencoder MODEL)")
+        # No preset, model or config file: the data decides (training/sizing.py), and it is said.
+        from ..autoencoder import Autoencoder
+        from ..training.sizing import plan_for_folder, survey_folder
+
+        autoencoder = Autoencoder.from_pretrained(config.autoencoder) if stage == "diffusion" else None
+        plan = plan_for_folder(survey_folder(args.data, exclude=(Path(config.run_dir),)), stage, autoencoder,
+                               resolution=overrides.get("resolution"), channels=overrides.get("channels"))
+        config = load_config(args.config, None, stage, overrides, base=plan.values)
+        print("encdiff: sized from the data (any flag overrides a choice; --dry-run shows the whole config):\n  "
+              + "\n  ".join(plan.lines), file=sys.stderr)
     check_model_name(config, stage)  # a dry run shows only a config that would train
     check_writable_folder(Path(config.run_dir), "--run-dir")
     if args.dry_run:

@@ -229,9 +229,10 @@ def check_model_name(config: TrainConfig, stage: str) -> None:
         preset(AUTOENCODERS if stage == "autoencoder" else backbone_presets(config.backbone), config.model)
 
 
-def load_config(path: str | None, preset_name: str | None, stage: str, overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults < named preset < TOML file < command-line flags."""
-    values: dict[str, Any] = {}
+def load_config(path: str | None, preset_name: str | None, stage: str, overrides: dict[str, Any],
+                base: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults < named preset, or `base` (the data's defaults, training/sizing.py) < TOML file < command-line flags."""
+    values: dict[str, Any] = dict(base or {})
     if preset_name:
         if preset_name not in PRESETS:
             raise EncdiffError(f"unknown training preset {preset_name!r}; valid: {', '.join(sorted(PRESETS))}")

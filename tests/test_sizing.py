@@ -1,0 +1,118 @@
+"""Defaults from the data (training/sizing.py): the survey of a folder, the rules per resolution, and the two commands
+with no preset on a folder of transparent images, to RGBA samples."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_encdiff
+from encdiff.autoencoder import Autoencoder, AutoencoderConfig
+from encdiff.mp_unet import MPUNetConfig
+from encdiff.training.config import load_config
+from encdiff.training.sizing import (FolderSurvey, autoencoder_model, default_channels, default_resolution,
+                                     downsampling, plan_for_folder, survey_folder, unet_model)
+
+
+def icons(root, n=12, size=(40, 40), classes=("a", "b"), mode="RGBA"):
+    """Coloured discs on transparent backgrounds, n per class."""
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            h, w = size[1], size[0]
+            yy, xx = np.mgrid[:h, :w]
+            disc = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (min(h, w) / 3) ** 2
+            pixels = np.zeros((h, w, 4), dtype=np.uint8)
+            pixels[disc] = (*rng.integers(0, 256, 3), 255)
+            Image.fromarray(pixels, "RGBA").convert(mode).save(root / c / f"{i}.png")
+    return root
+
+
+def survey(**changes) -> FolderSurvey:
+    base = dict(images=1000, class_counts={}, sampled=1000, short_side=64, aspect=1.0, alpha=0.0, grayscale=0.0,
+                unreadable=0)
+    return FolderSurvey(**{**base, **changes})
+
+
+@pytest.mark.parametrize("short_side, resolution, f", [(32, 32, 4), (64, 64, 4), (70, 64, 4), (128, 128, 8),
+                                                       (300, 256, 8), (4000, 256, 8), (20, 32, 4)])
+def test_resolution_and_downsampling_rules(short_side, resolution, f):
+    assert default_resolution(short_side) == resolution and downsampling(resolution) == f
+
+
+@pytest.mark.parametrize("resolution", [32, 64, 128, 256])
+def test_every_resolution_gets_models_that_build_with_latents_of_at_most_32_cells(resolution):
+    model = autoencoder_model(resolution)
+    ae = AutoencoderConfig(**{**model["model_overrides"], "sample_size": resolution, "in_channels": 4,
+                              "out_channels": 4, "norm_num_groups": 16})
+    side = resolution // ae.downsample_factor
+    assert 8 <= side <= 32 and ae.latent_channels == 16
+    unet = unet_model(side)
+    config = MPUNetConfig(**{**unet["model_overrides"], "sample_size": side, "in_channels": 16, "out_channels": 16})
+    assert side >> (len(config.block_out_channels) - 1) == 2  # down to 2x2 cells
+    assert [side >> i <= 4 for i in range(len(config.attention_levels))] == list(config.attention_levels)
+
+
+def test_the_bundled_shapes_come_out_at_32_pixels():
+    """At CIFAR-10's size the rules give the bundled model's shapes (configs/cifar10-v0.4)."""
+    assert autoencoder_model(32)["model_overrides"]["block_out_channels"] == [32, 64, 64]
+    assert unet_model(8)["model_overrides"] == {"block_out_channels": [64, 128, 128],
+                                                "attention_levels": [False, True, True]}
+
+
+def test_channels_follow_transparency_and_grayscale():
+    assert default_channels(survey(alpha=0.9)) == 4
+    assert default_channels(survey(alpha=0.2)) == 3
+    assert default_channels(survey(grayscale=1.0)) == 1
+    assert default_channels(survey(grayscale=0.99)) == 3
+
+
+def test_the_survey_counts_classes_sizes_and_transparency(tmp_path):
+    icons(tmp_path / "data", n=5, size=(48, 40))
+    (tmp_path / "data" / "b" / "extra.png").write_bytes(b"not an image")
+    found = survey_folder(tmp_path / "data")
+    assert found.images == 11 and found.class_counts == {"a": 5, "b": 6} and found.unreadable == 1
+    assert found.short_side == 40 and found.aspect == pytest.approx(1.2) and found.alpha == 1.0
+    plan = plan_for_folder(found, "autoencoder")
+    assert plan.values["channels"] == 4 and plan.values["resolution"] == 32
+    assert "2 classes, from 5 to 6 per class" in "\n".join(plan.lines)
+    given = plan_for_folder(found, "autoencoder", resolution=64, channels=3)
+    assert given.values["resolution"] == 64 and given.values["channels"] == 3
+
+
+def test_flags_and_config_files_override_the_data_defaults(tmp_path):
+    plan = plan_for_folder(survey(), "autoencoder")
+    toml = tmp_path / "run.toml"
+    toml.write_text("steps = 7\n")
+    config = load_config(str(toml), None, "autoencoder", {"lr": 1e-3}, base=plan.values)
+    assert (config.steps, config.lr, config.resolution, config.ssim_weight) == (7, 1e-3, 64, 0.2)
+
+
+def test_the_diffusion_plan_takes_its_shape_from_the_autoencoder(tmp_path):
+    ae = Autoencoder(AutoencoderConfig(**{**autoencoder_model(128)["model_overrides"], "sample_size": 128,
+                                          "norm_num_groups": 16}))
+    plan = plan_for_folder(survey(short_side=999), "diffusion", ae)
+    assert plan.values["resolution"] == 128 and plan.values["backbone"] == "edm2"
+    assert len(plan.values["model_overrides"]["block_out_channels"]) == 4  # 16x16 latents: 16, 8, 4, 2
+
+
+def test_two_commands_with_no_preset_train_on_transparent_icons_and_sample_rgba(tmp_path):
+    data = icons(tmp_path / "icons", n=4, size=(32, 32))
+    ae = run_encdiff(["train-autoencoder", str(data), "--run-dir", str(tmp_path / "ae"), "--steps", "2",
+                      "--batch-size", "4", "--sample-every", "0", "--checkpoint-every", "2"])
+    assert "channels 4 (most images are transparent)" in ae.stderr
+    assert json.loads((tmp_path / "ae" / "model" / "config.json").read_text())["config"]["in_channels"] == 4
+    run_encdiff(["train", str(data), "--autoencoder", str(tmp_path / "ae" / "model"), "--run-dir",
+                 str(tmp_path / "ldm"), "--steps", "2", "--batch-size", "4", "--sample-every", "2",
+                 "--checkpoint-every", "2", "--sample-steps", "2"])
+    assert (tmp_path / "ldm" / "samples-00000002.png").is_file()
+    with Image.open(tmp_path / "ldm" / "samples-00000002.png") as grid:
+        assert grid.mode == "RGB"  # shown on a checkerboard
+    run_encdiff(["sample", str(tmp_path / "ldm" / "model"), "--num", "2", "--class", "a", "--steps", "2",
+                 "--out", str(tmp_path / "out.png")])
+    with Image.open(tmp_path / "out.png") as image:
+        assert image.mode == "RGBA"
