@@ -558,6 +558,28 @@ def test_sampler_resumes_exactly():
         assert served + take(resumed, 20 - stop) == expected
 
 
+def test_weighted_sampler_balances_classes_resumes_and_splits_one_draw_over_ranks():
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    weights = 1 / torch.bincount(labels).double()[labels]
+    sampler = BatchSampler(100, 10, seed=3, weights=weights)
+    drawn = torch.cat([next(sampler) for _ in range(50)])  # 5 epochs
+    share = (labels[drawn] == 1).float().mean().item()
+    assert 0.4 < share < 0.6  # the 10-image class is drawn half the time, not a tenth
+    again = BatchSampler(100, 10, seed=3, weights=weights)
+    for _ in range(23):
+        next(again)
+    resumed = BatchSampler(100, 10, seed=3, weights=weights)
+    resumed.load_state_dict(again.state_dict())
+    assert all(torch.equal(next(again), next(resumed)) for _ in range(30))
+    ranks = [BatchSampler(100, 5, seed=3, rank=r, world_size=2, weights=weights) for r in range(2)]
+    one = BatchSampler(100, 10, seed=3, weights=weights)
+    first = next(one)
+    parts = [next(r) for r in ranks]
+    assert sorted(torch.cat(parts).tolist()) == sorted(first.tolist())
+    with pytest.raises(EncdiffError, match="sampling weights"):
+        BatchSampler(100, 10, seed=3, weights=torch.zeros(100))
+
+
 @pytest.mark.parametrize("state,field", [({"epoch": 0, "batch": 3}, "batch"), ({"epoch": -1, "batch": 0}, "epoch"),
                                          ({"batch": 0}, "epoch"), ({"epoch": 0, "batch": 1.0}, "batch")])
 def test_sampler_refuses_bad_states(state, field):

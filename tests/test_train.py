@@ -3,6 +3,7 @@ SIGTERM, divergence handling, DDP equivalence and configuration."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -209,6 +210,26 @@ def test_resume_refuses_a_changed_config(image_folder, tmp_path):
     # More steps (and other bookkeeping) may change: the run continues from step 2 to 4.
     train_diffusion(TrainConfig(steps=4, **{**base, "log_every": 1}))
     assert latest_training_state(tmp_path / "r").name == "step-00000004"
+
+
+def test_balanced_classes_train_and_a_flat_folder_refuses_them(image_folder, tmp_path, capsys):
+    (tmp_path / "data" / "rare").mkdir(parents=True)
+    for path in sorted((image_folder / "class0").iterdir())[:2]:
+        (tmp_path / "data" / "rare" / path.name).write_bytes(path.read_bytes())
+    for path in (image_folder / "class1").iterdir():
+        (tmp_path / "data" / "common").mkdir(exist_ok=True)
+        (tmp_path / "data" / "common" / path.name).write_bytes(path.read_bytes())
+    config = TrainConfig(data=str(tmp_path / "data"), run_dir=str(tmp_path / "run"), steps=2, checkpoint_every=2,
+                         balance_classes=True, **{**COMMON, "batch_size": 4})
+    train_autoencoder(config)
+    assert "14 images in 2 classes, 2 (rare) to 12 (common) per class; classes drawn equally often" in \
+        capsys.readouterr().err
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in (image_folder / "class1").iterdir():
+        (flat / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(EncdiffError, match="'balance_classes' = true: .* no class subfolders"):
+        train_autoencoder(dataclasses.replace(config, data=str(flat), run_dir=str(tmp_path / "flat-run")))
 
 
 def test_dry_run_prints_the_resolved_config(image_folder):

@@ -337,7 +337,8 @@ class BatchSampler:
     an incomplete final batch is dropped. Everything follows from (n, batch_size, seed, rank, world_size).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 weights: torch.Tensor | None = None):
         check_field(isinstance(seed, int) and not isinstance(seed, bool), "seed", seed, "an integer", what="")
         for name, value, minimum in (("n", n, 1), ("batch_size", batch_size, 1), ("world_size", world_size, 1),
                                      ("rank", rank, 0)):
@@ -351,6 +352,11 @@ class BatchSampler:
         if self.batches_per_epoch == 0:
             raise EncdiffError(f"the dataset has {count(n, 'image')}, fewer than one global batch of {batch_size * world_size} "
                                f"(batch_size {batch_size} x world_size {world_size})")
+        if weights is not None and (weights.shape != (n,) or not bool((weights >= 0).all()) or not weights.sum() > 0):
+            raise EncdiffError(f"sampling weights: expected {n} non-negative numbers, not all zero")
+        # With weights, an epoch is as many draws with replacement (from a generator seeded by seed and epoch, like
+        # DistributedSampler's permutation), dealt to the ranks the way DistributedSampler deals its indices.
+        self.weights, self.seed, self.rank, self.world_size = weights, seed, rank, world_size
         self.epoch = 0
         self.batch = 0
         self.order: torch.Tensor | None = None
@@ -361,8 +367,14 @@ class BatchSampler:
 
     def __next__(self) -> torch.Tensor:
         if self.order_epoch != self.epoch:
-            self.sampler.set_epoch(self.epoch)
-            self.order = torch.tensor(list(self.sampler), dtype=torch.int64)
+            if self.weights is None:
+                self.sampler.set_epoch(self.epoch)
+                self.order = torch.tensor(list(self.sampler), dtype=torch.int64)
+            else:
+                total = len(self.sampler) * self.world_size
+                g = torch.Generator().manual_seed(self.seed + self.epoch)
+                draws = torch.multinomial(self.weights.double(), total, replacement=True, generator=g)
+                self.order = draws[self.rank::self.world_size]
             self.order_epoch = self.epoch
         start = self.batch * self.batch_size
         indices = self.order[start:start + self.batch_size]

@@ -36,6 +36,7 @@ class TrainConfig:
     channels: int = 3  # 3: RGB, 1: grayscale, 4: RGBA (transparency learnt); `encdiff train*` read it from the data
     background: str = "white"  # trained without alpha (channels 1 or 3): the colour transparent images go onto
     flips: bool = True  # random horizontal flips; false for data a mirror changes (text, flags, arrows, logos)
+    balance_classes: bool = False  # draw every class equally often (with replacement), however many images it has
     strict: bool = False  # unreadable files: error instead of a warning
     # the model
     model: str = ""  # preset name (presets.AUTOENCODERS for stage 1, presets.UNETS for stage 2)
@@ -123,7 +124,8 @@ class TrainConfig:
         for value in self.phema_sigma_rels:
             check_sigma_rel(value, "config field 'phema_sigma_rels'")
         check_tuple(self.betas, "betas", 2, is_adam_beta)
-        for name in ("strict", "compile", "decoder_only", "accept_data_change", "uncertainty", "flips"):
+        for name in ("strict", "compile", "decoder_only", "accept_data_change", "uncertainty", "flips",
+                     "balance_classes"):
             check_bool(getattr(self, name), name)
         check_bool(self.bf16, "bf16", optional=True)
         check_field(self.channels in MODES and not isinstance(self.channels, bool), "channels", self.channels,

@@ -106,6 +106,16 @@ def lr_factor(config: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+def class_weights(config: TrainConfig, dataset: ImageDataset) -> torch.Tensor | None:
+    """With `balance_classes`, each image's draw weight 1 / (its class's image count): every class equally often."""
+    if not config.balance_classes:
+        return None
+    if dataset.labels is None:
+        raise EncdiffError(f"config field 'balance_classes' = true: {config.data} has no class subfolders to balance")
+    counts = torch.bincount(dataset.labels, minlength=dataset.num_classes).double()
+    return 1 / counts[dataset.labels]
+
+
 @dataclass
 class OptimizerGroup:
     """One network a run trains, with an optimizer of its own: the model, and a GAN's discriminator beside it.
@@ -142,7 +152,7 @@ class Run:
                                f"x grad_accum {config.grad_accum}")
         self.per_rank_batch = per_rank
         self.sampler = BatchSampler(len(dataset), per_rank, seed=config.seed, rank=dist_.rank,
-                                    world_size=dist_.world_size)
+                                    world_size=dist_.world_size, weights=class_weights(config, dataset))
         model = model.to(dist_.device)
         # The fused kernel (CPU and CUDA) updates all tensors in one pass: ~2.7x faster than the per-tensor loop.
         # Frozen parameters (a decoder-only fine-tune's encoder) are not given to it.
@@ -488,6 +498,17 @@ class RunLock:
             self.file.close()  # closing releases the lock
 
 
+def describe_classes(dataset: ImageDataset) -> str:
+    """"7562 images in 9 classes, 170 (activities) to 4522 (people-and-body) per class", or "... unconditional"."""
+    if dataset.labels is None:
+        return f"{count(len(dataset), 'image')}, no classes (unconditional)"
+    counts = torch.bincount(dataset.labels, minlength=dataset.num_classes).tolist()
+    low, high = min(range(len(counts)), key=counts.__getitem__), max(range(len(counts)), key=counts.__getitem__)
+    names = dataset.class_names
+    return (f"{count(len(dataset), 'image')} in {count(len(counts), 'class', 'classes')}, {counts[low]} ({names[low]}) "
+            f"to {counts[high]} ({names[high]}) per class")
+
+
 def prepare(config: TrainConfig, stage: str) -> tuple[Distributed, ImageDataset]:
     dist_ = Distributed()
     run_dir = Path(config.run_dir)
@@ -497,6 +518,9 @@ def prepare(config: TrainConfig, stage: str) -> tuple[Distributed, ImageDataset]
 
     # Rank 0 decodes and caches; the other ranks then read the cache instead of decoding again.
     dataset = dataset_of(config, run_dir, progress=True) if dist_.main else None
+    if dataset is not None:
+        print(f"data: {describe_classes(dataset)}" + ("; classes drawn equally often" if config.balance_classes
+                                                      else ""), file=sys.stderr)
     dist_.barrier()
     return dist_, dataset if dataset is not None else dataset_of(config, run_dir, progress=False)
 
