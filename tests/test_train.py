@@ -232,6 +232,32 @@ def test_balanced_classes_train_and_a_flat_folder_refuses_them(image_folder, tmp
         train_autoencoder(dataclasses.replace(config, data=str(flat), run_dir=str(tmp_path / "flat-run")))
 
 
+def test_durations_parse():
+    from encdiff.training.loop import parse_duration
+
+    assert [parse_duration(t) for t in ("45m", "1h30m", "90s", "2h", "10", "1.5h")] == [2700, 5400, 90, 7200, 600, 5400]
+    with pytest.raises(EncdiffError, match="time budget '4x'"):
+        parse_duration("4x")
+
+
+def test_a_time_budget_plans_the_steps_and_trains_what_that_step_count_trains(image_folder, tmp_path, capsys):
+    """The probe that times the steps (before and after the GAN starts) leaves no trace: the budgeted run equals a
+    run given the planned step count; resumed, it keeps that count."""
+    gan = dict(adv_weight=0.5, adv_start=3, disc_channels=8, fm_weight=1.0, checkpoint_every=1000)
+    budgeted = TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "budget"), time_budget=4.0,
+                           **{**COMMON, **gan})
+    train_autoencoder(budgeted)
+    said = capsys.readouterr().err
+    steps = json.loads((tmp_path / "budget" / "config.json").read_text())["steps"]
+    assert "time budget 4s:" in said and f"-> {steps} steps" in said and "from step 3" in said
+    assert steps > 3
+    plain = TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "plain"), steps=steps, **{**COMMON, **gan})
+    train_autoencoder(plain)
+    assert_bitwise_equal(final_tensors(tmp_path / "budget", steps), final_tensors(tmp_path / "plain", steps))
+    train_autoencoder(budgeted)  # finished: resumed at its planned end, nothing more to do
+    assert json.loads((tmp_path / "budget" / "config.json").read_text())["steps"] == steps
+
+
 def test_dry_run_prints_the_resolved_config(image_folder):
     result = cli("train", str(image_folder), "--pixel", "--preset", "cifar10", "--steps", "3", "--dry-run")
     assert result.returncode == 0, result.stderr

@@ -39,7 +39,11 @@ def train_flags(parser: argparse.ArgumentParser, stage: str) -> None:
             continue
         flag, help_ = "--" + f.name.replace("_", "-"), field_comment(TrainConfig, f.name)
         kind = str(f.type).replace(" | None", "")
-        if kind == "bool":
+        if f.name == "time_budget":
+            parser.add_argument("--time", "--time-budget", dest="time_budget", type=duration, metavar="DURATION",
+                                help="a time budget for the whole run (45m, 1h30m, 90s): the steps become what fits, "
+                                "measured on this machine at the start")
+        elif kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif kind in ("int", "float", "str"):
             parser.add_argument(flag, type={"int": int, "float": finite_float, "str": str}[kind], help=help_,
@@ -48,6 +52,19 @@ def train_flags(parser: argparse.ArgumentParser, stage: str) -> None:
             parser.add_argument(flag, type=finite_float, nargs=2, help=help_, metavar=f.name.upper())
         elif kind == "tuple[float, ...]":
             parser.add_argument(flag, type=finite_float, nargs="+", help=help_, metavar=f.name.upper())
+
+
+def duration(text: str) -> float:
+    """argparse type: a duration (45m, 1h30m, 90s; a bare number is minutes) in seconds."""
+    from ..training.loop import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except EncdiffError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"time budget {text!r}: expected more than 0")
+    return seconds
 
 
 def finite_float(text: str) -> float:

@@ -84,7 +84,8 @@ def _train_autoencoder(config: TrainConfig) -> Path:
         save_png(image_grid(on_checkerboard(to_uint8(pairs)), rows=len(preview) // 2),
                  run.dir / f"reconstructions-{run.step:08d}.png")
 
-    train_loop(run, Recipe(batch=dataset.batch, loss=loss, sample=sample))
+    train_loop(run, Recipe(batch=dataset.batch, loss=loss, sample=sample,
+                           phases=(config.adv_start,) if config.adv_weight > 0 else ()))
     out = run.dir / "model"
     if dist_.main:
         # A decoder-only run keeps the latent space, statistics included; otherwise they are measured anew.

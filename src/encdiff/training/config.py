@@ -44,6 +44,7 @@ class TrainConfig:
     autoencoder: str | None = None  # stage 2: autoencoder folder for latent diffusion; None: pixel space
     # optimisation
     steps: int = 10000  # optimizer steps
+    time_budget: float | None = None  # seconds for the whole run: `steps` becomes what fits (measured at the start)
     batch_size: int = 64  # global batch per optimizer step (all ranks, all accumulation rounds)
     grad_accum: int = 1  # accumulation rounds per step
     lr: float = 2e-4  # peak learning rate (AdamW)
@@ -118,6 +119,7 @@ class TrainConfig:
         for name in ("disc_lr", "ema_rampup", "guidance", "huber_c"):
             check_number(getattr(self, name), name, positive=True, optional=True)
         check_number(self.label_dropout, "label_dropout", minimum=0, below=1)
+        check_number(self.time_budget, "time_budget", positive=True, optional=True)
         for name in ("weight_decay", "grad_clip", "kl_weight", "ssim_weight", "fft_weight", "adv_weight", "fm_weight"):
             check_number(getattr(self, name), name, minimum=0)
         check_tuple(self.phema_sigma_rels, "phema_sigma_rels", None, is_finite_number)
@@ -196,8 +198,8 @@ def stage_fields(stage: str) -> list[str]:
 
 
 # Fields a resumed run may change: more steps extend training, the rest only touch logging and files.
-RESUMABLE_CHANGES = frozenset({"steps", "log_every", "checkpoint_every", "keep_last", "sample_every", "sample_steps",
-                               "workers", "eval_every", "eval_samples", "run_dir", "accept_data_change"})
+RESUMABLE_CHANGES = frozenset({"steps", "time_budget", "log_every", "checkpoint_every", "keep_last", "sample_every",
+                               "sample_steps", "workers", "eval_every", "eval_samples", "run_dir", "accept_data_change"})
 # Fields holding paths: a resumed run compares the folders they name, not their spelling.
 PATH_FIELDS = ("data", "autoencoder", "init", "teacher")
 

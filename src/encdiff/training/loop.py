@@ -4,6 +4,7 @@ with their optimizers, exact checkpoints, logs, and the optimizer loop that runs
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -45,6 +46,7 @@ class Distributed:
             self.device = torch.device("cpu")
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.started = time.perf_counter()  # a time budget counts from here: decoding and encoding included
 
     @property
     def main(self) -> bool:
@@ -56,6 +58,13 @@ class Distributed:
             value = value.detach().clone()
             dist.all_reduce(value)
             value /= self.world_size
+        return value
+
+    def max(self, value: torch.Tensor) -> torch.Tensor:
+        """The largest value over ranks (identity on one process)."""
+        if self.world_size > 1:
+            value = value.detach().clone()
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return value
 
     def any(self, flag: bool) -> bool:
@@ -140,6 +149,8 @@ class Run:
     def __init__(self, config: TrainConfig, stage: str, model: torch.nn.Module, dataset: ImageDataset, dist_: Distributed,
                  export_info: dict[str, Any] | None = None, discriminator: torch.nn.Module | None = None):
         self.config, self.stage, self.dist = config, stage, dist_
+        self.started = dist_.started
+        self.resumed_steps = None  # the steps of the checkpoint resumed from
         # The data's fingerprint (every file's path, size and time): a resumed run must train on the same data.
         self.data = {"images": len(dataset), "key": dataset.key}
         # What `export_run` needs to rebuild the model from any checkpoint: its config, and for a generator
@@ -279,6 +290,7 @@ class Run:
         for name, g in self.generators.items():
             set_rng_state(g, tensors[f"rng.{name}.rank{self.dist.rank}"])
         self.step, self.images_seen, self.history = meta["step"], meta["images_seen"], meta["history"]
+        self.resumed_steps = meta["config"]["steps"]
         self.resumed_export = meta.get("export") or {}  # what the checkpoint recorded for export, to compare
         self.window = meta.get("window") or {"loss": [], "parts": {}}
         if self.dist.main:
@@ -287,6 +299,19 @@ class Run:
             atomic_write_bytes(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history).encode())
             print(f"resumed from {path} at step {self.step}", file=sys.stderr)
         return True
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Change resumable fields (a time budget's steps) before the loop starts: the learning-rate schedule is
+        rebuilt for them at its current position, and the run folder's config.json rewritten."""
+        self.config = dataclasses.replace(self.config, **changes)
+        position = self.scheduler.state_dict()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(self.config))
+        self.scheduler.load_state_dict(position)
+        for group, lr in zip(self.optimizer.param_groups, [base * lr_factor(self.config)(self.step)
+                                                             for base in self.scheduler.base_lrs]):
+            group["lr"] = lr
+        if self.dist.main:
+            write_run_config(self.dir, self.stage, self.config)
 
     # -- logs ----------------------------------------------------------------------------------------
     def log(self, row: dict[str, float]) -> None:
@@ -337,6 +362,7 @@ class Recipe:
     loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None], Any]
     sample: Callable[[Run], None]
     evaluate: Callable[[Run], None] | None = None
+    phases: tuple[int, ...] = ()  # steps from which a step costs differently (the GAN's start): timed apart
 
 
 def wrap(run: Run) -> dict[str, torch.nn.Module]:
@@ -355,13 +381,67 @@ def wrap(run: Run) -> dict[str, torch.nn.Module]:
     return wrapped
 
 
+def optimizer_step(run: Run, recipe: Recipe, autocast: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                                     dict[str, torch.Tensor]]:
+    """One optimizer step of every group with gradients: the batch (all accumulation rounds), the loss, backward,
+    clipping, the divergence check, the updates. Returns the loss (averaged over ranks), its named parts and the
+    groups' gradient norms. Neither the step count nor the EMA moves: that is the loop's."""
+    config, dist_ = run.config, run.dist
+    ddp_model = run.wrapped["model"]
+    run.model.train()
+    total = torch.zeros((), device=dist_.device)
+    parts_total: dict[str, torch.Tensor] = {}
+    for micro in range(config.grad_accum):
+        indices = next(run.sampler)
+        rank, world_size = run.shard
+        flips = random_flips(len(indices) * world_size, run.generators["data"])[rank::world_size]
+        if not config.flips:  # drawn all the same, so the data stream does not depend on the choice
+            flips = torch.zeros_like(flips)
+        x, labels = recipe.batch(indices, flips)
+        # Gradients are all-reduced on the last accumulation round only.
+        sync = micro == config.grad_accum - 1 or dist_.world_size == 1
+        context = ddp_model.no_sync() if not sync else contextlib.nullcontext()
+        with context, torch.autocast(dist_.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = recipe.loss(ddp_model, x.to(dist_.device), None if labels is None else labels.to(dist_.device))
+        # A loss may come with named parts (the autoencoder's terms) to log beside it.
+        loss, parts = loss if isinstance(loss, tuple) else (loss, {})
+        (loss / config.grad_accum).backward()
+        total += loss.detach() / config.grad_accum
+        for name, value in parts.items():
+            parts_total[name] = parts_total.get(name, 0.0) + value.detach().float() / config.grad_accum
+    total = dist_.mean(total)
+    # A group whose loss term has not started yet (a discriminator before `adv_start`) has no gradients
+    # and takes no step.
+    stepping = {name: group for name, group in run.groups.items() if any(p.grad is not None for p in group.trainable)}
+    norms = {name: torch.nn.utils.clip_grad_norm_(group.trainable, group.clip) for name, group in stepping.items()}
+    if not (torch.isfinite(total) and all(torch.isfinite(n) for n in norms.values())):
+        last = latest_training_state(run.dir)
+        what = "".join(f", {'' if name == 'model' else name + ' '}gradient norm {n.item():.4g}"
+                       for name, n in norms.items())
+        raise EncdiffError(f"training diverged at step {run.step + 1}: loss {total.item():.4g}{what}; the "
+                           f"last good checkpoint is {last or 'none'} (lower --lr or raise --warmup-steps, "
+                           "then resume)")
+    for group in stepping.values():
+        group.optimizer.step()
+        group.optimizer.zero_grad(set_to_none=True)
+        if hasattr(group.module, "normalize_weights_"):
+            group.module.normalize_weights_()  # forced weight normalisation (EDM2 sec. 2.4), on every rank
+    return total, parts_total, norms
+
+
+def autocast_of(config: TrainConfig, dist_: Distributed) -> bool:
+    return config.bf16 if config.bf16 is not None else dist_.device.type == "cuda"
+
+
 def train_loop(run: Run, recipe: Recipe) -> str:
     """The optimizer loop every stage shares; returns "done", or raises TrainingInterrupted after a SIGINT or
     SIGTERM once the step in flight is finished and checkpointed."""
-    config, dist_ = run.config, run.dist
-    autocast = config.bf16 if config.bf16 is not None else dist_.device.type == "cuda"
+    dist_ = run.dist
     run.wrapped = wrap(run)
-    ddp_model = run.wrapped["model"]
+    if run.config.time_budget is not None:
+        fit_to_time_budget(run, recipe)
+    config = run.config
+    autocast = autocast_of(config, dist_)
     if dist_.main and importlib.util.find_spec("matplotlib") is None:
         # Said on its own line before the bar is drawn, not glued onto it at the first log row.
         print("encdiff: no loss.png: it needs matplotlib (pip install 'encdiff[plot]'); metrics.jsonl has the numbers",
@@ -372,47 +452,7 @@ def train_loop(run: Run, recipe: Recipe) -> str:
     window_losses, window_parts = run.window["loss"], run.window["parts"]
     with StopRequest() as stop, progress:
         while run.step < config.steps:
-            run.model.train()
-            total = torch.zeros((), device=dist_.device)
-            parts_total: dict[str, torch.Tensor] = {}
-            for micro in range(config.grad_accum):
-                indices = next(run.sampler)
-                rank, world_size = run.shard
-                flips = random_flips(len(indices) * world_size, run.generators["data"])[rank::world_size]
-                if not config.flips:  # drawn all the same, so the data stream does not depend on the choice
-                    flips = torch.zeros_like(flips)
-                x, labels = recipe.batch(indices, flips)
-                # Gradients are all-reduced on the last accumulation round only.
-                sync = micro == config.grad_accum - 1 or dist_.world_size == 1
-                context = ddp_model.no_sync() if not sync else contextlib.nullcontext()
-                with context, torch.autocast(dist_.device.type, dtype=torch.bfloat16, enabled=autocast):
-                    loss = recipe.loss(ddp_model, x.to(dist_.device),
-                                       None if labels is None else labels.to(dist_.device))
-                # A loss may come with named parts (the autoencoder's terms) to log beside it.
-                loss, parts = loss if isinstance(loss, tuple) else (loss, {})
-                (loss / config.grad_accum).backward()
-                total += loss.detach() / config.grad_accum
-                for name, value in parts.items():
-                    parts_total[name] = parts_total.get(name, 0.0) + value.detach().float() / config.grad_accum
-            total = dist_.mean(total)
-            # A group whose loss term has not started yet (a discriminator before `adv_start`) has no gradients
-            # and takes no step.
-            stepping = {name: group for name, group in run.groups.items()
-                        if any(p.grad is not None for p in group.trainable)}
-            norms = {name: torch.nn.utils.clip_grad_norm_(group.trainable, group.clip)
-                     for name, group in stepping.items()}
-            if not (torch.isfinite(total) and all(torch.isfinite(n) for n in norms.values())):
-                last = latest_training_state(run.dir)
-                what = "".join(f", {'' if name == 'model' else name + ' '}gradient norm {n.item():.4g}"
-                               for name, n in norms.items())
-                raise EncdiffError(f"training diverged at step {run.step + 1}: loss {total.item():.4g}{what}; the "
-                                   f"last good checkpoint is {last or 'none'} (lower --lr or raise --warmup-steps, "
-                                   "then resume)")
-            for group in stepping.values():
-                group.optimizer.step()
-                group.optimizer.zero_grad(set_to_none=True)
-                if hasattr(group.module, "normalize_weights_"):
-                    group.module.normalize_weights_()  # forced weight normalisation (EDM2 sec. 2.4), on every rank
+            total, parts_total, norms = optimizer_step(run, recipe, autocast)
             run.scheduler.step()
             run.step += 1
             run.images_seen += config.batch_size
@@ -452,6 +492,93 @@ def train_loop(run: Run, recipe: Recipe) -> str:
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, run.step,
                                           str(path) if path else str(latest_training_state(run.dir)))
     return "done"
+
+
+PROBE_STEPS = 3  # timed optimizer steps per phase, after one untimed (allocation, caches)
+FINISH_SHARE = 0.03  # of the budget kept for what follows the last step (statistics, export)
+
+
+def fit_to_time_budget(run: Run, recipe: Recipe) -> None:
+    """`time_budget`: set the step count so the run ends in time with a finished model, from the seconds one step
+    takes on this machine, measured here, at the start of each phase whose cost differs (`Recipe.phases`, e.g. the
+    GAN's), with every state the probe touches put back, so the run is the one a plain `steps` would train.
+
+    A resumed run keeps the steps planned when it started (they are in its checkpoint): to extend a finished run,
+    resume it without a budget and with more `steps`."""
+    config, dist_ = run.config, run.dist
+    if run.step > 0:
+        planned = run.resumed_steps
+        if planned != config.steps:
+            run.reconfigure(steps=planned)
+        return
+    left = config.time_budget * (1 - FINISH_SHARE) - (time.perf_counter() - run.started)
+    phases = sorted({0, *(p for p in recipe.phases if 0 < p)})
+    seconds = [probe_step_seconds(run, recipe, at) for at in phases]
+    # the same plan on every rank: the slowest rank's speed decides
+    seconds = [float(dist_.max(torch.tensor(s, device=dist_.device))) for s in seconds]
+    steps, spent = 0, 0.0
+    for i, (start, per_step) in enumerate(zip(phases, seconds)):
+        end = phases[i + 1] if i + 1 < len(phases) else math.inf
+        affordable = max(0.0, left - spent) / per_step
+        if affordable < end - start:
+            steps = start + int(affordable)
+            break
+        steps, spent = end, spent + (end - start) * per_step
+    steps = max(1, steps)
+    speed = ", ".join(f"{config.batch_size / s:.0f} img/s from step {p}" for p, s in zip(phases, seconds))
+    if dist_.main:
+        print(f"encdiff: time budget {format_duration(config.time_budget)}: {speed} -> {steps} steps "
+              f"({count(steps * config.batch_size, 'image')})", file=sys.stderr)
+    run.reconfigure(steps=steps)
+
+
+def probe_step_seconds(run: Run, recipe: Recipe, at_step: int) -> float:
+    """Seconds per optimizer step at step `at_step`, measured on copies of nothing: every state a step changes
+    (weights, optimizer moments, RNG streams, the sampler's position) is saved first and restored after."""
+    saved = {"groups": {name: (copy.deepcopy(g.module.state_dict()), copy.deepcopy(g.optimizer.state_dict()))
+                        for name, g in run.groups.items()},
+             "rng": {name: g.get_state() for name, g in run.generators.items()},
+             "sampler": run.sampler.state_dict(), "step": run.step}
+    autocast = autocast_of(run.config, run.dist)
+    try:
+        run.step = at_step
+        optimizer_step(run, recipe, autocast)
+        start = time.perf_counter()
+        for _ in range(PROBE_STEPS):
+            optimizer_step(run, recipe, autocast)
+        if run.dist.device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / PROBE_STEPS
+    finally:
+        for name, (module_state, optimizer_state) in saved["groups"].items():
+            run.groups[name].module.load_state_dict(module_state)
+            run.groups[name].optimizer.load_state_dict(optimizer_state)
+        for name, state in saved["rng"].items():
+            run.generators[name].set_state(state)
+        run.sampler.load_state_dict(saved["sampler"])
+        run.step = saved["step"]
+
+
+def parse_duration(text: str) -> float:
+    """"45m", "1h30m", "90s", "2h" or a number of minutes -> seconds."""
+    import re
+
+    text = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text) * 60
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text)
+    if not text or match is None:
+        raise EncdiffError(f"time budget {text!r}: expected a duration such as 45m, 1h30m, 90s or 2h")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def format_duration(seconds: float) -> str:
+    """2h05m, 45m or 40s."""
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
 
 
 def write_run_config(run_dir: Path, stage: str, config: TrainConfig) -> None:
