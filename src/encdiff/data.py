@@ -1,5 +1,6 @@
-"""Image folders as training data: scan, decode once to uint8 (in parallel, cached on disk as safetensors),
-serve float batches with flips, and shuffle resumably across epochs and ranks.
+"""Image folders as training data: scan, decode once to uint8 (in parallel, cached on disk as safetensors and read
+back through a memory map, so a folder larger than memory trains too), serve float batches with flips, and shuffle
+resumably across epochs and ranks.
 """
 
 from __future__ import annotations
@@ -12,17 +13,17 @@ import multiprocessing
 import os
 import re
 import sys
+import tempfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import atomic_save_tensors
+from .tensorfile import read_mapped, write_mapped
 from .errors import EncdiffError, check_field, check_int, count
 from .images import UnreadableImageError, background_rgb, check_image_args, load_image, to_unit
 
@@ -160,12 +161,14 @@ def list_failures(root: Path, files: list[Path], failed: dict[int, str]) -> str:
 
 
 class ImageDataset:
-    """A folder of images decoded once to uint8 (N, C, H, W) in memory, with labels from class subfolders.
+    """A folder of images decoded once to uint8 (N, C, H, W), with labels from class subfolders.
 
     Unreadable files are skipped with one warning naming them (`skipped`), or, with `strict`, are an error
-    naming the first. With `cache_dir`, the decoded set is stored as safetensors under a key hashing the
-    resolution, channels and every file's relative path, size and modification time, and later runs load
-    it instead of decoding. `workers` processes decode (default min(CPUs, 8); 0 or 1: in this process).
+    naming the first. With `cache_dir`, the decoded set is written (as it is decoded, never whole in memory) to a
+    safetensors file under a key hashing the resolution, channels and every file's relative path, size and
+    modification time; `images` is then a tensor over a memory map of that file, read as batches touch it, and
+    later runs map it instead of decoding. Without, the images are in memory. `workers` processes decode (default
+    min(CPUs, 8); 0 or 1: in this process).
     """
 
     def __init__(self, root: str | os.PathLike, resolution: int, channels: int = 3, strict: bool = False,
@@ -182,10 +185,27 @@ class ImageDataset:
         cache_path, key = self.cache_location(files, cache_dir) if cache_dir is not None else (None, None)
         self.key: str | None = key  # the data's fingerprint (files, sizes, times, decoding settings) when cached
         loaded = self.read_cache(cache_path, key, files) if cache_path is not None and cache_path.is_file() else None
-        if loaded is None:
-            images, failed = self.decode(files, strict, default_workers() if workers is None else workers, progress)
-        else:
+        workers = default_workers() if workers is None else workers
+        if loaded is not None:
             images, failed = loaded
+        elif cache_path is not None and (written := self.decode_to_cache(files, labels, strict, workers, progress,
+                                                                         cache_path, key)) is not None:
+            images, failed = written
+        else:
+            images, failed = self.decode(files, strict, workers, progress)
+            self.check_failures(files, failed, strict)
+            if failed:
+                images = images[torch.tensor([i for i in range(len(files)) if i not in failed])]
+        self.check_failures(files, failed, strict)
+        keep = [i for i in range(len(files)) if i not in failed]
+        self.images: torch.Tensor = images
+        self.labels: torch.Tensor | None = None if labels is None else torch.tensor([labels[i] for i in keep])
+        self.skipped: list[Path] = [files[i] for i in sorted(failed)]
+        if failed:
+            warnings.warn(f"{self.root}: skipped {count(len(failed), 'unreadable image file')} of {len(files)}: "
+                          f"{list_failures(self.root, files, failed)}", stacklevel=2)
+
+    def check_failures(self, files: list[Path], failed: dict[int, str], strict: bool) -> None:
         if failed and strict:
             first = min(failed)
             raise EncdiffError(f"{files[first]}: {failed[first]} (strict: every image file must be readable; "
@@ -193,17 +213,6 @@ class ImageDataset:
         if len(failed) == len(files):
             raise EncdiffError(f"{self.root}: no readable images among its {count(len(files), 'image file')}: "
                                f"{list_failures(self.root, files, failed)}")
-        keep = [i for i in range(len(files)) if i not in failed]
-        if loaded is None and failed:
-            images = images[torch.tensor(keep)]
-        self.images: torch.Tensor = images
-        self.labels: torch.Tensor | None = None if labels is None else torch.tensor([labels[i] for i in keep])
-        self.skipped: list[Path] = [files[i] for i in sorted(failed)]
-        if loaded is None and cache_path is not None:
-            self.write_cache(cache_path, key, files, failed)
-        if failed:
-            warnings.warn(f"{self.root}: skipped {count(len(failed), 'unreadable image file')} of {len(files)}: "
-                          f"{list_failures(self.root, files, failed)}", stacklevel=2)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -211,9 +220,12 @@ class ImageDataset:
     @functools.cached_property
     def content_key(self) -> str:
         """sha256 of what the images are (the decoded pixels, the labels and the class names): whatever is
-        computed from them, such as encoded latents, is keyed on it, so no change of the data can reuse it."""
+        computed from them, such as encoded latents, is keyed on it, so no change of the data can reuse it. Read
+        in chunks: a memory-mapped set is never held whole."""
         h = hashlib.sha256(json.dumps([self.resolution, self.channels, self.class_names]).encode())
-        h.update(self.images.contiguous().numpy().tobytes())
+        rows = max(1, (64 << 20) // max(1, self.images[0].numel()))
+        for start in range(0, len(self.images), rows):
+            h.update(self.images[start:start + rows].contiguous().numpy().tobytes())
         if self.labels is not None:
             h.update(self.labels.numpy().tobytes())
         return h.hexdigest()
@@ -234,11 +246,12 @@ class ImageDataset:
             x = torch.where(flips.cpu().bool().view(-1, 1, 1, 1), x.flip(-1), x)
         return x, None if self.labels is None else self.labels[indices]
 
-    def decode(self, files: list[Path], strict: bool, workers: int,
-               progress: bool) -> tuple[torch.Tensor, dict[int, str]]:
-        """All files decoded in file order (zeros where unreadable) and {index: reason} per unreadable file."""
+    def decode(self, files: list[Path], strict: bool, workers: int, progress: bool,
+               out: np.ndarray | None = None) -> tuple[torch.Tensor | np.ndarray, dict[int, str]]:
+        """All files decoded in file order (zeros where unreadable), into `out` if given (a memory map), and
+        {index: reason} per unreadable file."""
         c, r = self.channels, self.resolution
-        images = torch.empty((len(files), c, r, r), dtype=torch.uint8)
+        images = torch.empty((len(files), c, r, r), dtype=torch.uint8) if out is None else out
         failed: dict[int, str] = {}
         per_chunk = min(CHUNK_FILES, CHUNK_BYTES // (c * r * r), math.ceil(len(files) / max(1, workers * 4)))
         per_chunk = max(1, per_chunk)
@@ -255,7 +268,7 @@ class ImageDataset:
         try:
             with tqdm(total=len(files), desc=f"decoding {self.root.name}", unit="img", disable=not progress) as bar:
                 for start, (array, failures) in zip(starts, results):
-                    images[start:start + len(array)] = torch.from_numpy(array)
+                    images[start:start + len(array)] = array if out is not None else torch.from_numpy(array)
                     failed.update((start + i, reason) for i, reason in failures)
                     bar.update(len(array))
                     if strict and failed:
@@ -285,14 +298,12 @@ class ImageDataset:
     def read_cache(self, path: Path, key: str, files: list[Path]) -> tuple[torch.Tensor, dict[int, str]] | None:
         """The cached images and unreadable files, or None (with a warning) if the file is not a valid cache."""
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
-                    raise ValueError(f"not a cache for this folder (format {meta.get('format')!r})")
-                if meta.get("changes") != self._changes:
-                    return None  # files were rewritten in place since: decoded again, as any first run is
-                images = f.get_tensor("images")
-                labels = f.get_tensor("labels") if "labels" in f.keys() else None
+            tensors, meta = read_mapped(path)
+            if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+                raise ValueError(f"not a cache for this folder (format {meta.get('format')!r})")
+            if meta.get("changes") != self._changes:
+                return None  # files were rewritten in place since: decoded again, as any first run is
+            images, labels = tensors["images"], tensors.get("labels")
             rel = {f.relative_to(self.root).as_posix(): i for i, f in enumerate(files)}
             failed = {rel[name]: reason for name, reason in json.loads(meta["skipped"])}
             expected = (len(files) - len(failed), self.channels, self.resolution, self.resolution)
@@ -308,19 +319,48 @@ class ImageDataset:
             return None
         return images, failed
 
-    def write_cache(self, path: Path, key: str, files: list[Path], failed: dict[int, str]) -> None:
-        tensors = {"images": self.images}
-        if self.labels is not None:
-            tensors["labels"] = self.labels
-        skipped = [[files[i].relative_to(self.root).as_posix(), failed[i]] for i in sorted(failed)]
-        metadata = {"format": CACHE_FORMAT, "key": key, "class_names": json.dumps(self.class_names),
-                    "skipped": json.dumps(skipped), "root": str(self.root), "changes": self._changes}
+    def decode_to_cache(self, files: list[Path], labels: list[int] | None, strict: bool, workers: int,
+                        progress: bool, path: Path, key: str) -> tuple[torch.Tensor, dict[int, str]] | None:
+        """Decode into a scratch memory map beside the cache, then write the readable rows into the cache file in
+        chunks, and map it: memory stays bounded whatever the folder's size. None (with a warning) if the cache
+        folder cannot be written: the caller decodes into memory instead."""
+        c, r = self.channels, self.resolution
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_save_tensors(tensors, path, metadata=metadata)
-        except OSError as e:  # the decoded set is in memory already; losing the cache only costs time later
-            warnings.warn(f"{path}: could not write the image cache ({e}); later runs will decode again",
-                          stacklevel=3)
+            fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".decoding")
+            os.close(fd)
+        except OSError as e:
+            warnings.warn(f"{path}: could not write the image cache ({e}); decoding into memory, and later runs "
+                          "will decode again", stacklevel=3)
+            return None
+        try:
+            raw = np.memmap(scratch, dtype=np.uint8, mode="w+", shape=(len(files), c, r, r))
+            _, failed = self.decode(files, strict, workers, progress, out=raw)
+            self.check_failures(files, failed, strict)
+            keep = np.array([i for i in range(len(files)) if i not in failed], dtype=np.int64)
+            skipped = [[files[i].relative_to(self.root).as_posix(), failed[i]] for i in sorted(failed)]
+            metadata = {"format": CACHE_FORMAT, "key": key, "class_names": json.dumps(self.class_names),
+                        "skipped": json.dumps(skipped), "root": str(self.root), "changes": self._changes}
+            specs = {"images": (torch.uint8, (len(keep), c, r, r))}
+            if labels is not None:
+                specs["labels"] = (torch.int64, (len(keep),))
+
+            def fill(views):
+                rows = max(1, CHUNK_BYTES // (c * r * r))
+                for start in range(0, len(keep), rows):
+                    views["images"][start:start + rows] = raw[keep[start:start + rows]]
+                if labels is not None:
+                    views["labels"][:] = np.asarray(labels, dtype=np.int64)[keep]
+
+            try:
+                write_mapped(path, specs, fill, metadata)
+            except OSError as e:  # disk full: the rows are in the scratch map; losing the cache costs time later
+                warnings.warn(f"{path}: could not write the image cache ({e}); later runs will decode again",
+                              stacklevel=3)
+                return torch.from_numpy(np.array(raw[keep])), failed
+        finally:
+            Path(scratch).unlink(missing_ok=True)
+        return read_mapped(path)[0]["images"], failed
 
 
 def random_flips(batch_size: int, generator: torch.Generator) -> torch.Tensor:

@@ -7,13 +7,14 @@ import dataclasses
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ..autoencoder import Autoencoder
-from ..checkpoint import atomic_save_tensors, sha256_file
+from ..checkpoint import sha256_file
 from ..data import ImageDataset
+from ..tensorfile import read_mapped, write_mapped
 from .loop import Distributed
 
 
@@ -41,16 +42,21 @@ def measure_latent_statistics(autoencoder: Autoencoder, dataset: ImageDataset, d
 
 @torch.inference_mode()
 def encode_dataset(autoencoder: Autoencoder, dataset: ImageDataset, device, batch: int = 256,
-                   progress: bool = True) -> torch.Tensor:
-    """Latents of every image and of its mirror image: (N, 2, C, h, w) float32, flip index 1 = mirrored."""
-    out = []
+                   progress: bool = True, out: np.ndarray | None = None) -> torch.Tensor | np.ndarray:
+    """Latents of every image and of its mirror image: (N, 2, C, h, w) float32, flip index 1 = mirrored; written
+    into `out` (a memory-mapped file's view) batch by batch if given, so they are never all in memory."""
+    parts = []
     # A progress bar from the first batch: encoding a large folder takes minutes on a CPU.
     for start in tqdm(range(0, len(dataset), batch), desc="encoding latents", unit="batch", disable=not progress):
         idx = torch.arange(start, min(start + batch, len(dataset)))
         x, _ = dataset.batch(idx)
         x = x.to(device)
-        out.append(torch.stack([autoencoder.encode(x), autoencoder.encode(x.flip(-1))], 1).float().cpu())
-    return torch.cat(out)
+        latents = torch.stack([autoencoder.encode(x), autoencoder.encode(x.flip(-1))], 1).float().cpu()
+        if out is None:
+            parts.append(latents)
+        else:
+            out[start:start + len(idx)] = latents.numpy()
+    return torch.cat(parts) if out is None else out
 
 
 def latent_batches(latents: torch.Tensor, dataset: ImageDataset):
@@ -73,13 +79,16 @@ def cached_latents(autoencoder: Autoencoder, dataset: ImageDataset, cache_dir: P
     tag = sha256_file(weights)[:16] if weights else "unknown"
     path = cache_dir / f"latents-{tag}-{dataset.content_key[:16]}-{len(dataset)}.safetensors"
 
+    side = dataset.resolution // autoencoder.downsample_factor
+    shape = (len(dataset), 2, autoencoder.latent_channels, side, side)
+
     def usable() -> bool:
         try:
-            latents = load_file(str(path))["latents"]
+            latents = read_mapped(path)[0]["latents"]
         except Exception as e:  # any damage: truncated, not safetensors, no such key
             warnings.warn(f"{path}: ignoring a damaged latent cache ({type(e).__name__}); encoding again", stacklevel=3)
             return False
-        if tuple(latents.shape[:3]) != (len(dataset), 2, autoencoder.latent_channels):
+        if tuple(latents.shape) != shape:
             warnings.warn(f"{path}: ignoring a latent cache of shape {tuple(latents.shape)}; encoding again",
                           stacklevel=3)
             return False
@@ -87,8 +96,9 @@ def cached_latents(autoencoder: Autoencoder, dataset: ImageDataset, cache_dir: P
 
     if dist_.main and not (path.is_file() and usable()):
         cache_dir.mkdir(parents=True, exist_ok=True)
-        atomic_save_tensors({"latents": encode_dataset(autoencoder, dataset, dist_.device)}, path)
+        write_mapped(path, {"latents": (torch.float32, shape)},
+                     lambda views: encode_dataset(autoencoder, dataset, dist_.device, out=views["latents"]))
     dist_.barrier()
-    return load_file(str(path))["latents"]
+    return read_mapped(path)[0]["latents"]  # memory-mapped: each rank reads the rows its batches touch
 
 

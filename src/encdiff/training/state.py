@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CHECKPOINTS, FORMAT_VERSION, atomic_save_tensors, atomic_write_bytes, read_json, read_weights, sha256_file
+from ..checkpoint import (CHECKPOINTS, FORMAT_VERSION, atomic_save_tensors, atomic_write_bytes, read_json, read_weights,
+                          sha256_file)
 from ..errors import EncdiffError, check_int
 
 
