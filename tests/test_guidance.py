@@ -82,3 +82,117 @@ def test_the_cli_and_the_server_take_the_interval(tmp_path, capsys):
     capsys.readouterr()
     assert main(["sample", str(folder), "--guidance-interval", "5", "1", "--out", str(tmp_path / "b.png")]) == 2
     assert "sampling.guidance_interval" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- autoguidance
+def guided_pair(conditional: bool = True):
+    """A generator with a guide: a second tiny U-Net of the same shape and labels, other random weights."""
+    import dataclasses
+
+    from encdiff.unet import UNet
+    from conftest import randomize_
+
+    generator = tiny_generator()
+    if not conditional:
+        from encdiff.pipeline import Generator
+
+        unet = UNet(dataclasses.replace(generator.unet.config, num_classes=0, null_class=False))
+        randomize_(unet, seed=1)
+        generator = Generator(unet, generator.spec, generator.autoencoder)
+    guide = randomize_(UNet(generator.unet.config), seed=5)
+    return generator, generator.with_guide(guide, {"images": 1000})
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "heun"])
+def test_autoguidance_with_the_model_as_its_own_guide_is_no_guidance(sampler):
+    generator, _ = guided_pair()
+    itself = generator.with_guide(generator.unet)
+    labels = torch.tensor([0, 2])
+    unguided = generator.images([3, 4], labels, sampler=sampler, steps=5, guidance_scale=1.0)
+    assert torch.equal(itself.images([3, 4], labels, sampler=sampler, steps=5, guidance_scale=2.5,
+                                     guidance_kind="auto"), unguided)
+
+
+def test_autoguidance_guides_an_unconditional_model_counts_both_networks_and_takes_the_interval():
+    generator, guided = guided_pair(conditional=False)
+    plain = guided.images([1, 2], None, steps=6, guidance_scale=1.0)
+    auto = guided.images([1, 2], None, steps=6, guidance_scale=2.0, guidance_kind="auto")
+    assert not torch.equal(auto, plain)
+    assert torch.equal(guided.images([1, 2], None, steps=6, guidance_scale=2.0, guidance_kind="auto",
+                                     guidance_interval=(0.0, 0.0)), plain)
+    guided.reset_evaluations()
+    guided.images([1, 2], None, steps=6, guidance_scale=2.0, guidance_kind="auto")
+    assert guided.denoiser.evaluations == 12 and guided.guide_denoiser.evaluations == 12 and guided.evaluations == 24
+    with pytest.raises(EncdiffError, match="unconditional model has no classifier-free guidance; its guide"):
+        guided.images([1], None, steps=2, guidance_scale=2.0)
+    with pytest.raises(EncdiffError, match="no guide model .*encdiff train-guide"):
+        generator.images([1], None, steps=2, guidance_scale=2.0, guidance_kind="auto")
+
+
+def test_a_guide_is_stored_in_the_generator_folder_validated_and_used_by_the_cli_and_editing(tmp_path, capsys):
+    from encdiff import editing
+    from encdiff.cli import main
+    from encdiff.pipeline import Generator
+
+    _, guided = guided_pair()
+    guided.sampling = guided.sampling.but(steps=4, guidance_scale=2.0, guidance_kind="auto")
+    folder = guided.save_pretrained(tmp_path / "gen")
+    info = json.loads((folder / "generator.json").read_text())
+    assert info["guide"] == {"images": 1000} and info["sampling"]["guidance_kind"] == "auto"
+    loaded = Generator.from_pretrained(folder)
+    labels = torch.tensor([1, 1])
+    expected = guided.images([0, 1], labels)
+    assert torch.equal(loaded.images([0, 1], labels), expected)
+    assert torch.equal(editing.img2img(loaded, images(2), [0, 1], labels, strength=1.0), expected)
+    assert main(["sample", str(folder), "--class", "b", "--num", "2", "--out", str(tmp_path / "a.png")]) == 0
+    from PIL import Image
+    import numpy as np
+    from encdiff.images import image_grid
+
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")),
+                          image_grid(expected, rows=1).permute(1, 2, 0).numpy())
+    cfg = guided.images([0, 1], labels, guidance_kind="classifier-free")
+    assert main(["sample", str(folder), "--class", "b", "--num", "2", "--guidance-kind", "classifier-free",
+                 "--out", str(tmp_path / "c.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), image_grid(cfg, rows=1).permute(1, 2, 0).numpy())
+    import shutil
+
+    shutil.rmtree(folder / "guide")
+    with pytest.raises(EncdiffError, match="entry 'guide' without a guide/ folder"):
+        Generator.from_pretrained(folder)
+
+
+def test_a_guide_of_other_labels_or_shape_is_refused():
+    import dataclasses
+
+    from encdiff.unet import UNet
+
+    generator, _ = guided_pair()
+    other = UNet(dataclasses.replace(generator.unet.config, num_classes=5))
+    with pytest.raises(EncdiffError, match="guide's num_classes = 5 differs"):
+        generator.with_guide(other)
+
+
+def test_train_guide_trains_a_smaller_model_of_the_generators_data_into_its_folder(tmp_path):
+    from conftest import colour_classes, run_encdiff
+    from encdiff.pipeline import Generator
+
+    data = colour_classes(tmp_path / "data", per_class=4, size=16)
+    common = ["--model", "tiny", "--steps", "2", "--batch-size", "4", "--sample-every", "0", "--checkpoint-every", "2",
+              "--resolution", "16"]
+    run_encdiff(["train-autoencoder", str(data), "--run-dir", str(tmp_path / "ae"), *common])
+    run_encdiff(["train", str(data), "--autoencoder", str(tmp_path / "ae" / "model"), "--run-dir",
+                 str(tmp_path / "ldm"), *common])
+    folder = tmp_path / "ldm" / "model"
+    dry = run_encdiff(["train-guide", str(folder), str(data), "--dry-run"])
+    planned = json.loads(dry.stdout)
+    assert planned["steps"] == 2000 and planned["autoencoder"] == str(folder / "autoencoder")
+    run_encdiff(["train-guide", str(folder), str(data), "--run-dir", str(tmp_path / "guide"), "--steps", "2",
+                 "--batch-size", "4", "--sample-every", "0", "--checkpoint-every", "2"])
+    generator = Generator.from_pretrained(folder)
+    assert generator.guide is not None and generator.guide_info["steps"] == 2
+    labels = torch.tensor([0, 1])
+    auto = generator.images([0, 1], labels, steps=3, guidance_scale=2.0, guidance_kind="auto")
+    assert not torch.equal(auto, generator.images([0, 1], labels, steps=3, guidance_scale=1.0))
+    run_encdiff(["sample", str(folder), "--guidance-kind", "auto", "--guidance", "2", "--num", "2", "--steps", "3",
+                 "--class", "class0", "--out", str(tmp_path / "auto.png")])

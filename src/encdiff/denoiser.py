@@ -233,24 +233,39 @@ class GuidedDenoiser:
 
         D_guided = D(x; sigma, null) + w * (D(x; sigma, c) - D(x; sigma, null))
 
-    w = 1 is the conditional model, w = 0 the unconditional one. With an `interval` (sigma_lo, sigma_hi), guidance
-    applies only where sigma_lo < sigma <= sigma_hi and the conditional model alone runs elsewhere, one evaluation
-    instead of two (Kynkaenniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and
-    Distribution Quality in Diffusion Models", sec. 3): guidance at high noise levels pulls every sample of a class
-    towards one layout, and at low ones it adds nothing. Any other attribute (sigma range, training grid) is the
-    wrapped denoiser's, so samplers and schedules treat it as a denoiser.
+    w = 1 is the conditional model, w = 0 the unconditional one. With a `guide` denoiser instead, autoguidance
+    (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself", eq. 2):
+
+        D_guided = D_guide(x; sigma, c) + w * (D(x; sigma, c) - D_guide(x; sigma, c))
+
+    where the guide is a smaller, shorter-trained model of the same data and latent space: the difference pushes away
+    from the errors the weaker model makes, without the unconditional model's pull towards class prototypes, so it
+    works for unconditional models too (c is then absent for both).
+
+    With an `interval` (sigma_lo, sigma_hi), guidance applies only where sigma_lo < sigma <= sigma_hi and the main
+    model alone runs elsewhere, one evaluation instead of two (Kynkaenniemi et al. 2024, "Applying Guidance in a
+    Limited Interval Improves Sample and Distribution Quality in Diffusion Models", sec. 3): guidance at high noise
+    levels pulls every sample of a class towards one layout, and at low ones it adds nothing. Any other attribute
+    (sigma range, training grid) is the wrapped denoiser's, so samplers and schedules treat it as a denoiser.
     """
 
-    def __init__(self, denoiser, guidance_scale, interval=None):
-        if denoiser.num_classes == 0:
-            raise EncdiffError("guidance needs a class-conditional model; this one is unconditional (num_classes = 0)")
-        if not denoiser.null_class:
+    def __init__(self, denoiser, guidance_scale, interval=None, guide=None):
+        if guide is not None:
+            if (guide.num_classes, guide.null_class) != (denoiser.num_classes, denoiser.null_class):
+                raise EncdiffError(f"the guide is conditional on {count(guide.num_classes, 'class', 'classes')}, the "
+                                   f"model on {count(denoiser.num_classes, 'class', 'classes')}: a guide must take the "
+                                   "same labels")
+        elif denoiser.num_classes == 0:
+            raise EncdiffError("classifier-free guidance needs a class-conditional model; this one is unconditional "
+                               "(num_classes = 0): autoguidance works for it (a guide model: encdiff train-guide)")
+        elif not denoiser.null_class:
             raise EncdiffError("guidance needs a model trained with a null class (config.null_class); this has none")
         if not math.isfinite(guidance_scale):
             raise EncdiffError(f"guidance_scale must be finite, got {guidance_scale}")
         if interval is not None and not (len(interval) == 2 and 0 <= interval[0] <= interval[1]):
             raise EncdiffError(f"guidance interval {interval!r}: expected (sigma_lo, sigma_hi) with 0 <= lo <= hi")
         self.denoiser = denoiser
+        self.guide = guide
         self.guidance_scale = guidance_scale
         self.interval = None if interval is None else (float(interval[0]), float(interval[1]))
 
@@ -265,22 +280,26 @@ class GuidedDenoiser:
 
     def __call__(self, x, sigma, class_labels=None):
         B = x.shape[0]
-        if class_labels is None:
-            raise EncdiffError("guidance needs class_labels (the class to guide towards)")
-        class_labels = torch.as_tensor(class_labels, device=x.device)
-        null = torch.full_like(class_labels, self.denoiser.num_classes)
+        if class_labels is None and self.guide is None:
+            raise EncdiffError("classifier-free guidance needs class_labels (the class to guide towards)")
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, device=x.device)
         sigma = _as_batch(sigma, x)
         inside = self.guided(sigma)
-        if not inside.any():  # outside the interval: the conditional model, one evaluation
+        if not inside.any():  # outside the interval: the main model, one evaluation
             return self.denoiser(x, sigma, class_labels)
-        # One forward over [conditional; unconditional] halves the passes and keeps both halves' numerics identical.
-        denoised_cond, denoised_uncond = self.denoiser(
-            torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([class_labels, null])
-        ).split(B)
-        guided = denoised_uncond + self.guidance_scale * (denoised_cond - denoised_uncond)
+        if self.guide is not None:
+            denoised, weak = self.denoiser(x, sigma, class_labels), self.guide(x, sigma, class_labels)
+        else:
+            # One forward over [conditional; unconditional] halves the passes and keeps both halves' numerics
+            # identical.
+            null = torch.full_like(class_labels, self.denoiser.num_classes)
+            denoised, weak = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                           torch.cat([class_labels, null])).split(B)
+        guided = weak + self.guidance_scale * (denoised - weak)
         if inside.all():
             return guided
-        return torch.where(_per_image(inside, x).bool(), guided, denoised_cond)  # per-image levels (training)
+        return torch.where(_per_image(inside, x).bool(), guided, denoised)  # per-image levels (training)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,14 +62,15 @@ def seeded(seeds: list[int], device) -> list[torch.Generator]:
 def img2img(generator, images: torch.Tensor, seeds: list[int], class_labels: torch.Tensor | None = None,
             strength: float = 0.5, sampler: str | None = None, steps: int | None = None,
             guidance_scale: float | None = None, schedule: str | None = None,
-            guidance_interval: tuple[float, float] | None = None, callback=None) -> torch.Tensor:
+            guidance_interval: tuple[float, float] | None = None, guidance_kind: str | None = None,
+            callback=None) -> torch.Tensor:
     """SDEdit: noise the encoded images to the level where the last `steps_run(steps, strength)` steps of the
     sampling grid begin, then run those steps. Strength 0 is the autoencoder round trip; strength 1 ignores the image
     and equals `Generator.images` for the same seeds, labels and sampling, bit for bit. Unset sampling settings are
     the generator's (`Generator.settings`), its stored noise levels included."""
     check_images(generator, images)
     s = generator.settings(class_labels, sampler=sampler, steps=steps, guidance_scale=guidance_scale, schedule=schedule,
-                           guidance_interval=guidance_interval)
+                           guidance_interval=guidance_interval, guidance_kind=guidance_kind)
     steps = s.steps
     n = steps_run(steps, strength)
     if len(seeds) != len(images):
@@ -86,8 +87,7 @@ def img2img(generator, images: torch.Tensor, seeds: list[int], class_labels: tor
         eps = noise(z0.shape, gens, z0.dtype, z0.device)
         x = eps * sigmas[0].item() if n == steps else z0 + sigmas[0].item() * eps
         latents = generate(generator.denoiser, z0.shape, gens, sampler=s.sampler, steps=n, sigmas=sigmas,
-                           class_labels=class_labels, guidance_scale=s.guidance_scale,
-                           guidance_interval=s.guidance_interval, x=x, callback=callback)
+                           class_labels=class_labels, **generator.guidance(s), x=x, callback=callback)
         return generator.decode(latents)
 
 
@@ -119,7 +119,7 @@ def inpaint(generator, images: torch.Tensor, mask: torch.Tensor, seeds: list[int
             class_labels: torch.Tensor | None = None, sampler: str | None = None, steps: int | None = None,
             guidance_scale: float | None = None, schedule: str | None = None,
             guidance_interval: tuple[float, float] | None = None, resample: int = 1,
-            callback=None) -> torch.Tensor:
+            guidance_kind: str | None = None, callback=None) -> torch.Tensor:
     """Repaint where `mask` is 1 (B or 1, 1, H, W; 0/1 values), keep the rest: the unmasked pixels of the result
     equal the input exactly. `resample` > 1 is RePaint: each step is redone after re-noising its result back to the
     step's starting level, `resample` times in all, for steps x resample model evaluations (one-step samplers:
@@ -127,7 +127,7 @@ def inpaint(generator, images: torch.Tensor, mask: torch.Tensor, seeds: list[int
     check_images(generator, images)
     mask = check_mask(mask, images)
     s = generator.settings(class_labels, sampler=sampler, steps=steps, guidance_scale=guidance_scale, schedule=schedule,
-                           guidance_interval=guidance_interval)
+                           guidance_interval=guidance_interval, guidance_kind=guidance_kind)
     sampler, steps, guidance_scale = s.sampler, s.steps, s.guidance_scale
     check_int(resample, "resample", 1, what="", note="1: no resampling")
     if len(seeds) != len(images):
@@ -139,7 +139,8 @@ def inpaint(generator, images: torch.Tensor, mask: torch.Tensor, seeds: list[int
         gens = seeded(seeds, device)
         eps = noise(z0.shape, gens, z0.dtype, device)
         # Guidance inside, the replacement outside: the guided denoiser evaluates both halves at the same input.
-        guided = (GuidedDenoiser(generator.denoiser, guidance_scale, s.guidance_interval)
+        guidance = generator.guidance(s)
+        guided = (GuidedDenoiser(generator.denoiser, guidance_scale, s.guidance_interval, guidance["guide"])
                   if guidance_scale not in (None, 1)
                   else generator.denoiser)
         known = KnownRegion(guided, z0, eps, m)
@@ -268,8 +269,8 @@ def interpolate_seeds(generator, seeds: tuple[int, int], frames: int, class_labe
     # batch size, and the ends must be those images exactly.
     with torch.inference_mode():
         latents = [generate(generator.denoiser, shape, None, sampler=settings.sampler, steps=settings.steps,
-                            sigmas=sigmas, class_labels=class_labels, guidance_scale=settings.guidance_scale,
-                            guidance_interval=settings.guidance_interval, x=frame[None], callback=callback)
+                            sigmas=sigmas, class_labels=class_labels, **generator.guidance(settings), x=frame[None],
+                            callback=callback)
                    for frame in path]
         return torch.cat([generator.decode(z) for z in latents])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .backbones import CLASS_NAMES, load_backbone
 from .unet import UNet
 
 GENERATOR_FILE = "generator.json"
+GUIDANCE_KINDS = ("classifier-free", "auto")  # Sampling.guidance_kind
 DENOISER_KINDS = ("edm", "vp", "consistency")  # DenoiserSpec.kind
 TRAINED_KINDS = ("edm", "vp")  # the kinds stage 2 trains (a consistency student is distilled from an edm one)
 
@@ -83,9 +85,12 @@ class Sampling:
     # student's tuned levels; the final 0 is implied); None: the schedule's
     guidance_interval: tuple[float, float] | None = None  # guidance only where lo < sigma <= hi, one evaluation
     # elsewhere (Kynkaenniemi et al. 2024); None: at every noise level
+    guidance_kind: str = "classifier-free"  # what guidance_scale scales: "classifier-free" (towards the class, away
+    # from the unconditional model) or "auto" (away from the generator's guide model: autoguidance, Karras et al. 2024)
 
     def __post_init__(self):
         check_field(self.sampler in SAMPLERS, "sampling.sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
+        check_choice(self.guidance_kind, "sampling.guidance_kind", GUIDANCE_KINDS)
         check_int(self.steps, "sampling.steps")
         check_field(self.schedule in SCHEDULES, "sampling.schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
         if self.guidance_scale is not None:
@@ -143,19 +148,28 @@ class Generator:
 
     def __init__(self, unet: UNet, spec: DenoiserSpec, autoencoder: Autoencoder | None = None,
                  class_names: list[str] | None = None, sampling: Sampling | dict[str, Any] | None = None,
-                 distillation: dict[str, Any] | None = None):
+                 distillation: dict[str, Any] | None = None, guide: torch.nn.Module | None = None,
+                 guide_info: dict[str, Any] | None = None):
         self.unet = unet.eval()
+        # Autoguidance's guide (Sampling.guidance_kind = "auto"): a smaller, shorter-trained backbone of the same
+        # latent space, denoiser and labels; `guide_info` records how it was trained.
+        self.guide, self.guide_info = (guide.eval() if guide is not None else None), guide_info
+        if guide is not None:
+            for name in ("in_channels", "out_channels", "sample_size", "num_classes", "null_class"):
+                ours, theirs = getattr(unet.config, name), getattr(guide.config, name, None)
+                if ours != theirs:
+                    raise EncdiffError(f"the guide's {name} = {theirs!r} differs from the U-Net's {ours!r}: a guide "
+                                       "works on the same latents with the same labels")
         # How a distilled student was made (teacher, guidance scale built in, grid, images): recorded, not used.
         self.distillation = distillation
         # The settings `images()` uses when not told otherwise: chosen by whoever measured the model (for the bundled
         # one, BENCHMARKS.md).
         self.sampling = sampling if isinstance(sampling, Sampling) else Sampling.from_dict(sampling)
-        if self.sampling.guidance_scale not in (None, 1) and not unet.config.num_classes:
-            raise EncdiffError(f"sampling.guidance_scale = {self.sampling.guidance_scale}: an unconditional model "
-                               "cannot be guided")
         self.spec = spec
+        self.check_guidance(self.sampling, "sampling.")
         check_sampler_fits(self.sampling.sampler, spec.kind, "sampling.sampler")
         self.denoiser = spec.build(unet)
+        self.guide_denoiser = spec.build(self.guide) if guide is not None else None
         if autoencoder is None and unet.config.in_channels not in (1, 3, 4):
             raise EncdiffError(f"a pixel-space generator (latent: false) makes images of the U-Net's "
                                f"{unet.config.in_channels} channels: expected 1, 3 or 4 (is an autoencoder missing?)")
@@ -169,6 +183,34 @@ class Generator:
         if autoencoder is not None and autoencoder.latent_channels != unet.config.in_channels:
             raise EncdiffError(f"the autoencoder has {autoencoder.latent_channels} latent channels, "
                                f"the U-Net takes {unet.config.in_channels}")
+
+    def check_guidance(self, settings: Sampling, prefix: str = "") -> None:
+        """Refuse guidance this generator cannot give: classifier-free needs classes, autoguidance a guide."""
+        if settings.guidance_scale in (None, 1):
+            return
+        if settings.guidance_kind == "auto" and self.guide is None:
+            raise EncdiffError(f"{prefix}guidance_kind = 'auto': this generator has no guide model (train one with "
+                               "`encdiff train-guide GENERATOR DATA`), or use classifier-free guidance")
+        if settings.guidance_kind == "classifier-free" and not self.unet.config.num_classes:
+            raise EncdiffError(f"{prefix}guidance_scale = {settings.guidance_scale}: an unconditional model has no "
+                               "classifier-free guidance" + ("; its guide gives autoguidance (guidance_kind 'auto')"
+                                                              if self.guide is not None else ""))
+
+    def guidance(self, settings: Sampling) -> dict[str, Any]:
+        """The guidance arguments of `samplers.generate` for these settings: the one place a guidance kind becomes
+        a guided denoiser, for sampling and editing alike."""
+        return {"guidance_scale": settings.guidance_scale, "guidance_interval": settings.guidance_interval,
+                "guide": self.guide_denoiser if settings.guidance_kind == "auto" else None}
+
+    @property
+    def evaluations(self) -> int:
+        """Images through a network since the counts were reset (the guide's included): NFE x images."""
+        return self.denoiser.evaluations + (self.guide_denoiser.evaluations if self.guide_denoiser else 0)
+
+    def reset_evaluations(self) -> None:
+        for denoiser in (self.denoiser, self.guide_denoiser):
+            if denoiser is not None:
+                denoiser.evaluations = 0
 
     @property
     def image_size(self) -> int:
@@ -213,10 +255,12 @@ class Generator:
         """The sampling settings a call uses: `sampling` (default: the generator's) with the non-None `overrides`;
         a default guidance scale is dropped when there are no class labels to guide towards."""
         base = sampling or self.sampling
-        if class_labels is None and overrides.get("guidance_scale") is None:
+        kind = overrides.get("guidance_kind") or base.guidance_kind
+        if class_labels is None and overrides.get("guidance_scale") is None and kind == "classifier-free":
             base = dataclasses.replace(base, guidance_scale=None)
         settings = base.but(**overrides)
         check_sampler_fits(settings.sampler, self.spec.kind)
+        self.check_guidance(settings)
         if self.spec.kind == "consistency" and settings.guidance_scale not in (None, 1):
             built_in = (self.distillation or {}).get("guidance_scale")
             raise EncdiffError(f"guidance_scale {settings.guidance_scale}: this consistency student has its guidance "
@@ -228,7 +272,7 @@ class Generator:
     def images(self, seeds: list[int], class_labels: torch.Tensor | None = None, sampling: Sampling | None = None, *,
                sampler: str | None = None, steps: int | None = None, guidance_scale: float | None = None,
                schedule: str | None = None, guidance_interval: tuple[float, float] | None = None,
-               callback=None) -> torch.Tensor:
+               guidance_kind: str | None = None, callback=None) -> torch.Tensor:
         """uint8 images (B, C, H, W), image i made from its own seed: its noise, and so its image, does not depend on
         the other seeds of the batch. The pixels of a batch equal those of images made one by one to within rounding:
         the CPU's convolution kernels round differently for another batch size, so a value in a few thousand may
@@ -238,15 +282,13 @@ class Generator:
         guidance off); its default guidance is used only where there are class labels to guide towards.
         `callback(i, sigma, x, denoised)` runs after every step (see samplers)."""
         settings = self.settings(class_labels, sampling, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-                                 schedule=schedule, guidance_interval=guidance_interval)
+                                 schedule=schedule, guidance_interval=guidance_interval, guidance_kind=guidance_kind)
         c = self.unet.config
         device = next(self.unet.parameters()).device
         generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
         latents = generate(self.denoiser, (len(seeds), c.in_channels, c.sample_size, c.sample_size), generators,
                            sampler=settings.sampler, steps=settings.steps, sigmas=settings.grid(self.denoiser),
-                           class_labels=class_labels, guidance_scale=settings.guidance_scale,
-                           guidance_interval=settings.guidance_interval, device=device,
-                           callback=callback)
+                           class_labels=class_labels, **self.guidance(settings), device=device, callback=callback)
         return self.decode(latents)
 
     @torch.inference_mode()
@@ -279,7 +321,13 @@ class Generator:
             if key.startswith(("encoder.", "quant_conv.")) and not torch.equal(new_state[key].to(value), value):
                 raise EncdiffError(f"the new autoencoder's weight {key!r} differs from the generator's: another "
                                    "encoder means another latent space (fine-tune the decoder only)")
-        return Generator(self.unet, self.spec, autoencoder, self.class_names, self.sampling, self.distillation)
+        return Generator(self.unet, self.spec, autoencoder, self.class_names, self.sampling, self.distillation,
+                         self.guide, self.guide_info)
+
+    def with_guide(self, guide: torch.nn.Module, info: dict[str, Any] | None = None) -> "Generator":
+        """The same generator with an autoguidance guide (checked to share its latents and labels)."""
+        return Generator(self.unet, self.spec, self.autoencoder if isinstance(self.autoencoder, Autoencoder) else None,
+                         self.class_names, self.sampling, self.distillation, guide, info)
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write the generator folder; `dtype` (e.g. torch.float16) stores the weights in that precision
@@ -289,11 +337,15 @@ class Generator:
         self.unet.save_pretrained(folder / "unet", dtype=dtype)
         if isinstance(self.autoencoder, Autoencoder):
             self.autoencoder.save_pretrained(folder / "autoencoder", dtype=dtype)
+        if self.guide is not None:
+            self.guide.save_pretrained(folder / "guide", dtype=dtype)
         info = {"encdiff_class": "Generator", "format_version": 1, "denoiser": dataclasses.asdict(self.spec),
                 "class_names": self.class_names, "latent": isinstance(self.autoencoder, Autoencoder),
                 "sampling": dataclasses.asdict(self.sampling)}
         if self.distillation is not None:
             info["distillation"] = self.distillation
+        if self.guide is not None:
+            info["guide"] = self.guide_info or {}
         atomic_write_bytes(folder / GENERATOR_FILE, (json.dumps(info, indent=2) + "\n").encode())
         return folder
 
@@ -322,20 +374,27 @@ class Generator:
         if not all(isinstance(n, str) for n in info["class_names"]):
             raise EncdiffError(f"{info_path}: entry 'class_names' = {info['class_names']!r}: expected strings")
         unknown = sorted(set(info) - {"encdiff_class", "format_version", "denoiser", "class_names", "latent", "sampling",
-                                      "distillation"})
+                                      "distillation", "guide"})
         if unknown:
             raise EncdiffError(f"{info_path}: unknown entry {unknown[0]!r}")
-        if not isinstance(info.get("distillation", {}), dict):
-            raise EncdiffError(f"{info_path}: entry 'distillation' = {info['distillation']!r}: expected an object")
+        for key in ("distillation", "guide"):
+            if not isinstance(info.get(key, {}), dict):
+                raise EncdiffError(f"{info_path}: entry {key!r} = {info[key]!r}: expected an object")
+        if "guide" in info and not (folder / "guide").is_dir():
+            raise EncdiffError(f"{info_path}: entry 'guide' without a guide/ folder")
+        if "guide" not in info and (folder / "guide").is_dir():
+            warnings.warn(f"{folder / 'guide'}: ignored, generator.json records no guide (an interrupted "
+                          "`encdiff train-guide`? run it again)", stacklevel=2)
         if not info["latent"] and (folder / "autoencoder").is_dir():
             raise EncdiffError(f"{info_path}: entry 'latent' = false, but the folder holds autoencoder/: expected true "
                                "for a latent generator")
         spec = config_from_dict(DenoiserSpec, info["denoiser"], f"{info_path} denoiser")
         unet = load_backbone(folder / "unet", device=device)
         autoencoder = Autoencoder.from_pretrained(folder / "autoencoder", device=device) if info["latent"] else None
+        guide = load_backbone(folder / "guide", device=device) if "guide" in info else None
         try:
             return cls(unet, spec, autoencoder, info.get("class_names"), Sampling.from_dict(info.get("sampling"), "sampling"),
-                       info.get("distillation"))
+                       info.get("distillation"), guide, info.get("guide"))
         except EncdiffError as e:
             raise EncdiffError(f"{info_path}: {e}") from None
 

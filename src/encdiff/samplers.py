@@ -270,21 +270,22 @@ def get_sampler(name):
 def generate(
     denoiser, shape, generator, sampler="dpmpp_2m", steps=20, schedule="karras", class_labels=None,
     guidance_scale=None, callback=None, dtype=torch.float32, device=None, sigmas=None, x=None, guidance_interval=None,
-    **sampler_options,
+    guide=None, **sampler_options,
 ):
     """Noise -> images: x = noise * sigmas[0] (EDM Alg. 1, line 2), then the named sampler over ``steps`` steps.
 
     With a list of generators (one per image) every image depends only on its own seed. ``guidance_scale``
     turns on classifier-free guidance towards ``class_labels``; a scale of 1 is the conditional model itself
     (eq. 6 with w = 0), so it runs without the unconditional half of the batch; ``guidance_interval`` (sigma_lo,
-    sigma_hi) limits guidance to those noise levels (GuidedDenoiser). Editing starts elsewhere: ``sigmas``
+    sigma_hi) limits guidance to those noise levels; with a ``guide`` denoiser the guidance is autoguidance instead
+    (GuidedDenoiser), for unconditional models too. Editing starts elsewhere: ``sigmas``
     replaces the schedule's grid (e.g. its tail, for img2img) and ``x`` the initial noise (already at sigmas[0]).
     """
     sample_fn = get_sampler(sampler)
     if sigmas is None:
         sigmas = get_sigmas(schedule, steps, denoiser)
     if guidance_scale is not None and guidance_scale != 1:
-        denoiser = GuidedDenoiser(denoiser, guidance_scale, guidance_interval)
+        denoiser = GuidedDenoiser(denoiser, guidance_scale, guidance_interval, guide)
     if x is None:
         x = noise(shape, generator, dtype, device) * sigmas[0].item()
     return sample_fn(denoiser, x, sigmas, class_labels, generator, callback, **sampler_options)

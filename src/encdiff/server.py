@@ -26,7 +26,7 @@ import torch
 
 from .errors import EncdiffError
 from .images import png_bytes
-from .pipeline import Generator, samplers_for
+from .pipeline import GUIDANCE_KINDS, Generator, samplers_for
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds; image i of a request uses seed + i
@@ -160,6 +160,8 @@ def create_app(generator: Generator, limits: ServerLimits = ServerLimits(), allo
         guidance_interval: Optional[list[float]] = Field(
             None, min_length=2, max_length=2, description="[lo, hi]: guide only where lo < sigma <= hi (one network "
             "evaluation per step elsewhere); none: the model's default")
+        guidance_kind: Optional[Literal[GUIDANCE_KINDS]] = Field(
+            None, description="classifier-free, or auto (autoguidance by the model's guide); none: the model's default")
         seed: Optional[StrictInt] = Field(None, ge=0, le=SEED_MAX - limits.max_images,
                                           description="seed of the first image (image i: seed + i); none: random")
 
@@ -211,15 +213,14 @@ def create_app(generator: Generator, limits: ServerLimits = ServerLimits(), allo
             labels = generator.labels(body.num_images, body.class_)
         except EncdiffError as e:
             return field_error("class", str(e))
-        if body.guidance is not None and labels is None:
-            return field_error("guidance", "this model is unconditional: it cannot be guided")
         try:
             settings = generator.settings(labels, sampler=body.sampler, steps=body.steps, guidance_scale=body.guidance,
-                                          guidance_interval=body.guidance_interval)
+                                          guidance_interval=body.guidance_interval, guidance_kind=body.guidance_kind)
         except EncdiffError as e:  # a sampler that does not fit; a student's built-in guidance; a bad interval
             message = str(e)
             field = ("sampler" if message.startswith("sampler") else
-                     "guidance_interval" if "guidance_interval" in message else "guidance")
+                     "guidance_interval" if "guidance_interval" in message else
+                     "guidance_kind" if "guidance_kind =" in message else "guidance")
             return field_error(field, message)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         return [seed + i for i in range(body.num_images)], labels, settings
@@ -246,6 +247,9 @@ def create_app(generator: Generator, limits: ServerLimits = ServerLimits(), allo
                 "latent": generator.downsample_factor > 1, "sampling": dataclasses.asdict(defaults),
                 "sigma_max": generator.denoiser.sigma_max,
                 "samplers": list(sampler_names), "limits": dataclasses.asdict(limits), "seed_max": SEED_MAX,
+                # the guidance kinds this model offers: classifier-free with classes, auto with a guide model
+                "guidance_kinds": (["classifier-free"] if generator.num_classes else [])
+                + (["auto"] if generator.guide is not None else []),
                 # a consistency student's guidance scale, fixed at distillation: the page then offers no guidance
                 "guidance_built_in": (generator.distillation or {}).get("guidance_scale")
                 if generator.spec.kind == "consistency" else None}

@@ -3,7 +3,7 @@
 A user mistake (bad path, value or file) prints one line `encdiff: error: ...` and exits with status 2.
 
     flags.py              the parser, flags declared once, output and number checks
-    training_commands.py  train-autoencoder, train, distill, export, posthoc-ema, train-feature-net
+    training_commands.py  train-autoencoder, train, distill, train-guide, export, posthoc-ema, train-feature-net
     image_commands.py     sample, reconstruct, edit
     model_commands.py     serve, set-autoencoder, info, eval
 """
@@ -18,7 +18,7 @@ from ..errors import EncdiffError, TrainingInterrupted
 from .flags import OneLineParser, finite_float, model_flags, sampling_flags, train_flags
 from .image_commands import cmd_edit, cmd_reconstruct, cmd_sample
 from .model_commands import cmd_eval, cmd_info, cmd_serve, cmd_set_autoencoder
-from .training_commands import cmd_export, cmd_posthoc_ema, cmd_train, cmd_train_feature_net
+from .training_commands import cmd_export, cmd_posthoc_ema, cmd_train, cmd_train_feature_net, cmd_train_guide
 
 
 EXAMPLES = """examples:
@@ -31,6 +31,8 @@ EXAMPLES = """examples:
   encdiff sample runs/ldm/model --num 16 --class cat --guidance 2 --out samples.png
   encdiff distill runs/ldm/model data/cifar10/train --run-dir runs/student --steps 1000
   encdiff sample runs/student/model                  # 2 steps, guidance built in
+  encdiff train-guide runs/ldm/model data/cifar10/train  # autoguidance: a small guide, into the generator folder
+  encdiff sample runs/ldm/model --guidance-kind auto --guidance 2
   encdiff reconstruct runs/ae/model photos/ --out recon/
   encdiff export runs/ldm exported/ --diffusers
   encdiff info runs/ldm
@@ -62,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("distill", help="consistency-distil a generator into a 1-4 step student (guidance built in)",
                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     train_flags(p, "consistency")
+
+    p = commands.add_parser("train-guide", help="train autoguidance's guide for a generator (a smaller, "
+                            "shorter-trained model of its data), stored in the generator folder",
+                            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("generator", help="generator folder to guide (the guide is written into it)")
+    train_flags(p, "diffusion")
 
     p = commands.add_parser("sample", help="generate images", epilog=EXAMPLES,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train-autoencoder", "train", "distill"):
             return cmd_train(args, {"train-autoencoder": "autoencoder", "train": "diffusion",
                                     "distill": "consistency"}[args.command])
-        return {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "export": cmd_export,
-                "info": cmd_info, "edit": cmd_edit, "posthoc-ema": cmd_posthoc_ema, "serve": cmd_serve, "set-autoencoder": cmd_set_autoencoder, "train-feature-net": cmd_train_feature_net,
-                "eval": cmd_eval}[args.command](args)
+        return {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "export": cmd_export, "info": cmd_info,
+                "edit": cmd_edit, "posthoc-ema": cmd_posthoc_ema, "serve": cmd_serve,
+                "set-autoencoder": cmd_set_autoencoder, "train-feature-net": cmd_train_feature_net,
+                "train-guide": cmd_train_guide, "eval": cmd_eval}[args.command](args)
     except TrainingInterrupted as e:
         print(f"encdiff: {e}", file=sys.stderr)
         return 128 + int(e.signum)  # 130 after Ctrl-C, 143 after SIGTERM: `a && b` does not carry on

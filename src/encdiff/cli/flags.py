@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EncdiffError
+from ..pipeline import GUIDANCE_KINDS
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -113,7 +114,11 @@ def sampling_flags(parser: argparse.ArgumentParser, prefix: str = "", default: s
     if interval:
         parser.add_argument("--guidance-interval", type=finite_float, nargs=2, metavar=("LO", "HI"),
                             help=f"{prefix}guide only where LO < sigma <= HI, one network evaluation per step "
-                            f"elsewhere (Kynkaanniemi et al. 2024; default: {default})")
+                            f"elsewhere (Kynkaenniemi et al. 2024; default: {default})")
+        parser.add_argument("--guidance-kind", choices=GUIDANCE_KINDS,
+                            help=f"{prefix}what --guidance scales: classifier-free, or auto (autoguidance by the "
+                            f"generator's guide model, Karras et al. 2024; any model, labelled or not; default: "
+                            f"{default})")
     if sigmas:
         parser.add_argument("--sigmas", type=finite_float, nargs="+", metavar="SIGMA",
                             help=f"{prefix}explicit noise levels, one per step (overrides --steps and the schedule)")

@@ -52,11 +52,29 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
     return 0
 
 
+def cmd_train_guide(args: argparse.Namespace) -> int:
+    """A guide for autoguidance, trained by the diffusion stage on the generator's latents, stored in its folder."""
+    from ..training.config import config_to_json, load_config
+    from ..training.guide import guide_defaults, train_guide
+
+    if not Path(args.data).is_dir():
+        raise EncdiffError(f"{args.data}: no such folder; give the image folder the generator was trained on")
+    config = load_config(args.config, None, "diffusion", train_overrides(args, "diffusion"),
+                         base=guide_defaults(args.generator))
+    check_writable_folder(Path(config.run_dir), "--run-dir")
+    if args.dry_run:
+        print(json.dumps({"stage": "diffusion", **config_to_json(config)}, indent=2))
+        return 0
+    print(train_guide(config, args.generator))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from ..training import export_run
 
     sampling = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("guidance_scale", args.guidance),
-                                  ("sigmas", args.sigmas), ("guidance_interval", args.guidance_interval))
+                                  ("sigmas", args.sigmas), ("guidance_interval", args.guidance_interval),
+                                  ("guidance_kind", args.guidance_kind))
                 if v is not None}
     if args.sigmas is not None and args.steps is None:
         sampling["steps"] = len(args.sigmas)
