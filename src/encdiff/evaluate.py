@@ -291,16 +291,21 @@ def reconstruct(autoencoder, images: torch.Tensor, batch_size: int = 100, progre
 def evaluate_autoencoder(autoencoder, images: torch.Tensor, *, net: torch.nn.Module | None = None,
                          source: str = "images", batch_size: int = 100, cache_dir: str | os.PathLike | None = None,
                          progress: bool = False) -> dict:
-    """PSNR, SSIM and reconstruction FID (reconstructions against the originals) on uint8 images."""
+    """PSNR, SSIM and reconstruction FID (reconstructions against the originals) on uint8 images; for RGBA images
+    also PSNR/SSIM of the colour and of the alpha channel apart (the features see RGBA on white)."""
     net = net if net is not None else default_feature_net()
     recon = reconstruct(autoencoder, images, batch_size, progress)
     psnr, ssim = psnr_ssim(recon, images)
+    parts = {}
+    if images.shape[1] == 4:
+        parts["psnr_colour"], parts["ssim_colour"] = psnr_ssim(recon[:, :3], images[:, :3])
+        parts["psnr_alpha"], parts["ssim_alpha"] = psnr_ssim(recon[:, 3:], images[:, 3:])
     reference = reference_stats(images, net, cache_dir, source, progress=progress)
     rfid = None
     if len(images) >= min_images_for_fid(reference.features.shape[1]):
         mu, sigma = gaussian_stats(extract_features(net, recon, progress=progress, desc="reconstruction features"))
         rfid = frechet_distance(reference.mu, reference.sigma, mu, sigma)
-    return {"psnr": psnr, "ssim": ssim, "rfid": rfid,
+    return {"psnr": psnr, "ssim": ssim, **parts, "rfid": rfid,
             "settings": {"images": source, "num_images": len(images), "posterior": "mode",
                          "ssim_window": "gaussian 11x11, sigma 1.5", "psnr_data_range": 255,
                          "feature_net": getattr(net, "name", type(net).__name__)}}
