@@ -63,14 +63,15 @@ def img2img(generator, images: torch.Tensor, seeds: list[int], class_labels: tor
             strength: float = 0.5, sampler: str | None = None, steps: int | None = None,
             guidance_scale: float | None = None, schedule: str | None = None,
             guidance_interval: tuple[float, float] | None = None, guidance_kind: str | None = None,
-            callback=None) -> torch.Tensor:
+            decoder: str | None = None, callback=None) -> torch.Tensor:
     """SDEdit: noise the encoded images to the level where the last `steps_run(steps, strength)` steps of the
     sampling grid begin, then run those steps. Strength 0 is the autoencoder round trip; strength 1 ignores the image
     and equals `Generator.images` for the same seeds, labels and sampling, bit for bit. Unset sampling settings are
     the generator's (`Generator.settings`), its stored noise levels included."""
     check_images(generator, images)
     s = generator.settings(class_labels, sampler=sampler, steps=steps, guidance_scale=guidance_scale, schedule=schedule,
-                           guidance_interval=guidance_interval, guidance_kind=guidance_kind)
+                           guidance_interval=guidance_interval, guidance_kind=guidance_kind,
+                           decoder=decoder)
     steps = s.steps
     n = steps_run(steps, strength)
     if len(seeds) != len(images):
@@ -78,7 +79,7 @@ def img2img(generator, images: torch.Tensor, seeds: list[int], class_labels: tor
     with torch.inference_mode():
         z0 = generator.encode(images)
         if n == 0:
-            return generator.decode(z0)
+            return generator.decode(z0, s.decoder)
         # The generator's own grid (its stored levels, or its schedule's), of which the last n steps are run.
         sigmas = s.grid(generator.denoiser)[steps - n:]
         # One stream per image, as `Generator.images` draws it: the starting noise first, then whatever fresh noise
@@ -88,7 +89,7 @@ def img2img(generator, images: torch.Tensor, seeds: list[int], class_labels: tor
         x = eps * sigmas[0].item() if n == steps else z0 + sigmas[0].item() * eps
         latents = generate(generator.denoiser, z0.shape, gens, sampler=s.sampler, steps=n, sigmas=sigmas,
                            class_labels=class_labels, **generator.guidance(s), x=x, callback=callback)
-        return generator.decode(latents)
+        return generator.decode(latents, s.decoder)
 
 
 class KnownRegion:
@@ -119,7 +120,7 @@ def inpaint(generator, images: torch.Tensor, mask: torch.Tensor, seeds: list[int
             class_labels: torch.Tensor | None = None, sampler: str | None = None, steps: int | None = None,
             guidance_scale: float | None = None, schedule: str | None = None,
             guidance_interval: tuple[float, float] | None = None, resample: int = 1,
-            guidance_kind: str | None = None, callback=None) -> torch.Tensor:
+            guidance_kind: str | None = None, decoder: str | None = None, callback=None) -> torch.Tensor:
     """Repaint where `mask` is 1 (B or 1, 1, H, W; 0/1 values), keep the rest: the unmasked pixels of the result
     equal the input exactly. `resample` > 1 is RePaint: each step is redone after re-noising its result back to the
     step's starting level, `resample` times in all, for steps x resample model evaluations (one-step samplers:
@@ -127,7 +128,8 @@ def inpaint(generator, images: torch.Tensor, mask: torch.Tensor, seeds: list[int
     check_images(generator, images)
     mask = check_mask(mask, images)
     s = generator.settings(class_labels, sampler=sampler, steps=steps, guidance_scale=guidance_scale, schedule=schedule,
-                           guidance_interval=guidance_interval, guidance_kind=guidance_kind)
+                           guidance_interval=guidance_interval, guidance_kind=guidance_kind,
+                           decoder=decoder)
     sampler, steps, guidance_scale = s.sampler, s.steps, s.guidance_scale
     check_int(resample, "resample", 1, what="", note="1: no resampling")
     if len(seeds) != len(images):
@@ -156,7 +158,7 @@ def inpaint(generator, images: torch.Tensor, mask: torch.Tensor, seeds: list[int
             latents = repaint(known, x, sigmas, gens, class_labels, sampler, resample, callback)
         # The known region of the final state is the clean encoding (sigma = 0), then the pixels themselves.
         latents = m * latents + (1 - m) * z0
-        out = generator.decode(latents)
+        out = generator.decode(latents, s.decoder)
         keep = (mask.to(out.device) < 0.5).expand_as(out)
         return torch.where(keep, images.to(out.device), out)
 
@@ -272,7 +274,7 @@ def interpolate_seeds(generator, seeds: tuple[int, int], frames: int, class_labe
                             sigmas=sigmas, class_labels=class_labels, **generator.guidance(settings), x=frame[None],
                             callback=callback)
                    for frame in path]
-        return torch.cat([generator.decode(z) for z in latents])
+        return torch.cat([generator.decode(z, settings.decoder) for z in latents])
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

@@ -192,6 +192,7 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
                        batch_size: int = 100, sampler: str | None = None, steps: int | None = None,
                        guidance_scale: float | None = None, sigmas: Sequence[float] | None = None,
                        guidance_interval: tuple[float, float] | None = None, guidance_kind: str | None = None,
+                       decoder: str | None = None,
                        seed: int = 0,
                        classes: Sequence[int | str] | None = None, kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE, k: int = PR_K,
                        progress: bool = False) -> dict:
@@ -217,7 +218,7 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
     elif classes:
         raise EncdiffError("classes were requested but the model is unconditional: it takes no class")
     sampling = generator.settings(labels, sampler=sampler, steps=steps, guidance_scale=guidance_scale, sigmas=sigmas,
-                                  guidance_interval=guidance_interval, guidance_kind=guidance_kind)
+                                  guidance_interval=guidance_interval, guidance_kind=guidance_kind, decoder=decoder)
     started = time.perf_counter()
     generator.reset_evaluations()  # counted as they run: a guided pair is two, a step outside the interval one
     images = torch.cat(list(sample_images(generator, n, batch_size=batch_size, sampling=sampling, seed=seed,
@@ -241,7 +242,7 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
     result["settings"] = {"num_samples": n, "sampler": sampling.sampler, "steps": sampling.steps,
                           "schedule": sampling.schedule, "sigmas": sampling.sigmas, "guidance_scale": guidance,
                           "guidance_interval": sampling.guidance_interval if guidance else None,
-                          "guidance_kind": sampling.guidance_kind if guidance else None,
+                          "guidance_kind": sampling.guidance_kind if guidance else None, "decoder": sampling.decoder,
                           "network_evaluations_per_image": round(nfe, 3),
                           "seed": seed, "batch_size": batch_size, "classes": [generator.class_names[c] if
                                                                               generator.class_names else c
@@ -373,6 +374,7 @@ class EvalRequest:
     sigmas: tuple[float, ...] | None = None  # explicit noise levels, one per step; None: the generator's
     guidance_interval: tuple[float, float] | None = None  # guidance only where lo < sigma <= hi; None: the generator's
     guidance_kind: str | None = None  # classifier-free or auto (the generator's guide); None: the generator's
+    decoder: str | None = None  # full or light (the generator's light decoder); None: the generator's
     classes: str | None = None  # comma-separated class names or indices
     seed: int = 0  # sample i uses seed + i; also seeds subsets
     batch_size: int = 100
@@ -495,7 +497,7 @@ def run_evaluation(args: "EvalRequest") -> tuple[Path, Path]:
         result = evaluate_generator(generator, reference, args.num, net=net, batch_size=args.batch_size,
                                              sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
                                              sigmas=args.sigmas, guidance_interval=args.guidance_interval,
-                                             guidance_kind=args.guidance_kind,
+                                             guidance_kind=args.guidance_kind, decoder=args.decoder,
                                              seed=args.seed, classes=classes, progress=True, **common)
         if args.bpd:
             result.update(_bits_per_dim(args, generator, ref_data))

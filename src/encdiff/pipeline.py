@@ -26,10 +26,12 @@ from .errors import EncdiffError
 from .samplers import SAMPLERS, generate
 from .schedules import SCHEDULES, get_alpha_bars, get_sigmas
 from .backbones import CLASS_NAMES, load_backbone
+from .light_decoder import LightDecoder
 from .unet import UNet
 
 GENERATOR_FILE = "generator.json"
 GUIDANCE_KINDS = ("classifier-free", "auto")  # Sampling.guidance_kind
+DECODERS = ("full", "light")  # Sampling.decoder
 DENOISER_KINDS = ("edm", "vp", "consistency")  # DenoiserSpec.kind
 TRAINED_KINDS = ("edm", "vp")  # the kinds stage 2 trains (a consistency student is distilled from an edm one)
 
@@ -87,10 +89,12 @@ class Sampling:
     # elsewhere (Kynkaenniemi et al. 2024); None: at every noise level
     guidance_kind: str = "classifier-free"  # what guidance_scale scales: "classifier-free" (towards the class, away
     # from the unconditional model) or "auto" (away from the generator's guide model: autoguidance, Karras et al. 2024)
+    decoder: str = "full"  # "full": the autoencoder's decoder; "light": the generator's light decoder (fast)
 
     def __post_init__(self):
         check_field(self.sampler in SAMPLERS, "sampling.sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
         check_choice(self.guidance_kind, "sampling.guidance_kind", GUIDANCE_KINDS)
+        check_choice(self.decoder, "sampling.decoder", DECODERS)
         check_int(self.steps, "sampling.steps")
         check_field(self.schedule in SCHEDULES, "sampling.schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
         if self.guidance_scale is not None:
@@ -149,8 +153,9 @@ class Generator:
     def __init__(self, unet: UNet, spec: DenoiserSpec, autoencoder: Autoencoder | None = None,
                  class_names: list[str] | None = None, sampling: Sampling | dict[str, Any] | None = None,
                  distillation: dict[str, Any] | None = None, guide: torch.nn.Module | None = None,
-                 guide_info: dict[str, Any] | None = None):
+                 guide_info: dict[str, Any] | None = None, light_decoder: LightDecoder | None = None):
         self.unet = unet.eval()
+        self.light_decoder = light_decoder.eval() if light_decoder is not None else None
         # Autoguidance's guide (Sampling.guidance_kind = "auto"): a smaller, shorter-trained backbone of the same
         # latent space, denoiser and labels; `guide_info` records how it was trained.
         self.guide, self.guide_info = (guide.eval() if guide is not None else None), guide_info
@@ -183,6 +188,19 @@ class Generator:
         if autoencoder is not None and autoencoder.latent_channels != unet.config.in_channels:
             raise EncdiffError(f"the autoencoder has {autoencoder.latent_channels} latent channels, "
                                f"the U-Net takes {unet.config.in_channels}")
+        if light_decoder is not None:
+            if autoencoder is None:
+                raise EncdiffError("a light decoder decodes latents: this generator works in pixel space")
+            ours = (autoencoder.latent_channels, autoencoder.config.out_channels, autoencoder.downsample_factor)
+            theirs = (light_decoder.config.latent_channels, light_decoder.config.out_channels,
+                      light_decoder.downsample_factor)
+            if ours != theirs:
+                raise EncdiffError(f"the light decoder reads {theirs[0]} latent channels into {theirs[1]}-channel "
+                                   f"images {theirs[2]}x larger; this generator's latents are {ours[0]} channels of "
+                                   f"{ours[1]}-channel images {ours[2]}x larger")
+        if self.sampling.decoder == "light" and light_decoder is None:
+            raise EncdiffError("sampling.decoder = 'light': this generator has no light decoder "
+                               "(`encdiff set-light-decoder GENERATOR DECODER`)")
 
     def check_guidance(self, settings: Sampling, prefix: str = "") -> None:
         """Refuse guidance this generator cannot give: classifier-free needs classes, autoguidance a guide."""
@@ -261,6 +279,9 @@ class Generator:
         settings = base.but(**overrides)
         check_sampler_fits(settings.sampler, self.spec.kind)
         self.check_guidance(settings)
+        if settings.decoder == "light" and self.light_decoder is None:
+            raise EncdiffError("decoder 'light': this generator has no light decoder "
+                               "(`encdiff set-light-decoder GENERATOR DECODER`)")
         if self.spec.kind == "consistency" and settings.guidance_scale not in (None, 1):
             built_in = (self.distillation or {}).get("guidance_scale")
             raise EncdiffError(f"guidance_scale {settings.guidance_scale}: this consistency student has its guidance "
@@ -272,7 +293,7 @@ class Generator:
     def images(self, seeds: list[int], class_labels: torch.Tensor | None = None, sampling: Sampling | None = None, *,
                sampler: str | None = None, steps: int | None = None, guidance_scale: float | None = None,
                schedule: str | None = None, guidance_interval: tuple[float, float] | None = None,
-               guidance_kind: str | None = None, callback=None) -> torch.Tensor:
+               guidance_kind: str | None = None, decoder: str | None = None, callback=None) -> torch.Tensor:
         """uint8 images (B, C, H, W), image i made from its own seed: its noise, and so its image, does not depend on
         the other seeds of the batch. The pixels of a batch equal those of images made one by one to within rounding:
         the CPU's convolution kernels round differently for another batch size, so a value in a few thousand may
@@ -282,14 +303,15 @@ class Generator:
         guidance off); its default guidance is used only where there are class labels to guide towards.
         `callback(i, sigma, x, denoised)` runs after every step (see samplers)."""
         settings = self.settings(class_labels, sampling, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-                                 schedule=schedule, guidance_interval=guidance_interval, guidance_kind=guidance_kind)
+                                 schedule=schedule, guidance_interval=guidance_interval, guidance_kind=guidance_kind,
+                                 decoder=decoder)
         c = self.unet.config
         device = next(self.unet.parameters()).device
         generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
         latents = generate(self.denoiser, (len(seeds), c.in_channels, c.sample_size, c.sample_size), generators,
                            sampler=settings.sampler, steps=settings.steps, sigmas=settings.grid(self.denoiser),
                            class_labels=class_labels, **self.guidance(settings), device=device, callback=callback)
-        return self.decode(latents)
+        return self.decode(latents, settings.decoder)
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -299,8 +321,12 @@ class Generator:
         return self.autoencoder.encode(to_unit(images.to(device)))
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> uint8 images (B, C, H, W) on the CPU."""
+    def decode(self, latents: torch.Tensor, decoder: str = "full") -> torch.Tensor:
+        """Latents -> uint8 images (B, C, H, W) on the CPU, through the full decoder or the light one."""
+        if decoder == "light":
+            if self.light_decoder is None:
+                raise EncdiffError("decoder 'light': this generator has no light decoder")
+            return to_uint8(self.light_decoder.decode(latents.float()))
         return to_uint8(self.autoencoder.decode(latents.float()))
 
     def with_autoencoder(self, autoencoder: Autoencoder) -> "Generator":
@@ -322,12 +348,18 @@ class Generator:
                 raise EncdiffError(f"the new autoencoder's weight {key!r} differs from the generator's: another "
                                    "encoder means another latent space (fine-tune the decoder only)")
         return Generator(self.unet, self.spec, autoencoder, self.class_names, self.sampling, self.distillation,
-                         self.guide, self.guide_info)
+                         self.guide, self.guide_info, self.light_decoder)
 
     def with_guide(self, guide: torch.nn.Module, info: dict[str, Any] | None = None) -> "Generator":
         """The same generator with an autoguidance guide (checked to share its latents and labels)."""
         return Generator(self.unet, self.spec, self.autoencoder if isinstance(self.autoencoder, Autoencoder) else None,
-                         self.class_names, self.sampling, self.distillation, guide, info)
+                         self.class_names, self.sampling, self.distillation, guide, info, self.light_decoder)
+
+    def with_light_decoder(self, light_decoder: LightDecoder) -> "Generator":
+        """The same generator with a light decoder for its latents (checked to fit them)."""
+        return Generator(self.unet, self.spec, self.autoencoder if isinstance(self.autoencoder, Autoencoder) else None,
+                         self.class_names, self.sampling, self.distillation, self.guide, self.guide_info,
+                         light_decoder)
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write the generator folder; `dtype` (e.g. torch.float16) stores the weights in that precision
@@ -339,6 +371,8 @@ class Generator:
             self.autoencoder.save_pretrained(folder / "autoencoder", dtype=dtype)
         if self.guide is not None:
             self.guide.save_pretrained(folder / "guide", dtype=dtype)
+        if self.light_decoder is not None:
+            self.light_decoder.save_pretrained(folder / "light_decoder", dtype=dtype)
         info = {"encdiff_class": "Generator", "format_version": 1, "denoiser": dataclasses.asdict(self.spec),
                 "class_names": self.class_names, "latent": isinstance(self.autoencoder, Autoencoder),
                 "sampling": dataclasses.asdict(self.sampling)}
@@ -392,9 +426,11 @@ class Generator:
         unet = load_backbone(folder / "unet", device=device)
         autoencoder = Autoencoder.from_pretrained(folder / "autoencoder", device=device) if info["latent"] else None
         guide = load_backbone(folder / "guide", device=device) if "guide" in info else None
+        light = (LightDecoder.from_pretrained(folder / "light_decoder", device=device)
+                 if (folder / "light_decoder").is_dir() else None)
         try:
             return cls(unet, spec, autoencoder, info.get("class_names"), Sampling.from_dict(info.get("sampling"), "sampling"),
-                       info.get("distillation"), guide, info.get("guide"))
+                       info.get("distillation"), guide, info.get("guide"), light)
         except EncdiffError as e:
             raise EncdiffError(f"{info_path}: {e}") from None
 

@@ -17,7 +17,7 @@ import sys
 from ..errors import EncdiffError, TrainingInterrupted
 from .flags import OneLineParser, finite_float, model_flags, sampling_flags, train_flags
 from .image_commands import cmd_edit, cmd_reconstruct, cmd_sample
-from .model_commands import cmd_eval, cmd_info, cmd_serve, cmd_set_autoencoder
+from .model_commands import cmd_eval, cmd_info, cmd_serve, cmd_set_autoencoder, cmd_set_light_decoder
 from .training_commands import cmd_export, cmd_posthoc_ema, cmd_train, cmd_train_feature_net, cmd_train_guide
 
 
@@ -150,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=4, help="requests running or waiting; more get 429")
     p.add_argument("--allowed-host", action="append", help="a host name clients use (Host/Origin check); repeatable")
 
+    p = commands.add_parser("train-light-decoder", help="train a light decoder (a fifth of the cost) for an "
+                            "autoencoder's latents", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train_flags(p, "light_decoder")
+    p = commands.add_parser("set-light-decoder", help="put a light decoder into a generator (sample with --decoder "
+                            "light)")
+    p.add_argument("generator", help="generator folder")
+    p.add_argument("light_decoder", help="light decoder folder (train-light-decoder's RUN/model)")
+    p.add_argument("--out", help="write the result here instead of replacing the generator folder")
+    p.add_argument("--half", action="store_true", help="store the weights as float16")
+
     p = commands.add_parser("set-autoencoder", help="put a fine-tuned decoder into a generator (same latent space)")
     p.add_argument("generator", help="generator folder")
     p.add_argument("autoencoder", help="autoencoder folder sharing the generator's encoder (a decoder-only fine-tune)")
@@ -208,12 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: print(
         f"encdiff: warning: {message}", file=sys.stderr)
     try:
-        if args.command in ("train-autoencoder", "train", "distill"):
-            return cmd_train(args, {"train-autoencoder": "autoencoder", "train": "diffusion",
-                                    "distill": "consistency"}[args.command])
+        stages = {"train-autoencoder": "autoencoder", "train": "diffusion", "distill": "consistency",
+                  "train-light-decoder": "light_decoder"}
+        if args.command in stages:
+            return cmd_train(args, stages[args.command])
         return {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "export": cmd_export, "info": cmd_info,
                 "edit": cmd_edit, "posthoc-ema": cmd_posthoc_ema, "serve": cmd_serve,
-                "set-autoencoder": cmd_set_autoencoder, "train-feature-net": cmd_train_feature_net,
+                "set-autoencoder": cmd_set_autoencoder, "set-light-decoder": cmd_set_light_decoder,
+                "train-feature-net": cmd_train_feature_net,
                 "train-guide": cmd_train_guide, "eval": cmd_eval}[args.command](args)
     except TrainingInterrupted as e:
         print(f"encdiff: {e}", file=sys.stderr)

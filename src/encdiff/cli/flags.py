@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EncdiffError
-from ..pipeline import GUIDANCE_KINDS
+from ..pipeline import DECODERS, GUIDANCE_KINDS
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -115,6 +115,9 @@ def sampling_flags(parser: argparse.ArgumentParser, prefix: str = "", default: s
         parser.add_argument("--guidance-interval", type=finite_float, nargs=2, metavar=("LO", "HI"),
                             help=f"{prefix}guide only where LO < sigma <= HI, one network evaluation per step "
                             f"elsewhere (Kynkaenniemi et al. 2024; default: {default})")
+        parser.add_argument("--decoder", choices=DECODERS,
+                            help=f"{prefix}decoder: full, or light (the generator's light decoder, several times "
+                            f"cheaper; default: {default})")
         parser.add_argument("--guidance-kind", choices=GUIDANCE_KINDS,
                             help=f"{prefix}what --guidance scales: classifier-free, or auto (autoguidance by the "
                             f"generator's guide model, Karras et al. 2024; any model, labelled or not; default: "

@@ -40,7 +40,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # Flags win over the generator's own sampling settings (measured for the bundled model), as in the library.
     settings = generator.settings(labels, sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
                                   sigmas=args.sigmas, guidance_interval=args.guidance_interval,
-                                  guidance_kind=args.guidance_kind)
+                                  guidance_kind=args.guidance_kind, decoder=args.decoder)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     seeds = [args.seed + i for i in range(num)]
@@ -150,7 +150,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if args.guidance is not None and labels is None and target is None:
         raise EncdiffError("--guidance needs --class (the class to guide towards)")
     common = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
-    for name in ("guidance_interval", "guidance_kind"):
+    for name in ("guidance_interval", "guidance_kind", "decoder"):
         if getattr(args, name, None) is not None:
             common[name] = getattr(args, name)
     if args.mode in ("img2img", "inpaint"):

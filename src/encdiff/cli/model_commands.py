@@ -41,6 +41,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_set_light_decoder(args: argparse.Namespace) -> int:
+    from ..light_decoder import LightDecoder
+    from ..pipeline import Generator
+
+    generator = Generator.from_pretrained(args.generator)
+    try:
+        updated = generator.with_light_decoder(LightDecoder.from_pretrained(args.light_decoder))
+    except EncdiffError as e:
+        raise EncdiffError(f"{args.light_decoder}: {e}") from None
+    out = Path(args.out or args.generator)
+    updated.save_pretrained(out, dtype=torch.float16 if args.half else None)
+    print(f"wrote {out} with the light decoder of {args.light_decoder} (sample with --decoder light)")
+    return 0
+
+
 def cmd_set_autoencoder(args: argparse.Namespace) -> int:
     from ..autoencoder import Autoencoder
     from ..pipeline import Generator
@@ -110,7 +125,9 @@ def _describe_model(folder: Path) -> None:
 
     raw = read_json(folder / CONFIG)
     name = raw.get("encdiff_class") or raw.get("_class_name")
-    cls = {"Autoencoder": Autoencoder, "AutoencoderKL": Autoencoder,
+    from ..light_decoder import LightDecoder
+
+    cls = {"Autoencoder": Autoencoder, "AutoencoderKL": Autoencoder, "LightDecoder": LightDecoder,
            **{n: BACKBONES[b] for n, b in CLASS_NAMES.items()}}.get(name)
     if cls is None:
         raise EncdiffError(f"{folder / CONFIG}: not an encdiff or diffusers model config")

@@ -15,7 +15,7 @@ from .flags import check_writable_folder, train_overrides
 
 def cmd_train(args: argparse.Namespace, stage: str) -> int:
     from ..training.state import latest_training_state
-    from ..training import train_autoencoder, train_consistency, train_diffusion
+    from ..training import train_autoencoder, train_consistency, train_diffusion, train_light_decoder
     from ..training.config import check_model_name, config_to_json, load_config
 
     if not Path(args.data).is_dir():
@@ -25,7 +25,7 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
         raise EncdiffError("give exactly one of --autoencoder MODEL (latent diffusion) or --pixel")
     overrides = train_overrides(args, stage)
     config = load_config(args.config, args.preset, stage, overrides)
-    if stage != "consistency" and not config.model and not config.init:
+    if stage in ("autoencoder", "diffusion") and not config.model and not config.init:
         if stage == "diffusion" and args.pixel:
             raise EncdiffError("no model: pass --model NAME or --preset NAME (pixel-space U-Nets are not sized "
                                "from the data; latent diffusion is, with --autoencoder MODEL)")
@@ -46,7 +46,8 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
         return 0
     if args.resume and latest_training_state(config.run_dir) is None:
         raise EncdiffError(f"--resume: no complete checkpoint in {config.run_dir}")
-    train = {"autoencoder": train_autoencoder, "diffusion": train_diffusion, "consistency": train_consistency}[stage]
+    train = {"autoencoder": train_autoencoder, "diffusion": train_diffusion, "consistency": train_consistency,
+             "light_decoder": train_light_decoder}[stage]
     out = train(config)
     print(out)
     return 0
@@ -74,7 +75,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     sampling = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("guidance_scale", args.guidance),
                                   ("sigmas", args.sigmas), ("guidance_interval", args.guidance_interval),
-                                  ("guidance_kind", args.guidance_kind))
+                                  ("guidance_kind", args.guidance_kind), ("decoder", args.decoder))
                 if v is not None}
     if args.sigmas is not None and args.steps is None:
         sampling["steps"] = len(args.sigmas)

@@ -8,6 +8,8 @@
     autoencoder.py   stage 1: train_autoencoder
     diffusion.py     stage 2: train_diffusion
     distillation.py  train_consistency: a few-step student
+    light_decoder.py train_light_decoder: a decoder a fifth of the cost for an autoencoder's latents
+    guide.py         train_guide: autoguidance's guide for a generator
     export.py        export_run: a checkpoint (or a post-hoc EMA) as a model folder
 """
 
@@ -15,7 +17,8 @@ from .autoencoder import train_autoencoder
 from .config import TrainConfig, load_config, stage_fields
 from .diffusion import train_diffusion
 from .distillation import train_consistency
+from .light_decoder import train_light_decoder
 from .export import export_run
 
 __all__ = ["TrainConfig", "load_config", "stage_fields", "train_autoencoder", "train_diffusion", "train_consistency",
-           "export_run"]
+           "train_light_decoder", "export_run"]

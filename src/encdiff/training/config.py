@@ -72,6 +72,7 @@ class TrainConfig:
     disc_lr: float | None = None  # discriminator learning rate (AdamW, betas 0.5/0.9); None: lr
     disc_channels: int = 64  # discriminator width (DiscriminatorConfig.channels)
     disc_layers: int = 2  # discriminator depth (DiscriminatorConfig.layers): 2 -> 34-pixel patches
+    teacher_weight: float = 1.0  # light decoder: weight of the L1 distance to the full decoder's output
     init: str | None = None  # autoencoder folder to start from (its config replaces model / model_overrides)
     decoder_only: bool = False  # with init: train the decoder only; encoder, posterior and latent scale/shift frozen
     # stage 2: diffusion
@@ -120,7 +121,8 @@ class TrainConfig:
             check_number(getattr(self, name), name, positive=True, optional=True)
         check_number(self.label_dropout, "label_dropout", minimum=0, below=1)
         check_number(self.time_budget, "time_budget", positive=True, optional=True)
-        for name in ("weight_decay", "grad_clip", "kl_weight", "ssim_weight", "fft_weight", "adv_weight", "fm_weight"):
+        for name in ("weight_decay", "grad_clip", "kl_weight", "ssim_weight", "fft_weight", "adv_weight", "fm_weight",
+                     "teacher_weight"):
             check_number(getattr(self, name), name, minimum=0)
         check_tuple(self.phema_sigma_rels, "phema_sigma_rels", None, is_finite_number)
         for value in self.phema_sigma_rels:
@@ -188,11 +190,16 @@ STAGE_ONLY = {
                             "model", "model_overrides"}),
     "consistency": frozenset({"teacher", "guidance", "intervals", "solver", "huber_c", "student_steps",
                               "loss_options", "label_dropout", "eval_every", "eval_samples"}),
+    # a light decoder for an autoencoder's latents: its objective's terms, the teacher term, its shape
+    "light_decoder": frozenset({"autoencoder", "recon_loss", "ssim_weight", "fft_weight", "adv_weight", "adv_start",
+                                "fm_weight", "disc_lr", "disc_channels", "disc_layers", "teacher_weight",
+                                "model_overrides"}),
 }
 
 
 def stage_fields(stage: str) -> list[str]:
-    """The TrainConfig fields a stage ("autoencoder", "diffusion" or "consistency") reads, in declaration order."""
+    """The TrainConfig fields a stage ("autoencoder", "diffusion", "consistency" or "light_decoder") reads, in
+    declaration order."""
     others = set().union(*(fields for name, fields in STAGE_ONLY.items() if name != stage)) - STAGE_ONLY[stage]
     return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in others]
 

@@ -1,0 +1,83 @@
+"""The light decoder (light_decoder.py): its cost, its stage (the common trainer on the frozen encoder's latents),
+and a generator that decodes with it when asked."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import colour_classes, run_encdiff
+from encdiff import EncdiffError
+from encdiff.autoencoder import Autoencoder
+from encdiff.light_decoder import LightDecoder, LightDecoderConfig
+from encdiff.pipeline import Generator
+from encdiff.presets import AUTOENCODERS
+
+
+def multiply_adds(module: torch.nn.Module, x: torch.Tensor, call=None) -> int:
+    """Multiply-adds of the convolutions a forward pass runs, per image."""
+    total = [0]
+
+    def count(m, inputs, out):
+        if isinstance(m, torch.nn.Conv2d):
+            total[0] += out[0].numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+
+    hooks = [m.register_forward_hook(count) for m in module.modules()]
+    with torch.no_grad():
+        (call or module)(x)
+    for h in hooks:
+        h.remove()
+    return total[0]
+
+
+def test_the_light_decoder_costs_under_a_third_of_the_bundled_shape_and_decodes_the_same_latents():
+    autoencoder = Autoencoder(dataclasses.replace(AUTOENCODERS["cifar10_small"], latent_channels=16))
+    light = LightDecoder.for_autoencoder(autoencoder)
+    z = torch.randn(2, 16, 8, 8)
+    assert light.decode(z).shape == autoencoder.decode(z).shape == (2, 3, 32, 32)
+    full = multiply_adds(autoencoder, z, autoencoder.decode)
+    assert full / multiply_adds(light, z) >= 3
+    assert light.config.block_out_channels == (64, 32, 16) and light.downsample_factor == 4
+    with pytest.raises(EncdiffError, match="latents of shape"):
+        light.decode(torch.randn(1, 8, 8, 8))
+    with pytest.raises(EncdiffError, match="block_out_channels"):
+        LightDecoderConfig(block_out_channels=())
+
+
+def test_train_light_decoder_then_sample_through_it(tmp_path):
+    data = colour_classes(tmp_path / "data", per_class=4, size=16)
+    common = ["--steps", "2", "--batch-size", "4", "--sample-every", "2", "--checkpoint-every", "2",
+              "--resolution", "16"]
+    run_encdiff(["train-autoencoder", str(data), "--run-dir", str(tmp_path / "ae"), "--model", "tiny", *common])
+    run_encdiff(["train", str(data), "--autoencoder", str(tmp_path / "ae" / "model"), "--run-dir",
+                 str(tmp_path / "ldm"), "--model", "tiny", *common])
+    run_encdiff(["train-light-decoder", str(data), "--autoencoder", str(tmp_path / "ae" / "model"), "--run-dir",
+                 str(tmp_path / "light"), "--adv-weight", "0.5", "--adv-start", "1", "--disc-channels", "8",
+                 "--ssim-weight", "0.2", *common])
+    assert (tmp_path / "light" / "decoded-00000002.png").is_file()
+    run_encdiff(["set-light-decoder", str(tmp_path / "ldm" / "model"), str(tmp_path / "light" / "model")])
+    generator = Generator.from_pretrained(tmp_path / "ldm" / "model")
+    labels = torch.tensor([0, 1])
+    light = generator.images([0, 1], labels, steps=3, decoder="light")
+    full = generator.images([0, 1], labels, steps=3)
+    assert light.shape == full.shape and not torch.equal(light, full)
+    out = tmp_path / "light.png"
+    run_encdiff(["sample", str(tmp_path / "ldm" / "model"), "--decoder", "light", "--num", "2", "--class",
+                 "class1", "--steps", "3", "--out", str(out)])
+    assert Image.open(out).size == (32, 16)
+    info = run_encdiff(["info", str(tmp_path / "light" / "model")])
+    assert "LightDecoder" in info.stdout
+
+
+def test_a_generator_without_a_light_decoder_says_so():
+    from test_editing import tiny_generator
+
+    generator = tiny_generator()
+    with pytest.raises(EncdiffError, match="no light decoder .*set-light-decoder"):
+        generator.images([0], torch.tensor([0]), steps=2, decoder="light")
+    other = LightDecoder(LightDecoderConfig(latent_channels=8, block_out_channels=(16, 16)))
+    with pytest.raises(EncdiffError, match="reads 8 latent channels"):
+        generator.with_light_decoder(other)
