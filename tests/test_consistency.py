@@ -207,7 +207,7 @@ def test_distill_makes_a_student_folder_that_samples_in_two_steps_with_guidance_
     assert info["denoiser"]["kind"] == "consistency"
     assert info["sampling"] == {"sampler": "consistency", "steps": 2, "schedule": "consistency",
                                 "guidance_scale": None, "sigmas": None,
-                                "guidance_interval": None, "guidance_kind": "classifier-free"}
+                                "guidance_interval": None, "guidance_kind": "classifier-free", "decoder": "full"}
     assert info["distillation"]["guidance_scale"] == 2.0 and info["distillation"]["images"] == 32
     student = Generator.from_pretrained(run_dir / "model")
     calls = []

@@ -64,7 +64,8 @@ def test_model_health_and_openapi_describe_the_service(client):
     info = client.get("/v1/model").json()
     assert info["classes"] == ["red", "green", "blue"] and info["image_size"] == 16
     assert info["sampling"] == {"sampler": "dpmpp_2m", "steps": 6, "schedule": "karras", "guidance_scale": 2.0,
-                                "sigmas": None, "guidance_interval": None, "guidance_kind": "classifier-free"}
+                                "sigmas": None, "guidance_interval": None, "guidance_kind": "classifier-free",
+                                "decoder": "full"}
     assert info["guidance_kinds"] == ["classifier-free"]
     assert info["limits"]["max_images"] == 8
     schema = client.get("/openapi.json").json()

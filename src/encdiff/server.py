@@ -26,7 +26,7 @@ import torch
 
 from .errors import EncdiffError
 from .images import png_bytes
-from .pipeline import GUIDANCE_KINDS, Generator, samplers_for
+from .pipeline import DECODERS, GUIDANCE_KINDS, Generator, samplers_for
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds; image i of a request uses seed + i
@@ -69,7 +69,9 @@ class Job:
             if self.stream:
                 event: dict[str, Any] = {"step": i + 1, "of": steps}
                 if (i + 1) % self.preview_every == 0 or i + 1 == steps:
-                    event["previews"] = [png_base64(image) for image in generator.decode(denoised)]
+                    # previews through the light decoder where there is one: they are glimpses, and frequent
+                    fast = "light" if generator.light_decoder is not None else "full"
+                    event["previews"] = [png_base64(image) for image in generator.decode(denoised, fast)]
                 self.emit("progress", event)
 
         started = time.perf_counter()
@@ -162,6 +164,8 @@ def create_app(generator: Generator, limits: ServerLimits = ServerLimits(), allo
             "evaluation per step elsewhere); none: the model's default")
         guidance_kind: Optional[Literal[GUIDANCE_KINDS]] = Field(
             None, description="classifier-free, or auto (autoguidance by the model's guide); none: the model's default")
+        decoder: Optional[Literal[DECODERS]] = Field(
+            None, description="full, or light (the model's light decoder, faster); none: the model's default")
         seed: Optional[StrictInt] = Field(None, ge=0, le=SEED_MAX - limits.max_images,
                                           description="seed of the first image (image i: seed + i); none: random")
 
@@ -215,12 +219,14 @@ def create_app(generator: Generator, limits: ServerLimits = ServerLimits(), allo
             return field_error("class", str(e))
         try:
             settings = generator.settings(labels, sampler=body.sampler, steps=body.steps, guidance_scale=body.guidance,
-                                          guidance_interval=body.guidance_interval, guidance_kind=body.guidance_kind)
+                                          guidance_interval=body.guidance_interval, guidance_kind=body.guidance_kind,
+                                          decoder=body.decoder)
         except EncdiffError as e:  # a sampler that does not fit; a student's built-in guidance; a bad interval
             message = str(e)
             field = ("sampler" if message.startswith("sampler") else
                      "guidance_interval" if "guidance_interval" in message else
-                     "guidance_kind" if "guidance_kind =" in message else "guidance")
+                     "guidance_kind" if "guidance_kind =" in message else
+                     "decoder" if "decoder" in message else "guidance")
             return field_error(field, message)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         return [seed + i for i in range(body.num_images)], labels, settings
@@ -250,6 +256,7 @@ def create_app(generator: Generator, limits: ServerLimits = ServerLimits(), allo
                 # the guidance kinds this model offers: classifier-free with classes, auto with a guide model
                 "guidance_kinds": (["classifier-free"] if generator.num_classes else [])
                 + (["auto"] if generator.guide is not None else []),
+                "decoders": ["full"] + (["light"] if generator.light_decoder is not None else []),
                 # a consistency student's guidance scale, fixed at distillation: the page then offers no guidance
                 "guidance_built_in": (generator.distillation or {}).get("guidance_scale")
                 if generator.spec.kind == "consistency" else None}
