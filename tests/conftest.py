@@ -7,6 +7,7 @@ comparisons made with freshly built models would be trivially true: tests that c
 
 from __future__ import annotations
 
+import os
 import random
 import tarfile
 from pathlib import Path
@@ -17,6 +18,10 @@ import torch
 from PIL import Image
 
 from encdiff import AutoencoderConfig, UNetConfig
+
+# Golden numbers and equivalences are float32's: a developer's ENCDIFF_PRECISION must not change them (the precision
+# tests set it themselves); subprocesses inherit it.
+os.environ["ENCDIFF_PRECISION"] = "float32"
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -27,6 +27,7 @@ from .samplers import SAMPLERS, generate
 from .schedules import SCHEDULES, get_alpha_bars, get_sigmas
 from .backbones import CLASS_NAMES, load_backbone
 from .light_decoder import LightDecoder
+from .precision import autocast
 from .unet import UNet
 
 GENERATOR_FILE = "generator.json"
@@ -308,9 +309,10 @@ class Generator:
         c = self.unet.config
         device = next(self.unet.parameters()).device
         generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
-        latents = generate(self.denoiser, (len(seeds), c.in_channels, c.sample_size, c.sample_size), generators,
-                           sampler=settings.sampler, steps=settings.steps, sigmas=settings.grid(self.denoiser),
-                           class_labels=class_labels, **self.guidance(settings), device=device, callback=callback)
+        with autocast(device):  # the precision this machine runs the networks fastest in (precision.py)
+            latents = generate(self.denoiser, (len(seeds), c.in_channels, c.sample_size, c.sample_size), generators,
+                               sampler=settings.sampler, steps=settings.steps, sigmas=settings.grid(self.denoiser),
+                               class_labels=class_labels, **self.guidance(settings), device=device, callback=callback)
         return self.decode(latents, settings.decoder)
 
     @torch.inference_mode()
@@ -323,11 +325,13 @@ class Generator:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, decoder: str = "full") -> torch.Tensor:
         """Latents -> uint8 images (B, C, H, W) on the CPU, through the full decoder or the light one."""
+        net = self.autoencoder
         if decoder == "light":
             if self.light_decoder is None:
                 raise EncdiffError("decoder 'light': this generator has no light decoder")
-            return to_uint8(self.light_decoder.decode(latents.float()))
-        return to_uint8(self.autoencoder.decode(latents.float()))
+            net = self.light_decoder
+        with autocast(latents.device):
+            return to_uint8(net.decode(latents.float()))
 
     def with_autoencoder(self, autoencoder: Autoencoder) -> "Generator":
         """The same generator with another decoder: `autoencoder` must share this one's latent space (the same

@@ -86,12 +86,20 @@ def cmd_info(args: argparse.Namespace) -> int:
         s = generator.sampling
         print(f"  sampling: {s.sampler}, {s.steps} steps"
               + (f" at noise levels {list(s.sigmas)}" if s.sigmas else f", {s.schedule} schedule")
-              + (f", guidance {s.guidance_scale}" if s.guidance_scale else ""))
+              + (f", guidance {s.guidance_scale}" if s.guidance_scale else "")
+              + (f" ({s.guidance_kind})" if s.guidance_scale else "") + f", {s.decoder} decoder")
+        from ..precision import inference_precision
+
+        extras = [name for name, there in (("a guide (autoguidance)", generator.guide is not None),
+                                           ("a light decoder", generator.light_decoder is not None)) if there]
+        if extras:
+            print(f"  also holds {' and '.join(extras)}")
+        print(f"  inference precision here: {inference_precision('cpu')} (ENCDIFF_PRECISION: float32, bf16 or auto)")
         if generator.distillation:
             d = generator.distillation
             print(f"  distilled: guidance {d.get('guidance_scale')} built in, {d.get('images')} images, "
                   f"{d.get('intervals')} intervals, {d.get('solver')} teacher steps")
-        for sub in ("unet", "autoencoder"):
+        for sub in ("unet", "autoencoder", "guide", "light_decoder"):
             if (path / sub).is_dir():
                 _describe_model(path / sub)
         return 0
