@@ -233,7 +233,7 @@ def test_balanced_classes_train_and_a_flat_folder_refuses_them(image_folder, tmp
 
 
 def test_durations_parse():
-    from encdiff.training.loop import parse_duration
+    from encdiff.training.budget import parse_duration
 
     assert [parse_duration(t) for t in ("45m", "1h30m", "90s", "2h", "10", "1.5h")] == [2700, 5400, 90, 7200, 600, 5400]
     with pytest.raises(EncdiffError, match="time budget '4x'"):

@@ -57,7 +57,7 @@ def train_flags(parser: argparse.ArgumentParser, stage: str) -> None:
 
 def duration(text: str) -> float:
     """argparse type: a duration (45m, 1h30m, 90s; a bare number is minutes) in seconds."""
-    from ..training.loop import parse_duration
+    from ..training.budget import parse_duration
 
     try:
         seconds = parse_duration(text)

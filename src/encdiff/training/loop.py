@@ -3,8 +3,6 @@ with their optimizers, exact checkpoints, logs, and the optimizer loop that runs
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import importlib.util
 import json
@@ -23,13 +21,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write_bytes
-from ..data import BatchSampler, ImageDataset, random_flips
+from ..data import BatchSampler, ImageDataset
 from ..ema import EMA
 from ..errors import EncdiffError, TrainingInterrupted, count
 from ..phema import PowerEMA
+from .budget import fit_to_time_budget
 from .config import PATH_FIELDS, RESUMABLE_CHANGES, TrainConfig, config_to_json, dataset_of
 from .state import (flatten_state, latest_training_state, load_training_state, rng_state, save_training_state,
                     set_rng_state, unflatten_state)
+from .step import autocast_of, optimizer_step
 
 
 class Distributed:
@@ -381,58 +381,6 @@ def wrap(run: Run) -> dict[str, torch.nn.Module]:
     return wrapped
 
 
-def optimizer_step(run: Run, recipe: Recipe, autocast: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor],
-                                                                     dict[str, torch.Tensor]]:
-    """One optimizer step of every group with gradients: the batch (all accumulation rounds), the loss, backward,
-    clipping, the divergence check, the updates. Returns the loss (averaged over ranks), its named parts and the
-    groups' gradient norms. Neither the step count nor the EMA moves: that is the loop's."""
-    config, dist_ = run.config, run.dist
-    ddp_model = run.wrapped["model"]
-    run.model.train()
-    total = torch.zeros((), device=dist_.device)
-    parts_total: dict[str, torch.Tensor] = {}
-    for micro in range(config.grad_accum):
-        indices = next(run.sampler)
-        rank, world_size = run.shard
-        flips = random_flips(len(indices) * world_size, run.generators["data"])[rank::world_size]
-        if not config.flips:  # drawn all the same, so the data stream does not depend on the choice
-            flips = torch.zeros_like(flips)
-        x, labels = recipe.batch(indices, flips)
-        # Gradients are all-reduced on the last accumulation round only.
-        sync = micro == config.grad_accum - 1 or dist_.world_size == 1
-        context = ddp_model.no_sync() if not sync else contextlib.nullcontext()
-        with context, torch.autocast(dist_.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = recipe.loss(ddp_model, x.to(dist_.device), None if labels is None else labels.to(dist_.device))
-        # A loss may come with named parts (the autoencoder's terms) to log beside it.
-        loss, parts = loss if isinstance(loss, tuple) else (loss, {})
-        (loss / config.grad_accum).backward()
-        total += loss.detach() / config.grad_accum
-        for name, value in parts.items():
-            parts_total[name] = parts_total.get(name, 0.0) + value.detach().float() / config.grad_accum
-    total = dist_.mean(total)
-    # A group whose loss term has not started yet (a discriminator before `adv_start`) has no gradients
-    # and takes no step.
-    stepping = {name: group for name, group in run.groups.items() if any(p.grad is not None for p in group.trainable)}
-    norms = {name: torch.nn.utils.clip_grad_norm_(group.trainable, group.clip) for name, group in stepping.items()}
-    if not (torch.isfinite(total) and all(torch.isfinite(n) for n in norms.values())):
-        last = latest_training_state(run.dir)
-        what = "".join(f", {'' if name == 'model' else name + ' '}gradient norm {n.item():.4g}"
-                       for name, n in norms.items())
-        raise EncdiffError(f"training diverged at step {run.step + 1}: loss {total.item():.4g}{what}; the "
-                           f"last good checkpoint is {last or 'none'} (lower --lr or raise --warmup-steps, "
-                           "then resume)")
-    for group in stepping.values():
-        group.optimizer.step()
-        group.optimizer.zero_grad(set_to_none=True)
-        if hasattr(group.module, "normalize_weights_"):
-            group.module.normalize_weights_()  # forced weight normalisation (EDM2 sec. 2.4), on every rank
-    return total, parts_total, norms
-
-
-def autocast_of(config: TrainConfig, dist_: Distributed) -> bool:
-    return config.bf16 if config.bf16 is not None else dist_.device.type == "cuda"
-
-
 def train_loop(run: Run, recipe: Recipe) -> str:
     """The optimizer loop every stage shares; returns "done", or raises TrainingInterrupted after a SIGINT or
     SIGTERM once the step in flight is finished and checkpointed."""
@@ -492,93 +440,6 @@ def train_loop(run: Run, recipe: Recipe) -> str:
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, run.step,
                                           str(path) if path else str(latest_training_state(run.dir)))
     return "done"
-
-
-PROBE_STEPS = 3  # timed optimizer steps per phase, after one untimed (allocation, caches)
-FINISH_SHARE = 0.03  # of the budget kept for what follows the last step (statistics, export)
-
-
-def fit_to_time_budget(run: Run, recipe: Recipe) -> None:
-    """`time_budget`: set the step count so the run ends in time with a finished model, from the seconds one step
-    takes on this machine, measured here, at the start of each phase whose cost differs (`Recipe.phases`, e.g. the
-    GAN's), with every state the probe touches put back, so the run is the one a plain `steps` would train.
-
-    A resumed run keeps the steps planned when it started (they are in its checkpoint): to extend a finished run,
-    resume it without a budget and with more `steps`."""
-    config, dist_ = run.config, run.dist
-    if run.step > 0:
-        planned = run.resumed_steps
-        if planned != config.steps:
-            run.reconfigure(steps=planned)
-        return
-    left = config.time_budget * (1 - FINISH_SHARE) - (time.perf_counter() - run.started)
-    phases = sorted({0, *(p for p in recipe.phases if 0 < p)})
-    seconds = [probe_step_seconds(run, recipe, at) for at in phases]
-    # the same plan on every rank: the slowest rank's speed decides
-    seconds = [float(dist_.max(torch.tensor(s, device=dist_.device))) for s in seconds]
-    steps, spent = 0, 0.0
-    for i, (start, per_step) in enumerate(zip(phases, seconds)):
-        end = phases[i + 1] if i + 1 < len(phases) else math.inf
-        affordable = max(0.0, left - spent) / per_step
-        if affordable < end - start:
-            steps = start + int(affordable)
-            break
-        steps, spent = end, spent + (end - start) * per_step
-    steps = max(1, steps)
-    speed = ", ".join(f"{config.batch_size / s:.0f} img/s from step {p}" for p, s in zip(phases, seconds))
-    if dist_.main:
-        print(f"encdiff: time budget {format_duration(config.time_budget)}: {speed} -> {steps} steps "
-              f"({count(steps * config.batch_size, 'image')})", file=sys.stderr)
-    run.reconfigure(steps=steps)
-
-
-def probe_step_seconds(run: Run, recipe: Recipe, at_step: int) -> float:
-    """Seconds per optimizer step at step `at_step`, measured on copies of nothing: every state a step changes
-    (weights, optimizer moments, RNG streams, the sampler's position) is saved first and restored after."""
-    saved = {"groups": {name: (copy.deepcopy(g.module.state_dict()), copy.deepcopy(g.optimizer.state_dict()))
-                        for name, g in run.groups.items()},
-             "rng": {name: g.get_state() for name, g in run.generators.items()},
-             "sampler": run.sampler.state_dict(), "step": run.step}
-    autocast = autocast_of(run.config, run.dist)
-    try:
-        run.step = at_step
-        optimizer_step(run, recipe, autocast)
-        start = time.perf_counter()
-        for _ in range(PROBE_STEPS):
-            optimizer_step(run, recipe, autocast)
-        if run.dist.device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / PROBE_STEPS
-    finally:
-        for name, (module_state, optimizer_state) in saved["groups"].items():
-            run.groups[name].module.load_state_dict(module_state)
-            run.groups[name].optimizer.load_state_dict(optimizer_state)
-        for name, state in saved["rng"].items():
-            run.generators[name].set_state(state)
-        run.sampler.load_state_dict(saved["sampler"])
-        run.step = saved["step"]
-
-
-def parse_duration(text: str) -> float:
-    """"45m", "1h30m", "90s", "2h" or a number of minutes -> seconds."""
-    import re
-
-    text = str(text).strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text) * 60
-    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text)
-    if not text or match is None:
-        raise EncdiffError(f"time budget {text!r}: expected a duration such as 45m, 1h30m, 90s or 2h")
-    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-    return hours * 3600 + minutes * 60 + seconds
-
-
-def format_duration(seconds: float) -> str:
-    """2h05m, 45m or 40s."""
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    minutes = round(seconds / 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
 
 
 def write_run_config(run_dir: Path, stage: str, config: TrainConfig) -> None:
