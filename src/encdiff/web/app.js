@@ -23,9 +23,19 @@ async function loadModel() {
   } else {
     option(cls, "", "(unconditional)");
     cls.disabled = true;
+  }
+  // The guidance kinds and decoders this model offers; an unconditional model without a guide has no guidance.
+  model.guidance_kinds.forEach((kind) => option($("guidance_kind"), kind, kind));
+  $("guidance_kind").value = model.guidance_kinds.includes(model.sampling.guidance_kind)
+    ? model.sampling.guidance_kind : (model.guidance_kinds[0] || "");
+  $("guidance_kind").disabled = model.guidance_kinds.length < 2;
+  if (!model.guidance_kinds.length) {
     $("guidance").disabled = true;
     $("interval_lo").disabled = $("interval_hi").disabled = true;
   }
+  model.decoders.forEach((name) => option($("decoder"), name, name));
+  $("decoder").value = model.sampling.decoder;
+  $("decoder").disabled = model.decoders.length < 2;
   model.samplers.forEach((name) => option($("sampler"), name, name));
   $("sampler").value = model.sampling.sampler;
   $("steps").value = model.sampling.steps;
@@ -49,6 +59,8 @@ function request() {
   const body = { num_images: Number($("num_images").value), steps: Number($("steps").value), sampler: $("sampler").value };
   if ($("class").value !== "") body.class = Number($("class").value);
   if ($("guidance").value !== "" && !$("guidance").disabled) body.guidance = Number($("guidance").value);
+  if (!$("guidance_kind").disabled) body.guidance_kind = $("guidance_kind").value;
+  if (!$("decoder").disabled) body.decoder = $("decoder").value;
   const lo = $("interval_lo").value, hi = $("interval_hi").value;
   if ((lo !== "" || hi !== "") && !$("interval_lo").disabled) {
     body.guidance_interval = [lo === "" ? 0 : Number(lo), hi === "" ? model.sigma_max : Number(hi)];
