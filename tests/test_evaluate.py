@@ -327,3 +327,17 @@ def test_eval_autoencoder(tmp_path, reference_folder):
     result = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert result["psnr"] > 0 and -1 <= result["ssim"] <= 1 and result["rfid"] > 0
     assert result["settings"]["num_images"] == 260
+
+
+def test_an_rgba_autoencoder_reports_colour_and_alpha_apart():
+    import dataclasses
+
+    from encdiff.autoencoder import Autoencoder
+    from encdiff.evaluate import evaluate_autoencoder
+    from encdiff.presets import AUTOENCODERS
+
+    ae = Autoencoder(dataclasses.replace(AUTOENCODERS["tiny"], in_channels=4, out_channels=4))
+    images = torch.randint(0, 256, (6, 4, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    result = evaluate_autoencoder(ae, images)
+    assert {"psnr_colour", "ssim_colour", "psnr_alpha", "ssim_alpha"} <= set(result) and result["rfid"] is None
+    assert result["psnr_alpha"] != result["psnr_colour"]
