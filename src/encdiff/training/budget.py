@@ -55,7 +55,7 @@ def fit_to_time_budget(run: Any, recipe: Any) -> None:
 
 
 def probe_step_seconds(run: Any, recipe: Any, at_step: int) -> float:
-    """Seconds per optimizer step at step `at_step`, measured on copies of nothing: every state a step changes
+    """Seconds per optimizer step at step `at_step`, measured on the run itself: every state a step changes
     (weights, optimizer moments, RNG streams, the sampler's position) is saved first and restored after."""
     saved = {"groups": {name: (copy.deepcopy(g.module.state_dict()), copy.deepcopy(g.optimizer.state_dict()))
                         for name, g in run.groups.items()},
