@@ -41,34 +41,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_set_light_decoder(args: argparse.Namespace) -> int:
-    from ..light_decoder import LightDecoder
+def replace_part(args: argparse.Namespace, folder: str, load, attach, what: str) -> int:
+    """Load a model folder, attach it to the generator (which checks it fits), write the generator."""
     from ..pipeline import Generator
 
     generator = Generator.from_pretrained(args.generator)
     try:
-        updated = generator.with_light_decoder(LightDecoder.from_pretrained(args.light_decoder))
+        updated = attach(generator, load(folder))
     except EncdiffError as e:
-        raise EncdiffError(f"{args.light_decoder}: {e}") from None
+        raise EncdiffError(f"{folder}: {e}") from None
     out = Path(args.out or args.generator)
     updated.save_pretrained(out, dtype=torch.float16 if args.half else None)
-    print(f"wrote {out} with the light decoder of {args.light_decoder} (sample with --decoder light)")
+    print(f"wrote {out} with {what} of {folder}")
     return 0
+
+
+def cmd_set_light_decoder(args: argparse.Namespace) -> int:
+    from ..light_decoder import LightDecoder
+
+    return replace_part(args, args.light_decoder, LightDecoder.from_pretrained,
+                        lambda g, m: g.with_light_decoder(m), "the light decoder (sample with --decoder light)")
 
 
 def cmd_set_autoencoder(args: argparse.Namespace) -> int:
     from ..autoencoder import Autoencoder
-    from ..pipeline import Generator
 
-    generator = Generator.from_pretrained(args.generator)
-    try:
-        updated = generator.with_autoencoder(Autoencoder.from_pretrained(args.autoencoder))
-    except EncdiffError as e:
-        raise EncdiffError(f"{args.autoencoder}: {e}") from None
-    out = Path(args.out or args.generator)
-    updated.save_pretrained(out, dtype=torch.float16 if args.half else None)
-    print(f"wrote {out} with the decoder of {args.autoencoder}")
-    return 0
+    return replace_part(args, args.autoencoder, Autoencoder.from_pretrained,
+                        lambda g, m: g.with_autoencoder(m), "the decoder")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
