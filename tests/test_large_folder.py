@@ -52,7 +52,7 @@ def anonymous_memory_script(data, cache) -> str:
         done.append(1)
         import json
         print(json.dumps({{"images": len(data), "grown": max(peak) - base, "image_bytes": data.images.numel(),
-                          "latent_bytes": latents.numel() * 4}}))
+                          "latent_bytes": latents[0].numel() * 4}}))
     """)
 
 

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from .tensorfile import read_mapped, write_mapped
 from .errors import EncdiffError, check_field, check_int, count
-from .images import UnreadableImageError, background_rgb, check_image_args, load_image, to_unit
+from .buckets import assign_buckets, format_shape
+from .images import UnreadableImageError, background_rgb, check_image_args, load_image, to_unit, upright_size
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
 # Bump whenever load_image's output for a given file changes, so that stale caches are never read.
@@ -127,19 +128,32 @@ def scan_folder(root: str | os.PathLike, exclude: tuple[Path, ...] = ()) -> tupl
 
 
 def decode_chunk(paths: list[str], resolution: int, channels: int, strict: bool,
-                 background: str = "white") -> tuple[np.ndarray, list[tuple[int, str]]]:
+                 background: str = "white", shape: tuple[int, int] | None = None
+                 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Decode files in order: their images (zeros where unreadable) and (position, reason) per unreadable
     file. In strict mode it stops at the first unreadable file, which fails the whole set anyway."""
-    images = np.zeros((len(paths), channels, resolution, resolution), dtype=np.uint8)
+    height, width = shape or (resolution, resolution)
+    images = np.zeros((len(paths), channels, height, width), dtype=np.uint8)
     failures = []
     for i, path in enumerate(paths):
         try:
-            images[i] = load_image(path, resolution, channels, background)
+            images[i] = load_image(path, resolution, channels, background, shape=shape)
         except UnreadableImageError as e:
             failures.append((i, e.reason))
             if strict:
                 break
     return images, failures
+
+
+def header_sizes(files: list[Path]) -> list[tuple[int, int] | None]:
+    """Each file's upright (width, height) from its header, None where it cannot be opened (decoding says why)."""
+    sizes = []
+    for path in files:
+        try:
+            sizes.append(upright_size(path))
+        except UnreadableImageError:
+            sizes.append(None)
+    return sizes
 
 
 def default_workers() -> int:
@@ -169,41 +183,93 @@ class ImageDataset:
     modification time; `images` is then a tensor over a memory map of that file, read as batches touch it, and
     later runs map it instead of decoding. Without, the images are in memory. `workers` processes decode (default
     min(CPUs, 8); 0 or 1: in this process).
+
+    With `buckets` (a list of (height, width) shapes, buckets.py), each image goes to the bucket nearest its aspect
+    ratio instead of a centre-cropped square; buckets with fewer than `min_bucket` images are merged into their
+    neighbours (`assign_buckets`). The images of each bucket are then one tensor of `parts` (cached apart, the
+    shape in the cache's key), `shapes` lists the buckets in use, and `bucket_of` / `row` place every image;
+    a batch is drawn within one bucket. A set of one shape is one part, and `images` is that part.
     """
 
     def __init__(self, root: str | os.PathLike, resolution: int, channels: int = 3, strict: bool = False,
                  cache_dir: str | os.PathLike | None = None, workers: int | None = None, progress: bool = True,
-                 exclude: tuple[Path, ...] = (), background: str = "white"):
+                 exclude: tuple[Path, ...] = (), background: str = "white",
+                 buckets: list[tuple[int, int]] | None = None, min_bucket: int = 1):
         check_image_args(resolution, channels)
         check_int(workers, "workers", 0, optional=True, what="")
+        check_int(min_bucket, "min_bucket", 1, what="")
         background_rgb(background)
         self.root = Path(root)
         self.resolution, self.channels = resolution, channels
         # the colour transparency is composited onto when read without alpha (channels 1 or 3)
         self.background = background
         files, labels, self.class_names = scan_folder(self.root, exclude)
-        cache_path, key = self.cache_location(files, cache_dir) if cache_dir is not None else (None, None)
-        self.key: str | None = key  # the data's fingerprint (files, sizes, times, decoding settings) when cached
-        loaded = self.read_cache(cache_path, key, files) if cache_path is not None and cache_path.is_file() else None
         workers = default_workers() if workers is None else workers
-        if loaded is not None:
-            images, failed = loaded
-        elif cache_path is not None and (written := self.decode_to_cache(files, labels, strict, workers, progress,
-                                                                         cache_path, key)) is not None:
-            images, failed = written
+        if buckets is None:
+            groups, self.bucketed = [(None, list(range(len(files))))], False
         else:
-            images, failed = self.decode(files, strict, workers, progress)
-            self.check_failures(files, failed, strict)
-            if failed:
-                images = images[torch.tensor([i for i in range(len(files)) if i not in failed])]
+            sizes = header_sizes(files)
+            # an unopenable file fails to decode in any bucket: it is put in the first and reported from there
+            readable = [i for i, size in enumerate(sizes) if size is not None]
+            shapes, chosen = assign_buckets([sizes[i] for i in readable], list(buckets), min_bucket)
+            where = dict(zip(readable, chosen))
+            members = [[i for i in range(len(files)) if where.get(i, 0) == b] for b in range(len(shapes))]
+            groups, self.bucketed = list(zip(shapes, members)), True
+        parts, keys, failed, kept_shapes = [], [], {}, []
+        for shape, members in groups:
+            subset = [files[i] for i in members]
+            images, part_failed, key = self.load_part(subset, None if labels is None else [labels[i] for i in members],
+                                                      shape, strict, workers, progress, cache_dir)
+            failed.update((members[i], reason) for i, reason in part_failed.items())
+            if len(images):
+                parts.append(images)
+                keys.append(key)
+                kept_shapes.append(shape or (resolution, resolution))
         self.check_failures(files, failed, strict)
+        self.parts: list[torch.Tensor] = parts
+        self.shapes: list[tuple[int, int]] = kept_shapes  # (height, width) of each part, in `parts` order
+        # The data's fingerprint (files, sizes, times, decoding settings, buckets) when cached: a resumed run
+        # checks it. One shape: the cache's own key, as before buckets existed.
+        self.key: str | None = None if cache_dir is None else keys[0] if not self.bucketed else hashlib.sha256(
+            json.dumps([[list(s), k] for s, k in zip(kept_shapes, keys)]).encode()).hexdigest()
+        # every readable image's bucket and row in its part, in file order (the order of indices and labels)
+        bucket_of, row = [], []
+        part_of_shape = {shape: b for b, shape in enumerate(kept_shapes)}
+        counters = [0] * len(parts)
+        members_of = {i: (shape or (resolution, resolution)) for shape, members in groups for i in members}
         keep = [i for i in range(len(files)) if i not in failed]
-        self.images: torch.Tensor = images
+        for i in keep:
+            b = part_of_shape[members_of[i]]
+            bucket_of.append(b)
+            row.append(counters[b])
+            counters[b] += 1
+        self.bucket_of = torch.tensor(bucket_of, dtype=torch.int64)
+        self.row = torch.tensor(row, dtype=torch.int64)
         self.labels: torch.Tensor | None = None if labels is None else torch.tensor([labels[i] for i in keep])
         self.skipped: list[Path] = [files[i] for i in sorted(failed)]
         if failed:
             warnings.warn(f"{self.root}: skipped {count(len(failed), 'unreadable image file')} of {len(files)}: "
                           f"{list_failures(self.root, files, failed)}", stacklevel=2)
+
+    def load_part(self, files: list[Path], labels: list[int] | None, shape: tuple[int, int] | None, strict: bool,
+                  workers: int, progress: bool, cache_dir: str | os.PathLike | None
+                  ) -> tuple[torch.Tensor, dict[int, str], str | None]:
+        """The readable images of `files` at `shape` (None: the square resolution), from the cache or decoded
+        (into it, with a cache folder), their {position: reason} failures and the cache key."""
+        cache_path, key = self.cache_location(files, cache_dir, shape) if cache_dir is not None else (None, None)
+        loaded = self.read_cache(cache_path, key, files, shape) if cache_path is not None and cache_path.is_file() \
+            else None
+        if loaded is not None:
+            return (*loaded, key)
+        if cache_path is not None and (written := self.decode_to_cache(files, labels, strict, workers, progress,
+                                                                       cache_path, key, shape)) is not None:
+            return (*written, key)
+        images, failed = self.decode(files, strict, workers, progress, shape=shape)
+        if strict:
+            self.check_failures(files, failed, strict)
+        if failed:
+            images = images[torch.tensor([i for i in range(len(files)) if i not in failed], dtype=torch.int64)]
+        return images, failed, key
 
     def check_failures(self, files: list[Path], failed: dict[int, str], strict: bool) -> None:
         if failed and strict:
@@ -215,7 +281,15 @@ class ImageDataset:
                                f"{list_failures(self.root, files, failed)}")
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.bucket_of)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """All images as one uint8 (N, C, H, W) tensor: a set of one shape only."""
+        if len(self.parts) != 1:
+            raise EncdiffError(f"{self.root}: its images come in {len(self.parts)} shapes (aspect-ratio buckets "
+                               f"{', '.join(format_shape(s) for s in self.shapes)}); read them by bucket (`parts`)")
+        return self.parts[0]
 
     @functools.cached_property
     def content_key(self) -> str:
@@ -223,9 +297,13 @@ class ImageDataset:
         computed from them, such as encoded latents, is keyed on it, so no change of the data can reuse it. Read
         in chunks: a memory-mapped set is never held whole."""
         h = hashlib.sha256(json.dumps([self.resolution, self.channels, self.class_names]).encode())
-        rows = max(1, (64 << 20) // max(1, self.images[0].numel()))
-        for start in range(0, len(self.images), rows):
-            h.update(self.images[start:start + rows].contiguous().numpy().tobytes())
+        if self.bucketed:
+            h.update(json.dumps([list(s) for s in self.shapes]).encode())
+            h.update(self.bucket_of.numpy().tobytes())
+        for part in self.parts:
+            rows = max(1, (64 << 20) // max(1, part[0].numel()))
+            for start in range(0, len(part), rows):
+                h.update(part[start:start + rows].contiguous().numpy().tobytes())
         if self.labels is not None:
             h.update(self.labels.numpy().tobytes())
         return h.hexdigest()
@@ -234,11 +312,27 @@ class ImageDataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def bucket_indices(self, bucket: int) -> torch.Tensor:
+        """The indices of the images in bucket `bucket` (a position in `shapes`), in file order."""
+        return torch.nonzero(self.bucket_of == bucket).flatten()
+
+    def rows_of(self, indices: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """The bucket of images `indices` (all of one bucket: a batch is drawn within one) and their rows in its
+        part; whatever is stored per bucket (images, latents) is read with them."""
+        if len(self.parts) == 1:
+            return 0, indices
+        buckets = self.bucket_of[indices]
+        if len(indices) and not bool((buckets == buckets[0]).all()):
+            found = ", ".join(format_shape(self.shapes[b]) for b in buckets.unique().tolist())
+            raise EncdiffError(f"a batch mixes aspect-ratio buckets ({found}): draw each batch within one")
+        return (int(buckets[0]) if len(indices) else 0), self.row[indices]
+
     def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Images `indices` as float32 in [-1, 1] (x / 127.5 - 1), mirrored left-right where `flips` is True,
-        and their labels (None for a flat folder)."""
+        """Images `indices` (all of one bucket) as float32 in [-1, 1] (x / 127.5 - 1), mirrored left-right where
+        `flips` is True, and their labels (None for a flat folder)."""
         indices = indices.cpu()
-        x = to_unit(self.images[indices])
+        bucket, rows = self.rows_of(indices)
+        x = to_unit(self.parts[bucket][rows])
         if flips is not None:
             if flips.shape != indices.shape:
                 raise EncdiffError(f"flips has shape {tuple(flips.shape)}; expected {tuple(indices.shape)} "
@@ -246,27 +340,37 @@ class ImageDataset:
             x = torch.where(flips.cpu().bool().view(-1, 1, 1, 1), x.flip(-1), x)
         return x, None if self.labels is None else self.labels[indices]
 
+    def sample_indices(self, num: int) -> torch.Tensor:
+        """`num` indices spread evenly over the largest bucket (preview grids: one shape per grid)."""
+        largest = max(range(len(self.parts)), key=lambda b: (len(self.parts[b]), -b))
+        members = self.bucket_indices(largest) if len(self.parts) > 1 else torch.arange(len(self))
+        return members[torch.arange(0, len(members), max(1, len(members) // num))[:num]]
+
     def decode(self, files: list[Path], strict: bool, workers: int, progress: bool,
-               out: np.ndarray | None = None) -> tuple[torch.Tensor | np.ndarray, dict[int, str]]:
+               out: np.ndarray | None = None, shape: tuple[int, int] | None = None
+               ) -> tuple[torch.Tensor | np.ndarray, dict[int, str]]:
         """All files decoded in file order (zeros where unreadable), into `out` if given (a memory map), and
         {index: reason} per unreadable file."""
-        c, r = self.channels, self.resolution
-        images = torch.empty((len(files), c, r, r), dtype=torch.uint8) if out is None else out
+        c = self.channels
+        h, w = shape or (self.resolution, self.resolution)
+        images = torch.empty((len(files), c, h, w), dtype=torch.uint8) if out is None else out
         failed: dict[int, str] = {}
-        per_chunk = min(CHUNK_FILES, CHUNK_BYTES // (c * r * r), math.ceil(len(files) / max(1, workers * 4)))
+        per_chunk = min(CHUNK_FILES, CHUNK_BYTES // (c * h * w), math.ceil(len(files) / max(1, workers * 4)))
         per_chunk = max(1, per_chunk)
         starts = range(0, len(files), per_chunk)
         chunks = [[str(f) for f in files[s:s + per_chunk]] for s in starts]
         workers = min(workers, len(chunks))
-        decode = functools.partial(decode_chunk, resolution=r, channels=c, strict=strict, background=self.background)
+        decode = functools.partial(decode_chunk, resolution=self.resolution, channels=c, strict=strict,
+                                   background=self.background, shape=shape)
         executor = None
         if workers > 1:
             executor = ProcessPoolExecutor(workers, mp_context=process_context())
             results = executor.map(decode, chunks)
         else:
             results = map(decode, chunks)
+        label = f"decoding {self.root.name}" + (f" {format_shape(shape)}" if shape is not None else "")
         try:
-            with tqdm(total=len(files), desc=f"decoding {self.root.name}", unit="img", disable=not progress) as bar:
+            with tqdm(total=len(files), desc=label, unit="img", disable=not progress) as bar:
                 for start, (array, failures) in zip(starts, results):
                     images[start:start + len(array)] = array if out is not None else torch.from_numpy(array)
                     failed.update((start + i, reason) for i, reason in failures)
@@ -278,7 +382,8 @@ class ImageDataset:
                 executor.shutdown(wait=True, cancel_futures=True)
         return images, failed
 
-    def cache_location(self, files: list[Path], cache_dir: str | os.PathLike) -> tuple[Path, str]:
+    def cache_location(self, files: list[Path], cache_dir: str | os.PathLike,
+                       shape: tuple[int, int] | None = None) -> tuple[Path, str]:
         listing, changes = [], []
         for f in files:
             stat = f.stat()
@@ -291,12 +396,17 @@ class ImageDataset:
                     "files": listing}
         if self.channels != 4 and self.background != "white":  # white: the caches written before the choice existed
             identity["background"] = self.background
+        if shape is not None:
+            identity["bucket"] = list(shape)
         key = hashlib.sha256(json.dumps(identity, separators=(",", ":")).encode()).hexdigest()
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", self.root.resolve().name) or "images"
-        return Path(cache_dir) / f"{name}-{self.resolution}px-{self.channels}ch-{key[:16]}.safetensors", key
+        size = f"{self.resolution}px" if shape is None else f"{self.resolution}px-{format_shape(shape)}"
+        return Path(cache_dir) / f"{name}-{size}-{self.channels}ch-{key[:16]}.safetensors", key
 
-    def read_cache(self, path: Path, key: str, files: list[Path]) -> tuple[torch.Tensor, dict[int, str]] | None:
+    def read_cache(self, path: Path, key: str, files: list[Path],
+                   shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict[int, str]] | None:
         """The cached images and unreadable files, or None (with a warning) if the file is not a valid cache."""
+        h, w = shape or (self.resolution, self.resolution)
         try:
             tensors, meta = read_mapped(path)
             if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
@@ -306,7 +416,7 @@ class ImageDataset:
             images, labels = tensors["images"], tensors.get("labels")
             rel = {f.relative_to(self.root).as_posix(): i for i, f in enumerate(files)}
             failed = {rel[name]: reason for name, reason in json.loads(meta["skipped"])}
-            expected = (len(files) - len(failed), self.channels, self.resolution, self.resolution)
+            expected = (len(files) - len(failed), self.channels, h, w)
             if images.dtype != torch.uint8 or tuple(images.shape) != expected:
                 raise ValueError(f"images are {images.dtype} {tuple(images.shape)}, expected uint8 {expected}")
             if json.loads(meta["class_names"]) != self.class_names or (labels is None) != (not self.class_names):
@@ -320,11 +430,13 @@ class ImageDataset:
         return images, failed
 
     def decode_to_cache(self, files: list[Path], labels: list[int] | None, strict: bool, workers: int,
-                        progress: bool, path: Path, key: str) -> tuple[torch.Tensor, dict[int, str]] | None:
+                        progress: bool, path: Path, key: str, shape: tuple[int, int] | None = None
+                        ) -> tuple[torch.Tensor, dict[int, str]] | None:
         """Decode into a scratch memory map beside the cache, then write the readable rows into the cache file in
         chunks, and map it: memory stays bounded whatever the folder's size. None (with a warning) if the cache
         folder cannot be written: the caller decodes into memory instead."""
-        c, r = self.channels, self.resolution
+        c = self.channels
+        h, w = shape or (self.resolution, self.resolution)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".decoding")
@@ -334,19 +446,20 @@ class ImageDataset:
                           "will decode again", stacklevel=3)
             return None
         try:
-            raw = np.memmap(scratch, dtype=np.uint8, mode="w+", shape=(len(files), c, r, r))
-            _, failed = self.decode(files, strict, workers, progress, out=raw)
-            self.check_failures(files, failed, strict)
+            raw = np.memmap(scratch, dtype=np.uint8, mode="w+", shape=(len(files), c, h, w))
+            _, failed = self.decode(files, strict, workers, progress, out=raw, shape=shape)
+            if strict or (len(failed) == len(files) and not self.bucketed):  # a bucket: the whole set is checked
+                self.check_failures(files, failed, strict)
             keep = np.array([i for i in range(len(files)) if i not in failed], dtype=np.int64)
             skipped = [[files[i].relative_to(self.root).as_posix(), failed[i]] for i in sorted(failed)]
             metadata = {"format": CACHE_FORMAT, "key": key, "class_names": json.dumps(self.class_names),
                         "skipped": json.dumps(skipped), "root": str(self.root), "changes": self._changes}
-            specs = {"images": (torch.uint8, (len(keep), c, r, r))}
+            specs = {"images": (torch.uint8, (len(keep), c, h, w))}
             if labels is not None:
                 specs["labels"] = (torch.int64, (len(keep),))
 
             def fill(views):
-                rows = max(1, CHUNK_BYTES // (c * r * r))
+                rows = max(1, CHUNK_BYTES // (c * h * w))
                 for start in range(0, len(keep), rows):
                     views["images"][start:start + rows] = raw[keep[start:start + rows]]
                 if labels is not None:
@@ -375,10 +488,15 @@ class BatchSampler:
     Each epoch is torch's DistributedSampler(shuffle=True, seed=seed, drop_last=True) after set_epoch(epoch):
     every rank gets a disjoint share, served `batch_size` indices at a time (its part of the global batch);
     an incomplete final batch is dropped. Everything follows from (n, batch_size, seed, rank, world_size).
+
+    With `groups` (each index's aspect-ratio bucket), a batch holds one group only: the epoch's order (the same
+    permutation, or weighted draws) is split by group, each group cut into global batches (its incomplete last one
+    dropped), and the global batches are shuffled (seeded by seed and epoch) and dealt out, every rank taking its
+    rows of each: all ranks train on the same bucket at each step.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 weights: torch.Tensor | None = None):
+                 weights: torch.Tensor | None = None, groups: torch.Tensor | None = None):
         check_field(isinstance(seed, int) and not isinstance(seed, bool), "seed", seed, "an integer", what="")
         for name, value, minimum in (("n", n, 1), ("batch_size", batch_size, 1), ("world_size", world_size, 1),
                                      ("rank", rank, 0)):
@@ -388,12 +506,11 @@ class BatchSampler:
         self.batch_size = batch_size
         self.sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                           drop_last=True)
-        self.batches_per_epoch = len(self.sampler) // batch_size
-        if self.batches_per_epoch == 0:
-            raise EncdiffError(f"the dataset has {count(n, 'image')}, fewer than one global batch of {batch_size * world_size} "
-                               f"(batch_size {batch_size} x world_size {world_size})")
         if weights is not None and (weights.shape != (n,) or not bool((weights >= 0).all()) or not weights.sum() > 0):
             raise EncdiffError(f"sampling weights: expected {n} non-negative numbers, not all zero")
+        if groups is not None and (groups.shape != (n,) or groups.dtype != torch.int64 or bool((groups < 0).any())):
+            raise EncdiffError(f"sampling groups: expected {n} non-negative integers (one bucket per image)")
+        self.groups = None if groups is None or bool((groups == groups[0]).all()) else groups
         # With weights, an epoch is as many draws with replacement (from a generator seeded by seed and epoch, like
         # DistributedSampler's permutation), dealt to the ranks the way DistributedSampler deals its indices.
         self.weights, self.seed, self.rank, self.world_size = weights, seed, rank, world_size
@@ -401,25 +518,53 @@ class BatchSampler:
         self.batch = 0
         self.order: torch.Tensor | None = None
         self.order_epoch = -1
+        self.batches_per_epoch = len(self.sampler) // batch_size if self.groups is None else len(self.epoch_order(0))
+        if self.batches_per_epoch == 0:
+            too_small = "" if self.groups is None else " in any one aspect-ratio bucket"
+            raise EncdiffError(f"the dataset has {count(n, 'image')}, fewer than one global batch of {batch_size * world_size} "
+                               f"(batch_size {batch_size} x world_size {world_size}){too_small}")
 
     def __iter__(self) -> BatchSampler:
         return self
 
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """This rank's indices of `epoch`, in serving order: without groups a flat list (one batch after another),
+        with groups (batches, batch_size)."""
+        total = len(self.sampler) * self.world_size
+        if self.weights is not None:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            draws = torch.multinomial(self.weights.double(), total, replacement=True, generator=g)
+        elif self.groups is not None:
+            # the global permutation DistributedSampler deals from (its own formula: seed + epoch)
+            draws = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            self.sampler.set_epoch(epoch)
+            return torch.tensor(list(self.sampler), dtype=torch.int64)
+        if self.groups is None:
+            return draws[self.rank::self.world_size]
+        size = self.batch_size * self.world_size
+        batches = []
+        for group in self.groups.unique().tolist():
+            members = draws[self.groups[draws] == group]
+            whole = len(members) // size * size
+            batches.append(members[:whole].view(-1, size))
+        batches = torch.cat(batches)
+        # a second stream, so that the batch order does not repeat the permutation's draws
+        shuffle = torch.randperm(len(batches), generator=torch.Generator().manual_seed((self.seed + epoch) * 2 + 1))
+        return batches[shuffle][:, self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
     def __next__(self) -> torch.Tensor:
         if self.order_epoch != self.epoch:
-            if self.weights is None:
-                self.sampler.set_epoch(self.epoch)
-                self.order = torch.tensor(list(self.sampler), dtype=torch.int64)
-            else:
-                total = len(self.sampler) * self.world_size
-                g = torch.Generator().manual_seed(self.seed + self.epoch)
-                draws = torch.multinomial(self.weights.double(), total, replacement=True, generator=g)
-                self.order = draws[self.rank::self.world_size]
+            self.order = self.epoch_order(self.epoch)
             self.order_epoch = self.epoch
-        start = self.batch * self.batch_size
-        indices = self.order[start:start + self.batch_size]
+        if self.groups is None:
+            start = self.batch * self.batch_size
+            indices = self.order[start:start + self.batch_size]
+        else:
+            indices = self.order[self.batch]
         self.batch += 1
-        if self.batch == self.batches_per_epoch:
+        # grouped and weighted, the number of whole batches varies from epoch to epoch
+        if self.batch == (self.batches_per_epoch if self.groups is None else len(self.order)):
             self.epoch, self.batch = self.epoch + 1, 0
         return indices
 
@@ -432,6 +577,8 @@ class BatchSampler:
         if not isinstance(state, dict):
             raise EncdiffError(f"sampler state: expected a dict with 'epoch' and 'batch', found {type(state).__name__}")
         check_int(state.get("epoch"), "epoch", 0, what="sampler state field")
-        # the batch within the epoch: below the batches per epoch
-        check_int(state.get("batch"), "batch", 0, self.batches_per_epoch - 1, what="sampler state field")
+        # the batch within the epoch: below the batches of that epoch
+        per_epoch = self.batches_per_epoch if self.groups is None or self.weights is None else \
+            len(self.epoch_order(state["epoch"]))
+        check_int(state.get("batch"), "batch", 0, per_epoch - 1, what="sampler state field")
         self.epoch, self.batch = state["epoch"], state["batch"]

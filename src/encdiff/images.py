@@ -102,13 +102,15 @@ def upright(image: Image.Image) -> Image.Image:
     return image
 
 
-def load_image(path: str | os.PathLike, resolution: int, channels: int = 3, background: str = "white") -> np.ndarray:
-    """Decode an image file (its first frame) to uint8 (channels, resolution, resolution).
+def load_image(path: str | os.PathLike, resolution: int, channels: int = 3, background: str = "white",
+               shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode an image file (its first frame) to uint8 (channels, resolution, resolution), or (channels, H, W) for
+    a `shape` (H, W) (an aspect-ratio bucket).
 
     EXIF orientation is applied, any mode is converted (see `to_8bit`; `background` is the colour transparency is
-    composited onto without alpha), the shorter side is resized to `resolution` with Lanczos (antialiased; no
-    resampling when it already has that size), and the centre is cropped (an odd leftover pixel goes to the right
-    or bottom). An unreadable file raises EncdiffError.
+    composited onto without alpha), the image is resized with Lanczos to cover the shape (the shorter side to
+    `resolution` for a square; antialiased; no resampling when it already has that size), and the centre is cropped
+    (an odd leftover pixel goes to the right or bottom). An unreadable file raises EncdiffError.
     """
     check_image_args(resolution, channels)
     path = Path(path)
@@ -127,22 +129,44 @@ def load_image(path: str | os.PathLike, resolution: int, channels: int = 3, back
     except Exception as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
         raise UnreadableImageError(path, f"not a readable image ({reason})") from None
-    array = np.array(fit(image, resolution), dtype=np.uint8)
+    array = np.array(fit_shape(image, shape or (resolution, resolution)), dtype=np.uint8)
     if channels == 4:
         array[array[:, :, 3] == 0] = 0  # fully transparent: (0, 0, 0, 0), whatever colour the file kept there
     return np.ascontiguousarray(array[None] if channels == 1 else array.transpose(2, 0, 1))
 
 
+def upright_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image as a viewer shows it (EXIF orientation applied), from its header alone; an
+    unreadable file raises UnreadableImageError."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            try:
+                orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            except Exception:  # a damaged EXIF block: the pixels are read as stored (see `upright`)
+                orientation = 1
+    except Exception as e:
+        raise UnreadableImageError(path, f"not a readable image ({type(e).__name__}: {e})") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # 5-8 turn it a quarter
+
+
 def fit(image: Image.Image, resolution: int, resample=Image.Resampling.LANCZOS) -> Image.Image:
     """The training rule for any image size: the shorter side resized to `resolution` (no resampling when it has
     that size already), then the centre cropped (an odd leftover pixel goes to the right or bottom)."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    return fit_shape(image, (resolution, resolution), resample)
+
+
+def fit_shape(image: Image.Image, shape: tuple[int, int], resample=Image.Resampling.LANCZOS) -> Image.Image:
+    """`fit` for a (height, width) shape: resized (keeping its aspect ratio) to the smallest size covering the
+    shape, then the centre cropped."""
+    height, width = shape
+    scale = max(width / image.size[0], height / image.size[1])
+    size = (max(width, round(image.size[0] * scale)), max(height, round(image.size[1] * scale)))
     if size != image.size:
         image = image.resize(size, resample)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return image.crop((left, top, left + width, top + height))
 
 
 def image_grid(images: torch.Tensor, rows: int) -> torch.Tensor:

@@ -34,6 +34,15 @@ def run_block(block: nn.Module, *args: torch.Tensor | None, checkpointing: bool 
     return block(*args)
 
 
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zeros below and to the right of (B, C, H, W) up to H and W divisible by `multiple`: a U-Net halves its map
+    once per level and adds the skips back, so it takes only such shapes (an aspect-ratio bucket's latents need not
+    be). The network crops its output back to (H, W); a shape already divisible is left as it is."""
+    H, W = x.shape[-2:]
+    bottom, right = -H % multiple, -W % multiple
+    return F.pad(x, (0, right, 0, bottom)) if bottom or right else x
+
+
 def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """SiLU(GroupNorm(x)); in place when no graph is recorded, saving a full-size allocation."""
     h = norm(x)

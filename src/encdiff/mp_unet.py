@@ -35,6 +35,7 @@ from torch import nn
 from .checkpoint import Pretrained
 from .errors import (MAX_SIZE, EncdiffError, check_bool, check_field, check_int, check_number, check_tuple, is_flag,
                      is_positive_int)
+from .layers import pad_to_multiple
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,9 @@ class MPUNet(Pretrained, nn.Module):
         elif class_labels is not None:
             raise EncdiffError("class_labels given, but this U-Net is unconditional (num_classes = 0)")
         emb = mp_silu(emb).to(x.dtype)
-        h = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        H, W = x.shape[-2:]
+        # padded after the ones are added: the padding reads as outside the image (zeros in that channel too)
+        h = pad_to_multiple(torch.cat([x, torch.ones_like(x[:, :1])], dim=1), 2 ** (len(self.config.block_out_channels) - 1))
         skips = []
         for name, block in self.enc.items():
             h = block(h) if name.endswith("_conv") else block(h, emb)
@@ -285,7 +288,7 @@ class MPUNet(Pretrained, nn.Module):
             if "block" in name:
                 h = mp_cat(h, skips.pop(), t=self.config.concat_balance)
             h = block(h, emb)
-        out = self.out_conv(h, gain=self.out_gain)
+        out = self.out_conv(h, gain=self.out_gain)[..., :H, :W]
         if not return_logvar:
             return out
         if not self.config.logvar_channels:

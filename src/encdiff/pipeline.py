@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .autoencoder import Autoencoder, IdentityAutoencoder
+from .buckets import format_shape, parse_shape
 from .checkpoint import CHECKPOINTS, CONFIG, atomic_write_bytes, read_json, shipped_file
 from .errors import check_choice, check_field, check_int, check_number, config_from_dict, count
 from .denoiser import PREDICTIONS, ConsistencyDenoiser, Denoiser, EDMDenoiser, VPDenoiser
@@ -154,7 +155,8 @@ class Generator:
     def __init__(self, unet: UNet, spec: DenoiserSpec, autoencoder: Autoencoder | None = None,
                  class_names: list[str] | None = None, sampling: Sampling | dict[str, Any] | None = None,
                  distillation: dict[str, Any] | None = None, guide: torch.nn.Module | None = None,
-                 guide_info: dict[str, Any] | None = None, light_decoder: LightDecoder | None = None):
+                 guide_info: dict[str, Any] | None = None, light_decoder: LightDecoder | None = None,
+                 sizes: list[tuple[int, int]] | None = None):
         self.unet = unet.eval()
         self.light_decoder = light_decoder.eval() if light_decoder is not None else None
         # Autoguidance's guide (Sampling.guidance_kind = "auto"): a smaller, shorter-trained backbone of the same
@@ -180,6 +182,14 @@ class Generator:
             raise EncdiffError(f"a pixel-space generator (latent: false) makes images of the U-Net's "
                                f"{unet.config.in_channels} channels: expected 1, 3 or 4 (is an autoencoder missing?)")
         self.autoencoder = autoencoder.eval() if autoencoder is not None else IdentityAutoencoder(unet.config.in_channels)
+        # The image shapes (height, width) it was trained at (aspect-ratio buckets); its square is always one.
+        square = (self.image_size, self.image_size)
+        self.sizes: list[tuple[int, int]] = sorted({square, *(tuple(size) for size in (sizes or ()))},
+                                                   key=lambda s: s[1] / s[0])
+        f = self.downsample_factor
+        for height, width in self.sizes:
+            check_field(height % f == 0 and width % f == 0, "sizes", format_shape((height, width)),
+                        f"sides that are multiples of the autoencoder's downsampling factor {f}")
         check_field(class_names is None or (isinstance(class_names, (list, tuple))
                                             and all(isinstance(n, str) for n in class_names)),
                     "class_names", class_names, "a list of names")
@@ -294,7 +304,8 @@ class Generator:
     def images(self, seeds: list[int], class_labels: torch.Tensor | None = None, sampling: Sampling | None = None, *,
                sampler: str | None = None, steps: int | None = None, guidance_scale: float | None = None,
                schedule: str | None = None, guidance_interval: tuple[float, float] | None = None,
-               guidance_kind: str | None = None, decoder: str | None = None, callback=None) -> torch.Tensor:
+               guidance_kind: str | None = None, decoder: str | None = None, size: tuple[int, int] | None = None,
+               callback=None) -> torch.Tensor:
         """uint8 images (B, C, H, W), image i made from its own seed: its noise, and so its image, does not depend on
         the other seeds of the batch. The pixels of a batch equal those of images made one by one to within rounding:
         the CPU's convolution kernels round differently for another batch size, so a value in a few thousand may
@@ -302,18 +313,32 @@ class Generator:
 
         The generator's own `sampling` applies unless `sampling` or a keyword changes it (guidance_scale=1 turns
         guidance off); its default guidance is used only where there are class labels to guide towards.
+        `size` (height, width) is one of the shapes it was trained at (`sizes`; default its square).
         `callback(i, sigma, x, denoised)` runs after every step (see samplers)."""
         settings = self.settings(class_labels, sampling, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
                                  schedule=schedule, guidance_interval=guidance_interval, guidance_kind=guidance_kind,
                                  decoder=decoder)
         c = self.unet.config
+        height, width = self.check_size(size)
+        f = self.downsample_factor
         device = next(self.unet.parameters()).device
         generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
         with autocast(device):  # the precision this machine runs the networks fastest in (precision.py)
-            latents = generate(self.denoiser, (len(seeds), c.in_channels, c.sample_size, c.sample_size), generators,
+            latents = generate(self.denoiser, (len(seeds), c.in_channels, height // f, width // f), generators,
                                sampler=settings.sampler, steps=settings.steps, sigmas=settings.grid(self.denoiser),
                                class_labels=class_labels, **self.guidance(settings), device=device, callback=callback)
         return self.decode(latents, settings.decoder)
+
+    def check_size(self, size: tuple[int, int] | None) -> tuple[int, int]:
+        """(height, width) to draw at: `size` if it is one this generator was trained at, else an error listing
+        them; None: its square."""
+        if size is None:
+            return self.image_size, self.image_size
+        size = tuple(size)
+        if size not in self.sizes:
+            raise EncdiffError(f"size {format_shape(size)}: this generator was trained at "
+                               f"{', '.join(format_shape(s) for s in self.sizes)} (width x height); draw at one of them")
+        return size
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -352,18 +377,18 @@ class Generator:
                 raise EncdiffError(f"the new autoencoder's weight {key!r} differs from the generator's: another "
                                    "encoder means another latent space (fine-tune the decoder only)")
         return Generator(self.unet, self.spec, autoencoder, self.class_names, self.sampling, self.distillation,
-                         self.guide, self.guide_info, self.light_decoder)
+                         self.guide, self.guide_info, self.light_decoder, self.sizes)
 
     def with_guide(self, guide: torch.nn.Module, info: dict[str, Any] | None = None) -> "Generator":
         """The same generator with an autoguidance guide (checked to share its latents and labels)."""
         return Generator(self.unet, self.spec, self.autoencoder if isinstance(self.autoencoder, Autoencoder) else None,
-                         self.class_names, self.sampling, self.distillation, guide, info, self.light_decoder)
+                         self.class_names, self.sampling, self.distillation, guide, info, self.light_decoder, self.sizes)
 
     def with_light_decoder(self, light_decoder: LightDecoder) -> "Generator":
         """The same generator with a light decoder for its latents (checked to fit them)."""
         return Generator(self.unet, self.spec, self.autoencoder if isinstance(self.autoencoder, Autoencoder) else None,
                          self.class_names, self.sampling, self.distillation, self.guide, self.guide_info,
-                         light_decoder)
+                         light_decoder, self.sizes)
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write the generator folder; `dtype` (e.g. torch.float16) stores the weights in that precision
@@ -384,6 +409,8 @@ class Generator:
             info["distillation"] = self.distillation
         if self.guide is not None:
             info["guide"] = self.guide_info or {}
+        if len(self.sizes) > 1:  # a square-only generator's folder stays as it was before buckets
+            info["sizes"] = [format_shape(size) for size in self.sizes]
         atomic_write_bytes(folder / GENERATOR_FILE, (json.dumps(info, indent=2) + "\n").encode())
         return folder
 
@@ -412,12 +439,16 @@ class Generator:
         if not all(isinstance(n, str) for n in info["class_names"]):
             raise EncdiffError(f"{info_path}: entry 'class_names' = {info['class_names']!r}: expected strings")
         unknown = sorted(set(info) - {"encdiff_class", "format_version", "denoiser", "class_names", "latent", "sampling",
-                                      "distillation", "guide"})
+                                      "distillation", "guide", "sizes"})
         if unknown:
             raise EncdiffError(f"{info_path}: unknown entry {unknown[0]!r}")
         for key in ("distillation", "guide"):
             if not isinstance(info.get(key, {}), dict):
                 raise EncdiffError(f"{info_path}: entry {key!r} = {info[key]!r}: expected an object")
+        sizes = info.get("sizes", [])
+        if not isinstance(sizes, list):
+            raise EncdiffError(f"{info_path}: entry 'sizes' = {sizes!r}: expected a list of WxH sizes")
+        sizes = [parse_shape(size, f"{info_path}: entry 'sizes' item") for size in sizes]
         if "guide" in info and not (folder / "guide").is_dir():
             raise EncdiffError(f"{info_path}: entry 'guide' without a guide/ folder")
         if "guide" not in info and (folder / "guide").is_dir():
@@ -434,7 +465,7 @@ class Generator:
                  if (folder / "light_decoder").is_dir() else None)
         try:
             return cls(unet, spec, autoencoder, info.get("class_names"), Sampling.from_dict(info.get("sampling"), "sampling"),
-                       info.get("distillation"), guide, info.get("guide"), light)
+                       info.get("distillation"), guide, info.get("guide"), light, sizes)
         except EncdiffError as e:
             raise EncdiffError(f"{info_path}: {e}") from None
 

@@ -17,7 +17,7 @@ from .checkpoint import Pretrained
 from .diffusers_format import unet_config_to_diffusers, unet_fields_from_diffusers
 from .errors import (MAX_SIZE, EncdiffError, check_bool, check_field, check_int, check_number, check_tuple, is_flag,
                      is_positive_int)
-from .layers import (CHANNELS_LAST, Downsample, Level, MidBlock, NoiseEmbedding, ResnetBlock, SelfAttention, Upsample, run_block,
+from .layers import (CHANNELS_LAST, pad_to_multiple, Downsample, Level, MidBlock, NoiseEmbedding, ResnetBlock, SelfAttention, Upsample, run_block,
                      norm_silu, sinusoidal_embedding, zero_init)
 
 
@@ -148,7 +148,8 @@ class UNet(Pretrained, nn.Module):
             raise EncdiffError("class_labels given, but this U-Net is unconditional (num_classes = 0)")
 
         ckpt = self.gradient_checkpointing
-        h = self.conv_in(x.contiguous(memory_format=CHANNELS_LAST))
+        H, W = x.shape[-2:]
+        h = self.conv_in(pad_to_multiple(x, 2 ** (len(c.block_out_channels) - 1)).contiguous(memory_format=CHANNELS_LAST))
         skips = [h]
         for level in self.down_blocks:
             for j, resnet in enumerate(level.resnets):
@@ -167,4 +168,4 @@ class UNet(Pretrained, nn.Module):
                     h = run_block(level.attentions[j], h, checkpointing=ckpt)
             if level.resample is not None:
                 h = level.resample(h)  # B, C, 2H, 2W
-        return self.conv_out(norm_silu(self.conv_norm_out, h))
+        return self.conv_out(norm_silu(self.conv_norm_out, h))[..., :H, :W]

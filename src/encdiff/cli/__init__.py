@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="grid PNG (default samples.png unless --out-dir)")
     p.add_argument("--out-dir", help="also write one PNG per image here (alone: no grid, any --num)")
     p.add_argument("--batch-size", type=int, default=100, help="images generated at once (memory)")
+    p.add_argument("--size", metavar="WxH", help="image size, one the model was trained at (aspect-ratio buckets; "
+                   "`encdiff info MODEL` lists them; default: its square)")
 
     p = commands.add_parser("reconstruct", help="encode and decode images; side-by-side PNGs and PSNR")
     p.add_argument("model", help="autoencoder folder (encdiff or diffusers)")

@@ -53,6 +53,8 @@ def train_flags(parser: argparse.ArgumentParser, stage: str) -> None:
             parser.add_argument(flag, type=finite_float, nargs=2, help=help_, metavar=f.name.upper())
         elif kind == "tuple[float, ...]":
             parser.add_argument(flag, type=finite_float, nargs="+", help=help_, metavar=f.name.upper())
+        elif kind == "tuple[str, ...]":
+            parser.add_argument(flag, nargs="+", help=help_, metavar="WxH")
 
 
 def duration(text: str) -> float:

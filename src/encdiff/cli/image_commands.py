@@ -15,6 +15,7 @@ from .flags import check_output, check_writable_folder, generator_of, in_range, 
 def cmd_sample(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ..buckets import parse_shape
     from ..images import image_grid, save_png
 
     num = args.num
@@ -34,6 +35,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                            "the images one by one with --out-dir (and no --out)")
     if not 0 <= args.seed <= 2**63 - num:
         raise EncdiffError(f"--seed {args.seed}: expected 0 .. 2**63 - num (image i uses seed + i)")
+    size = generator.check_size(parse_shape(args.size, "--size") if args.size else None)
     labels = generator.labels(num, args.class_)
     if args.guidance is not None and labels is None:
         raise EncdiffError("--guidance needs a class-conditional model")
@@ -50,7 +52,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         for start in range(0, num, args.batch_size):
             batch_seeds = seeds[start:start + args.batch_size]
             batch_labels = None if labels is None else labels[start:start + args.batch_size]
-            images = generator.images(batch_seeds, batch_labels, settings)
+            images = generator.images(batch_seeds, batch_labels, settings, size=size)
             if out_dir is not None:
                 for seed, image in zip(batch_seeds, images):
                     save_png(image, out_dir / f"{seed:06d}.png")

@@ -82,6 +82,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         generator = Generator.from_pretrained(path)
         print(f"{path}: generator ({'latent' if generator.downsample_factor > 1 else 'pixel'} diffusion), denoiser "
               f"{generator.spec.kind}, classes: {', '.join(generator.class_names) or 'none'}")
+        from ..buckets import format_shape
+
+        print(f"  sizes (width x height): {', '.join(format_shape(size) for size in generator.sizes)}"
+              + (" (aspect-ratio buckets: `encdiff sample --size WxH`)" if len(generator.sizes) > 1 else ""))
         s = generator.sampling
         print(f"  sampling: {s.sampler}, {s.steps} steps"
               + (f" at noise levels {list(s.sigmas)}" if s.sigmas else f", {s.schedule} schedule")

@@ -35,7 +35,6 @@ def _train_autoencoder(config: TrainConfig) -> Path:
         init = Autoencoder.from_pretrained(config.init)  # a bad folder fails before the data is decoded
     else:
         preset(AUTOENCODERS, config.model)
-    dist_, dataset = prepare(config, "autoencoder")
     if config.init:
         ae_config = init.config
         if (ae_config.in_channels, ae_config.sample_size) != (config.channels, config.resolution):
@@ -48,6 +47,7 @@ def _train_autoencoder(config: TrainConfig) -> Path:
     if config.resolution % ae_config.downsample_factor:
         raise EncdiffError(f"resolution {config.resolution} is not divisible by the autoencoder's downsampling "
                            f"factor {ae_config.downsample_factor}")
+    dist_, dataset = prepare(config, "autoencoder", factor=ae_config.downsample_factor)
     torch.manual_seed(config.seed)  # the initial weights (of the discriminator too)
     autoencoder = Autoencoder(ae_config)
     if config.init:
@@ -60,7 +60,7 @@ def _train_autoencoder(config: TrainConfig) -> Path:
                                                                channels=config.disc_channels, layers=config.disc_layers))
     run = Run(config, "autoencoder", autoencoder, dataset, dist_, discriminator=discriminator)
     run.resume()
-    preview = dataset.batch(torch.arange(0, len(dataset), max(1, len(dataset) // 8))[:8])[0]
+    preview = dataset.batch(dataset.sample_indices(8))[0]
     objective = AutoencoderObjective(
         recon_loss=config.recon_loss, kl_weight=config.kl_weight, ssim_weight=config.ssim_weight,
         fft_weight=config.fft_weight, adv_weight=config.adv_weight, adv_start=config.adv_start,

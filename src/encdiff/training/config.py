@@ -12,6 +12,7 @@ from typing import Any
 
 from ..autoencoder_loss import RECON_LOSSES
 from ..backbones import BACKBONES
+from ..buckets import parse_shape, resolve_buckets
 from ..data import ImageDataset
 from ..denoiser import LOSS_WEIGHTS, NOISE_LEVELS, PREDICTIONS
 from ..errors import (EncdiffError, check_bool, check_choice, check_field, check_int, check_number, check_tuple,
@@ -37,6 +38,8 @@ class TrainConfig:
     background: str = "white"  # trained without alpha (channels 1 or 3): the colour transparent images go onto
     flips: bool = True  # random horizontal flips; false for data a mirror changes (text, flags, arrows, logos)
     balance_classes: bool = False  # draw every class equally often (with replacement), however many images it has
+    buckets: tuple[str, ...] = ()  # aspect-ratio buckets, "WxH" each (buckets.py), or ["auto"] for the rule's
+    # shapes; empty: every image centre-cropped to resolution x resolution
     strict: bool = False  # unreadable files: error instead of a warning
     # the model
     model: str = ""  # preset name (presets.AUTOENCODERS for stage 1, presets.UNETS for stage 2)
@@ -132,6 +135,15 @@ class TrainConfig:
                      "balance_classes"):
             check_bool(getattr(self, name), name)
         check_bool(self.bf16, "bf16", optional=True)
+        check_field(isinstance(self.buckets, (list, tuple)) and all(isinstance(v, str) for v in self.buckets),
+                    "buckets", self.buckets, 'a list of sizes "WxH", or ["auto"]')
+        object.__setattr__(self, "buckets", tuple(self.buckets))
+        if "auto" in self.buckets and len(self.buckets) > 1:
+            raise EncdiffError(f"config field 'buckets' = {list(self.buckets)}: 'auto' stands alone (the rule's "
+                               "shapes), or list the shapes as WxH")
+        for shape in self.buckets:
+            if shape != "auto":
+                parse_shape(shape, "config field 'buckets' entry")
         check_field(self.channels in MODES and not isinstance(self.channels, bool), "channels", self.channels,
                     "1 (grayscale), 3 (RGB) or 4 (RGBA)")
         check_field(isinstance(self.background, str), "background", self.background, "a colour name or #rrggbb")
@@ -215,13 +227,17 @@ def config_to_json(config: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def dataset_of(config: TrainConfig, run_dir: str | os.PathLike, progress: bool = True) -> ImageDataset:
+def dataset_of(config: TrainConfig, run_dir: str | os.PathLike, progress: bool = True,
+               factor: int = 1) -> ImageDataset:
     """The images a run trains on, for every stage and for export: decoded once into the run's cache; the run
-    folder is never data, even inside the data folder (`cd images && encdiff train .`)."""
+    folder is never data, even inside the data folder (`cd images && encdiff train .`). `factor` is the
+    autoencoder's downsampling: every bucket's sides are multiples of it, and a bucket holds at least a batch."""
     run_dir = Path(run_dir)
+    buckets = resolve_buckets(config.buckets, config.resolution, factor)
     return ImageDataset(config.data, config.resolution, config.channels, strict=config.strict,
                         cache_dir=run_dir / "cache", workers=config.workers, progress=progress, exclude=(run_dir,),
-                        background=config.background)
+                        background=config.background, buckets=buckets,
+                        min_bucket=config.batch_size if buckets else 1)
 
 
 def backbone_presets(backbone: str) -> dict:

@@ -11,6 +11,7 @@ import torch
 
 from ..autoencoder import Autoencoder
 from ..backbones import CONFIGS, backbone_class
+from ..buckets import format_shape
 from ..checkpoint import read_json
 from ..denoiser import training_loss
 from ..errors import EncdiffError
@@ -40,7 +41,7 @@ def _train_diffusion(config: TrainConfig) -> Path:
         raise EncdiffError(f"resolution {config.resolution}: the autoencoder {config.autoencoder} was trained on "
                            f"{autoencoder.config.sample_size}x{autoencoder.config.sample_size} images; train the "
                            f"diffusion stage at that size (--resolution {autoencoder.config.sample_size})")
-    dist_, dataset = prepare(config, "diffusion")
+    dist_, dataset = prepare(config, "diffusion", factor=autoencoder.downsample_factor if autoencoder else 1)
     if autoencoder is not None:
         autoencoder = autoencoder.to(dist_.device)
     factor = autoencoder.downsample_factor if autoencoder else 1
@@ -54,7 +55,9 @@ def _train_diffusion(config: TrainConfig) -> Path:
     spec = DenoiserSpec(kind=config.denoiser, sigma_data=config.sigma_data, schedule=config.train_schedule,
                         prediction=config.prediction)
     torch.manual_seed(config.seed)
+    sizes = dataset.shapes if dataset.bucketed else None  # the shapes the generator can draw at
     export_info = {"denoiser": dataclasses.asdict(spec), "class_names": dataset.class_names,
+                   "sizes": [format_shape(shape) for shape in sizes or ()],
                    "autoencoder": str(Path(config.autoencoder).resolve()) if config.autoencoder else None,
                    "backbone": config.backbone}
     run = Run(config, "diffusion", backbone_class(config.backbone)(unet_config), dataset, dist_, export_info)
@@ -73,7 +76,7 @@ def _train_diffusion(config: TrainConfig) -> Path:
                              uncertainty=config.uncertainty, **config.loss_options)
 
     def generator_of(run: Run) -> Generator:
-        return Generator(run.ema.model, spec, autoencoder, dataset.class_names)
+        return Generator(run.ema.model, spec, autoencoder, dataset.class_names, sizes=sizes)
 
     train_loop(run, Recipe(batch=batch, loss=loss, sample=sample_grid(generator_of, dataset, steps=config.sample_steps),
                            evaluate=evaluation_hook(config, dataset, generator_of, steps=config.sample_steps)))

@@ -12,6 +12,7 @@ import torch
 
 from ..autoencoder import Autoencoder
 from ..backbones import backbone_class, backbone_name
+from ..buckets import format_shape
 from ..checkpoint import sha256_file
 from ..consistency import distillation_grid, distillation_loss, interval_probabilities
 from ..errors import EncdiffError, count
@@ -44,7 +45,7 @@ def _train_consistency(config: TrainConfig) -> Path:
     if config.resolution != teacher.image_size:
         raise EncdiffError(f"resolution {config.resolution}: the teacher {config.teacher} makes "
                            f"{teacher.image_size}x{teacher.image_size} images (pass --resolution {teacher.image_size})")
-    dist_, dataset = prepare(config, "consistency")
+    dist_, dataset = prepare(config, "consistency", factor=teacher.downsample_factor)
     if dataset.num_classes != teacher.num_classes:
         raise EncdiffError(f"{config.data}: {count(dataset.num_classes, 'class folder')}, but the teacher {config.teacher} "
                            f"is conditional on {count(teacher.num_classes, 'class', 'classes')}; distil on its training data")
@@ -66,7 +67,10 @@ def _train_consistency(config: TrainConfig) -> Path:
                     "teacher_unet_sha256": sha256_file(Path(config.teacher) / "unet" / "model.safetensors"),
                     "guidance_scale": guidance, "intervals": config.intervals, "solver": config.solver}
     ae_folder = Path(config.teacher) / "autoencoder"
+    # the shapes the student can draw at: those it was tuned on that its teacher was trained at
+    sizes = [shape for shape in dataset.shapes if shape in teacher.sizes] if dataset.bucketed else None
     export_info = {"denoiser": dataclasses.asdict(spec), "class_names": teacher.class_names,
+                   "sizes": [format_shape(shape) for shape in sizes or ()],
                    "autoencoder": str(ae_folder.resolve()) if latent else None, "backbone": backbone,
                    "sampling": dataclasses.asdict(sampling), "distillation": distillation}
     run = Run(config, "consistency", student, dataset, dist_, export_info)
@@ -100,7 +104,7 @@ def _train_consistency(config: TrainConfig) -> Path:
 
     def student_of(run: Run) -> Generator:
         return Generator(run.ema.model, spec, autoencoder, teacher.class_names, sampling,
-                         {**distillation, "images": run.images_seen})
+                         {**distillation, "images": run.images_seen}, sizes=sizes)
 
     train_loop(run, Recipe(batch=batch, loss=loss, sample=sample_grid(student_of, dataset),
                            evaluate=evaluation_hook(config, dataset, student_of)))

@@ -12,6 +12,7 @@ import torch
 
 from ..autoencoder import Autoencoder, AutoencoderConfig
 from ..backbones import CONFIGS, backbone_class
+from ..buckets import parse_shape
 from ..errors import EncdiffError, config_from_dict
 from ..phema import reconstruct
 from ..pipeline import DenoiserSpec, Generator, Sampling
@@ -51,7 +52,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bo
         if config.decoder_only:  # the latent space (statistics included) is the init autoencoder's
             autoencoder.eval().save_pretrained(out, diffusers=diffusers, dtype=dtype)
             return out
-        dataset = dataset_of(config, run_dir)
+        dataset = dataset_of(config, run_dir, factor=autoencoder.downsample_factor)
         measure_latent_statistics(autoencoder, dataset, "cpu").save_pretrained(out, diffusers=diffusers, dtype=dtype)
         return out
     backbone = info.get("backbone", "unet")  # runs before the edm2 backbone recorded none
@@ -66,8 +67,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bo
     distillation = info.get("distillation")
     if distillation is not None:
         distillation = {**distillation, "images": meta["images_seen"]}
+    sizes = [parse_shape(size, f"{path} sizes") for size in info.get("sizes", [])]  # runs before buckets: none
     generator = Generator(unet, DenoiserSpec(**info["denoiser"]), autoencoder, info.get("class_names"), sampling,
-                          distillation)
+                          distillation, sizes=sizes)
     if not diffusers:
         return generator.save_pretrained(out, dtype=dtype)
     unet.save_pretrained(out / "unet", diffusers=True, dtype=dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -40,9 +41,17 @@ def evaluation_hook(config: TrainConfig, dataset: ImageDataset, generator_of: Ca
         from ..evaluate import evaluate_generator, reference_stats
 
         if not reference:
-            # A seeded random subset: the data may be ordered by class.
-            idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))[:10_000]
-            reference.append(reference_stats(dataset.images[idx], cache_dir=run.dir / "cache", source=config.data))
+            # A seeded random subset (the data may be ordered by class) of the images of the generator's default
+            # size, the square: with aspect-ratio buckets, the square bucket's.
+            square = (dataset.resolution, dataset.resolution)
+            if square not in dataset.shapes:
+                warnings.warn(f"step {run.step}: no evaluation, no image of the data is in the square bucket "
+                              f"{dataset.resolution}x{dataset.resolution} that the generator draws by default",
+                              stacklevel=2)
+                return
+            images = dataset.parts[dataset.shapes.index(square)]
+            idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))[:10_000]
+            reference.append(reference_stats(images[idx], cache_dir=run.dir / "cache", source=config.data))
         generator = generator_of(run)
         metrics = evaluate_generator(generator, reference[0], config.eval_samples, seed=0, **sampling)
         row = {"step": run.step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}

@@ -12,10 +12,24 @@ import torch
 from tqdm import tqdm
 
 from ..autoencoder import Autoencoder
+from ..buckets import format_shape
 from ..checkpoint import sha256_file
 from ..data import ImageDataset
 from ..tensorfile import read_mapped, write_mapped
 from .loop import Distributed
+
+
+def bucket_batches(dataset: ImageDataset, batch: int):
+    """(bucket, indices) of consecutive batches of at most `batch` images, bucket by bucket, in file order within
+    each: how the whole set is read once (statistics, encoding)."""
+    for bucket in range(len(dataset.parts)):
+        members = dataset.bucket_indices(bucket) if dataset.bucketed else torch.arange(len(dataset))
+        for start in range(0, len(members), batch):
+            yield bucket, members[start:start + batch]
+
+
+def total_batches(dataset: ImageDataset, batch: int) -> int:
+    return sum(-(-len(part) // batch) for part in dataset.parts)
 
 
 @torch.inference_mode()
@@ -23,9 +37,9 @@ def measure_latent_statistics(autoencoder: Autoencoder, dataset: ImageDataset, d
                               progress: bool = True) -> Autoencoder:
     """Set shift = per-channel mean and scale = 1 / std of the raw latents over the data (LDM sec. 4.3.2)."""
     n, total, total_sq = 0, 0.0, 0.0
-    for start in tqdm(range(0, len(dataset), batch), desc="latent statistics", unit="batch", leave=False,
-                      disable=not progress):
-        x, _ = dataset.batch(torch.arange(start, min(start + batch, len(dataset))))
+    for _, idx in tqdm(bucket_batches(dataset, batch), total=total_batches(dataset, batch), desc="latent statistics",
+                       unit="batch", leave=False, disable=not progress):
+        x, _ = dataset.batch(idx)
         z = autoencoder.posterior(x.to(device)).mode().double()
         total = total + z.sum(dim=(0, 2, 3))
         total_sq = total_sq + z.square().sum(dim=(0, 2, 3))
@@ -42,63 +56,74 @@ def measure_latent_statistics(autoencoder: Autoencoder, dataset: ImageDataset, d
 
 @torch.inference_mode()
 def encode_dataset(autoencoder: Autoencoder, dataset: ImageDataset, device, batch: int = 256,
-                   progress: bool = True, out: np.ndarray | None = None) -> torch.Tensor | np.ndarray:
-    """Latents of every image and of its mirror image: (N, 2, C, h, w) float32, flip index 1 = mirrored; written
-    into `out` (a memory-mapped file's view) batch by batch if given, so they are never all in memory."""
-    parts = []
+                   progress: bool = True, out: list | None = None) -> list:
+    """Latents of every image and of its mirror image, one (N_b, 2, C, h, w) float32 array per bucket (flip index 1
+    = mirrored), rows as the bucket's images; written into `out` (memory-mapped views, one per bucket) batch by
+    batch if given, so they are never all in memory."""
+    parts: list[list[torch.Tensor]] = [[] for _ in dataset.parts]
     # A progress bar from the first batch: encoding a large folder takes minutes on a CPU.
-    for start in tqdm(range(0, len(dataset), batch), desc="encoding latents", unit="batch", disable=not progress):
-        idx = torch.arange(start, min(start + batch, len(dataset)))
+    for bucket, idx in tqdm(bucket_batches(dataset, batch), total=total_batches(dataset, batch),
+                            desc="encoding latents", unit="batch", disable=not progress):
         x, _ = dataset.batch(idx)
         x = x.to(device)
         latents = torch.stack([autoencoder.encode(x), autoencoder.encode(x.flip(-1))], 1).float().cpu()
         if out is None:
-            parts.append(latents)
+            parts[bucket].append(latents)
         else:
-            out[start:start + len(idx)] = latents.numpy()
-    return torch.cat(parts) if out is None else out
+            rows = dataset.rows_of(idx)[1]
+            out[bucket][int(rows[0]):int(rows[0]) + len(idx)] = latents.numpy()
+    return [torch.cat(p) for p in parts] if out is None else out
 
 
-def latent_batches(latents: torch.Tensor, dataset: ImageDataset):
-    """`Recipe.batch` for the training loop over cached latents (N, 2, C, h, w): each image's latent, or its mirror's."""
+def latent_batches(latents: list[torch.Tensor], dataset: ImageDataset):
+    """`Recipe.batch` for the training loop over cached latents, (N_b, 2, C, h, w) per bucket: each image's latent,
+    or its mirror's."""
     def batch(indices, flips):
-        return latents[indices, flips.long()], None if dataset.labels is None else dataset.labels[indices]
+        bucket, rows = dataset.rows_of(indices)
+        return latents[bucket][rows, flips.long()], None if dataset.labels is None else dataset.labels[indices]
     return batch
 
 
+def latent_key(dataset: ImageDataset, bucket: int) -> str:
+    """The tensor name of a bucket's latents in the cache file ("latents" for a set of one shape, as before buckets)."""
+    return f"latents.{format_shape(dataset.shapes[bucket])}" if dataset.bucketed else "latents"
+
+
 def cached_latents(autoencoder: Autoencoder, dataset: ImageDataset, cache_dir: Path, key: str,
-                   dist_: Distributed) -> torch.Tensor:
-    """Encode the data set once (rank 0) and keep it in the run's cache folder; every rank then loads it.
+                   dist_: Distributed) -> list[torch.Tensor]:
+    """Encode the data set once (rank 0) and keep it in the run's cache folder; every rank then loads it: one
+    tensor per bucket.
 
     The file is named by the autoencoder's weights and by what the images are (`ImageDataset.content_key`, the
-    decoded pixels): replacing an image, or the autoencoder, encodes again. A damaged file is encoded again with a
-    warning."""
+    decoded pixels and buckets): replacing an image, or the autoencoder, encodes again. A damaged file is encoded
+    again with a warning."""
     ae_folder = Path(key)
     weights = next((p for p in (ae_folder / "model.safetensors", ae_folder / "diffusion_pytorch_model.safetensors")
                     if p.is_file()), None)
     tag = sha256_file(weights)[:16] if weights else "unknown"
     path = cache_dir / f"latents-{tag}-{dataset.content_key[:16]}-{len(dataset)}.safetensors"
 
-    side = dataset.resolution // autoencoder.downsample_factor
-    shape = (len(dataset), 2, autoencoder.latent_channels, side, side)
+    f = autoencoder.downsample_factor
+    shapes = {latent_key(dataset, b): (len(part), 2, autoencoder.latent_channels, h // f, w // f)
+              for b, (part, (h, w)) in enumerate(zip(dataset.parts, dataset.shapes))}
 
     def usable() -> bool:
         try:
-            latents = read_mapped(path)[0]["latents"]
+            tensors = read_mapped(path)[0]
+            found = {name: tuple(tensors[name].shape) for name in shapes}
         except Exception as e:  # any damage: truncated, not safetensors, no such key
             warnings.warn(f"{path}: ignoring a damaged latent cache ({type(e).__name__}); encoding again", stacklevel=3)
             return False
-        if tuple(latents.shape) != shape:
-            warnings.warn(f"{path}: ignoring a latent cache of shape {tuple(latents.shape)}; encoding again",
-                          stacklevel=3)
+        if found != shapes:
+            warnings.warn(f"{path}: ignoring a latent cache of shapes {found}; encoding again", stacklevel=3)
             return False
         return True
 
     if dist_.main and not (path.is_file() and usable()):
         cache_dir.mkdir(parents=True, exist_ok=True)
-        write_mapped(path, {"latents": (torch.float32, shape)},
-                     lambda views: encode_dataset(autoencoder, dataset, dist_.device, out=views["latents"]))
+        write_mapped(path, {name: (torch.float32, shape) for name, shape in shapes.items()},
+                     lambda views: encode_dataset(autoencoder, dataset, dist_.device,
+                                                  out=[views[name] for name in shapes]))
     dist_.barrier()
-    return read_mapped(path)[0]["latents"]  # memory-mapped: each rank reads the rows its batches touch
-
-
+    tensors = read_mapped(path)[0]
+    return [tensors[name] for name in shapes]  # memory-mapped: each rank reads the rows its batches touch

@@ -37,7 +37,7 @@ def _train_light_decoder(config: TrainConfig) -> Path:
         raise EncdiffError(f"--autoencoder {config.autoencoder}: trained on {autoencoder.config.in_channels}-channel "
                            f"{autoencoder.config.sample_size}x{autoencoder.config.sample_size} images; this run has "
                            f"channels {config.channels}, resolution {config.resolution}")
-    dist_, dataset = prepare(config, "light_decoder")
+    dist_, dataset = prepare(config, "light_decoder", factor=autoencoder.downsample_factor)
     autoencoder = autoencoder.to(dist_.device).eval().requires_grad_(False)
     torch.manual_seed(config.seed)
     decoder = LightDecoder.for_autoencoder(autoencoder, **config.model_overrides)
@@ -52,7 +52,7 @@ def _train_light_decoder(config: TrainConfig) -> Path:
         recon_loss=config.recon_loss, kl_weight=0.0, ssim_weight=config.ssim_weight, fft_weight=config.fft_weight,
         adv_weight=config.adv_weight, adv_start=config.adv_start, fm_weight=config.fm_weight,
         discriminator=run.discriminator, last_layer=run.model.layers[-1].weight, all_reduce=dist_.mean)
-    preview = dataset.batch(torch.arange(0, len(dataset), max(1, len(dataset) // 8))[:8])[0]
+    preview = dataset.batch(dataset.sample_indices(8))[0]
 
     def loss(model, x, labels):
         with torch.no_grad():  # the posterior mean, as a generator's latents are decoded

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write_bytes
+from ..buckets import format_shape
 from ..data import BatchSampler, ImageDataset
 from ..ema import EMA
 from ..errors import EncdiffError, TrainingInterrupted, count
@@ -163,7 +164,8 @@ class Run:
                                f"x grad_accum {config.grad_accum}")
         self.per_rank_batch = per_rank
         self.sampler = BatchSampler(len(dataset), per_rank, seed=config.seed, rank=dist_.rank,
-                                    world_size=dist_.world_size, weights=class_weights(config, dataset))
+                                    world_size=dist_.world_size, weights=class_weights(config, dataset),
+                                    groups=dataset.bucket_of if dataset.bucketed else None)
         model = model.to(dist_.device)
         # The fused kernel (CPU and CUDA) updates all tensors in one pass: ~2.7x faster than the per-tensor loop.
         # Frozen parameters (a decoder-only fine-tune's encoder) are not given to it.
@@ -497,7 +499,8 @@ def describe_classes(dataset: ImageDataset) -> str:
             f"to {counts[high]} ({names[high]}) per class")
 
 
-def prepare(config: TrainConfig, stage: str) -> tuple[Distributed, ImageDataset]:
+def prepare(config: TrainConfig, stage: str, factor: int = 1) -> tuple[Distributed, ImageDataset]:
+    """The process group and the data (`factor`: the autoencoder's downsampling, for aspect-ratio buckets)."""
     dist_ = Distributed()
     run_dir = Path(config.run_dir)
     if dist_.main:
@@ -505,11 +508,18 @@ def prepare(config: TrainConfig, stage: str) -> tuple[Distributed, ImageDataset]
     dist_.barrier()
 
     # Rank 0 decodes and caches; the other ranks then read the cache instead of decoding again.
-    dataset = dataset_of(config, run_dir, progress=True) if dist_.main else None
+    dataset = dataset_of(config, run_dir, progress=True, factor=factor) if dist_.main else None
     if dataset is not None:
         print(f"data: {describe_classes(dataset)}" + ("; classes drawn equally often" if config.balance_classes
                                                       else ""), file=sys.stderr)
+        if dataset.bucketed:
+            print(f"aspect-ratio buckets: {describe_buckets(dataset)}", file=sys.stderr)
     dist_.barrier()
-    return dist_, dataset if dataset is not None else dataset_of(config, run_dir, progress=False)
+    return dist_, dataset if dataset is not None else dataset_of(config, run_dir, progress=False, factor=factor)
+
+
+def describe_buckets(dataset: ImageDataset) -> str:
+    """"48x80 (120 images), 64x64 (5,210), 80x48 (96)": each bucket in use, width first, and its images."""
+    return ", ".join(f"{format_shape(shape)} ({len(part)})" for shape, part in zip(dataset.shapes, dataset.parts))
 
 
