@@ -80,6 +80,10 @@ def test_the_survey_counts_classes_sizes_and_transparency(tmp_path):
     plan = plan_for_folder(found, "autoencoder")
     assert plan.values["channels"] == 4 and plan.values["resolution"] == 32
     assert "2 classes, from 5 to 6 per class" in "\n".join(plan.lines)
+    # 48x40 is off square by 20 %: the folder trains in aspect-ratio buckets, named on the plan's screen
+    assert found.non_square == 1.0 and plan.values["buckets"] == ["auto"]
+    assert "aspect-ratio buckets 24x40, 32x32, 40x24" in "\n".join(plan.lines)
+    assert "buckets" not in plan_for_folder(survey(non_square=0.2), "autoencoder").values
     given = plan_for_folder(found, "autoencoder", resolution=64, channels=3)
     assert given.values["resolution"] == 64 and given.values["channels"] == 3
 

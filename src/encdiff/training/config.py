@@ -38,8 +38,7 @@ class TrainConfig:
     background: str = "white"  # trained without alpha (channels 1 or 3): the colour transparent images go onto
     flips: bool = True  # random horizontal flips; false for data a mirror changes (text, flags, arrows, logos)
     balance_classes: bool = False  # draw every class equally often (with replacement), however many images it has
-    buckets: tuple[str, ...] = ()  # aspect-ratio buckets, "WxH" each (buckets.py), or ["auto"] for the rule's
-    # shapes; empty: every image centre-cropped to resolution x resolution
+    buckets: tuple[str, ...] = ()  # aspect-ratio buckets "WxH" (buckets.py); auto: the rule's; none/empty: centre crops
     strict: bool = False  # unreadable files: error instead of a warning
     # the model
     model: str = ""  # preset name (presets.AUTOENCODERS for stage 1, presets.UNETS for stage 2)
@@ -137,7 +136,8 @@ class TrainConfig:
         check_bool(self.bf16, "bf16", optional=True)
         check_field(isinstance(self.buckets, (list, tuple)) and all(isinstance(v, str) for v in self.buckets),
                     "buckets", self.buckets, 'a list of sizes "WxH", or ["auto"]')
-        object.__setattr__(self, "buckets", tuple(self.buckets))
+        # ["none"]: no buckets, as an empty list (what a flag can say)
+        object.__setattr__(self, "buckets", () if list(self.buckets) == ["none"] else tuple(self.buckets))
         if "auto" in self.buckets and len(self.buckets) > 1:
             raise EncdiffError(f"config field 'buckets' = {list(self.buckets)}: 'auto' stands alone (the rule's "
                                "shapes), or list the shapes as WxH")

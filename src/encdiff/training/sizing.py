@@ -4,6 +4,8 @@ modes, read from the headers only), and these rules, the only place they are wri
 
     resolution  the median shorter side, rounded down to a multiple of 16, within 32 .. 256
     channels    4 (RGBA) when at least half the sampled images carry transparency, 1 when all are grayscale, else 3
+    buckets     aspect-ratio buckets (buckets.py: about resolution^2 pixels, aspect within 1:2 .. 2:1) when at
+                least a quarter of the sampled images are not square (off 1:1 by more than 10 %), else centre crops
     autoencoder downsampling f = 4 up to 64 px, 8 above (latents of 8x8 to 32x32 cells), 16 latent channels,
                 widths 32/64/64 (f = 4) or 32/64/128/128 (f = 8), one ResNet block per level; the detail-preserving
                 objective of the bundled model at every size: L1 + 0.2 (1 - SSIM), PatchGAN and feature matching
@@ -27,6 +29,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..buckets import bucket_shapes, format_shape
 from ..data import scan_folder
 from ..errors import EncdiffError, count
 from ..images import has_alpha
@@ -37,6 +40,7 @@ GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L"
 AUTOENCODER_EPOCHS, AUTOENCODER_STEPS = 30, (1000, 20000)
 DIFFUSION_EPOCHS, DIFFUSION_STEPS = 100, (2000, 100000)
 AUTOENCODER_BATCH, DIFFUSION_BATCH = 64, 128
+NON_SQUARE_SHARE = 0.25  # the share of non-square images from which a folder trains with aspect-ratio buckets
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class FolderSurvey:
     alpha: float  # fraction of the sampled images with transparency
     grayscale: float  # fraction of the sampled images stored as grayscale
     unreadable: int  # sampled files PIL could not open
+    non_square: float = 0.0  # fraction of the sampled images whose width / height is off 1 by more than 10 %
 
     def classes_line(self) -> str:
         if not self.class_counts:
@@ -85,7 +90,8 @@ def survey_folder(root: str | Path, sample: int = SURVEY_SAMPLE, seed: int = 0,
     read = len(sides)
     return FolderSurvey(images=len(files), class_counts=counts, sampled=len(chosen),
                         short_side=int(statistics.median(sides)), aspect=float(statistics.median(aspects)),
-                        alpha=alpha / read, grayscale=gray / read, unreadable=unreadable)
+                        alpha=alpha / read, grayscale=gray / read, unreadable=unreadable,
+                        non_square=sum(abs(math.log(a)) > math.log(1.1) for a in aspects) / read)
 
 
 def _grey_palette(image: Image.Image) -> bool:
@@ -127,6 +133,16 @@ def unet_model(latent_side: int) -> dict[str, Any]:
             "model_overrides": {"block_out_channels": widths, "attention_levels": attention}}
 
 
+def buckets_line(plan: Plan, survey: FolderSurvey, resolution: int, factor: int) -> None:
+    """Aspect-ratio buckets for a folder of non-square images (the rule in the module docstring)."""
+    if survey.non_square >= NON_SQUARE_SHARE:
+        plan.values["buckets"] = ["auto"]
+        shapes = ", ".join(format_shape(s) for s in bucket_shapes(resolution, 2 * factor))
+        plan.lines.append(f"aspect-ratio buckets {shapes} ({survey.non_square:.0%} of the sampled images are not "
+                          "square; those with fewer images than a batch merge into their neighbours; --buckets none: "
+                          "centre crops)")
+
+
 def epochs_to_steps(images: int, batch: int, epochs: int, bounds: tuple[int, int]) -> int:
     return max(bounds[0], min(bounds[1], math.ceil(epochs * images / batch)))
 
@@ -161,6 +177,7 @@ def plan_for_folder(survey: FolderSurvey, stage: str, autoencoder=None, resoluti
                            warmup_steps=100, ssim_weight=0.2, adv_weight=0.5, adv_start=steps // 4, fm_weight=1.0,
                            disc_lr=2e-4, disc_channels=32)
         say(f"resolution {res} ({why_res}); channels {ch} ({why_ch})")
+        buckets_line(plan, survey, res, f)
         say(f"autoencoder: f = {f} -> {res // f}x{res // f}x16 latents, widths "
             f"{'/'.join(map(str, model['model_overrides']['block_out_channels']))}; L1 + 0.2 SSIM, PatchGAN and "
             f"feature matching from step {steps // 4}")
@@ -177,6 +194,7 @@ def plan_for_folder(survey: FolderSurvey, stage: str, autoencoder=None, resoluti
                        batch_size=DIFFUSION_BATCH, lr=1e-2, betas=[0.9, 0.99], warmup_steps=200,
                        lr_schedule="inv_sqrt", lr_decay_steps=max(1, steps // 4), sigma_data=1.0,
                        loss_options={"p_mean": -0.5, "p_std": 1.2}, phema_every=max(1, steps // 32))
+    buckets_line(plan, survey, res, autoencoder.downsample_factor)
     levels = model["model_overrides"]["block_out_channels"]
     say(f"U-Net: EDM2 magnitude-preserving on {side}x{side}x{autoencoder.latent_channels} latents (the "
         f"autoencoder's, at {res} px), widths {'/'.join(map(str, levels))}, learned per-sigma weighting")
