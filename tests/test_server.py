@@ -66,7 +66,7 @@ def test_model_health_and_openapi_describe_the_service(client):
     assert info["sampling"] == {"sampler": "dpmpp_2m", "steps": 6, "schedule": "karras", "guidance_scale": 2.0,
                                 "sigmas": None, "guidance_interval": None, "guidance_kind": "classifier-free",
                                 "decoder": "full"}
-    assert info["guidance_kinds"] == ["classifier-free"]
+    assert info["guidance_kinds"] == ["classifier-free"] and info["sizes"] == ["16x16"]
     assert info["limits"]["max_images"] == 8
     schema = client.get("/openapi.json").json()
     body = schema["components"]["schemas"]["GenerateRequest"]["properties"]
@@ -115,7 +115,7 @@ def test_the_stream_reports_progress_previews_then_the_result(client):
     ({"guidance": 0}, "guidance"), ({"guidance": 21}, "guidance"), ({"guidance": "inf"}, "guidance"),
     ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"), ({"seed": True}, "seed"),
     ({"class": "purple"}, "class"), ({"class": 3}, "class"), ({"class": ["red"]}, "class"),
-    ({"colour": "red"}, "colour"),
+    ({"colour": "red"}, "colour"), ({"size": "24x16"}, "size"), ({"size": "16"}, "size"), ({"size": 16}, "size"),
 ])
 def test_bad_values_are_422_naming_the_field(client, body, field):
     response = client.post("/v1/generate", json=body)

@@ -25,6 +25,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 
 from .errors import EncdiffError
+from .buckets import format_shape, parse_shape
 from .images import png_bytes
 from .pipeline import DECODERS, GUIDANCE_KINDS, Generator, samplers_for
 
@@ -51,8 +52,9 @@ class Job:
     """One request's work; its events (progress, previews, result or error) reach the event loop thread-safely."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, seeds: list[int], labels: torch.Tensor | None, settings,
-                 stream: bool, preview_every: int):
+                 stream: bool, preview_every: int, size: tuple[int, int] | None = None):
         self.loop, self.seeds, self.labels, self.settings = loop, seeds, labels, settings
+        self.size = size  # (height, width): one of the generator's trained sizes; None: its square
         self.stream, self.preview_every = stream, preview_every
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -75,7 +77,7 @@ class Job:
                 self.emit("progress", event)
 
         started = time.perf_counter()
-        images = generator.images(self.seeds, self.labels, self.settings, callback=callback)
+        images = generator.images(self.seeds, self.labels, self.settings, size=self.size, callback=callback)
         names = generator.class_names
         self.emit("result", {
             "images": [{"seed": seed, "class": None if self.labels is None else
@@ -166,6 +168,8 @@ def create_app(generator: Generator, limits: ServerLimits = ServerLimits(), allo
             None, description="classifier-free, or auto (autoguidance by the model's guide); none: the model's default")
         decoder: Optional[Literal[DECODERS]] = Field(
             None, description="full, or light (the model's light decoder, faster); none: the model's default")
+        size: Optional[StrictStr] = Field(None, max_length=16, description="WIDTHxHEIGHT, one of the model's sizes "
+                                          "(GET /v1/model); none: its square")
         seed: Optional[StrictInt] = Field(None, ge=0, le=SEED_MAX - limits.max_images,
                                           description="seed of the first image (image i: seed + i); none: random")
 
@@ -228,15 +232,19 @@ def create_app(generator: Generator, limits: ServerLimits = ServerLimits(), allo
                      "guidance_kind" if "guidance_kind =" in message else
                      "decoder" if "decoder" in message else "guidance")
             return field_error(field, message)
+        try:
+            size = generator.check_size(parse_shape(body.size, "size") if body.size is not None else None)
+        except EncdiffError as e:
+            return field_error("size", str(e))
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        return [seed + i for i in range(body.num_images)], labels, settings
+        return [seed + i for i in range(body.num_images)], labels, settings, size
 
     def admit(request: Request, body: GenerateRequest, stream: bool):
         prepared = prepare(body)
         if isinstance(prepared, JSONResponse):
             return prepared
-        seeds, labels, settings = prepared
-        job = Job(asyncio.get_running_loop(), seeds, labels, settings, stream, limits.preview_every)
+        seeds, labels, settings, size = prepared
+        job = Job(asyncio.get_running_loop(), seeds, labels, settings, stream, limits.preview_every, size)
         if not worker.submit(job):
             return refuse(429, f"busy: {limits.queue_size} requests are running or waiting; retry later",
                           {"Retry-After": str(limits.retry_after_s)})
@@ -250,6 +258,7 @@ def create_app(generator: Generator, limits: ServerLimits = ServerLimits(), allo
     def model_info():
         return {"classes": generator.class_names or list(range(generator.num_classes)),
                 "image_size": generator.image_size, "channels": generator.image_channels,
+                "sizes": [format_shape(size) for size in generator.sizes],
                 "latent": generator.downsample_factor > 1, "sampling": dataclasses.asdict(defaults),
                 "sigma_max": generator.denoiser.sigma_max,
                 "samplers": list(sampler_names), "limits": dataclasses.asdict(limits), "seed_max": SEED_MAX,
