@@ -167,3 +167,7 @@ def test_both_stages_train_on_buckets_and_the_generator_draws_at_every_trained_s
     assert "Traceback" not in refused.stderr and not (tmp_path / "no.png").exists()
     info = cli("info", str(out))
     assert "sizes (width x height): 12x20, 16x16, 20x12" in info.stdout
+    # a guide for it trains at the same sizes (autoguidance evaluates both at every step)
+    from encdiff.training.guide import guide_defaults
+
+    assert guide_defaults(out)["buckets"] == ["12x20", "16x16", "20x12"]
