@@ -212,16 +212,23 @@ class ImageDataset:
             # an unopenable file fails to decode in any bucket: it is put in the first and reported from there
             readable = [i for i, size in enumerate(sizes) if size is not None]
             shapes, chosen = assign_buckets([sizes[i] for i in readable], list(buckets), min_bucket)
-            where = dict(zip(readable, chosen))
-            members = [[i for i in range(len(files)) if where.get(i, 0) == b] for b in range(len(shapes))]
+            group_of = [0] * len(files)
+            for i, b in zip(readable, chosen):
+                group_of[i] = b
+            members = [[] for _ in shapes]
+            for i, b in enumerate(group_of):
+                members[b].append(i)
             groups, self.bucketed = list(zip(shapes, members)), True
         parts, keys, failed, kept_shapes = [], [], {}, []
+        part_of = [0] * len(files)  # each file's position in `parts`
         for shape, members in groups:
             subset = [files[i] for i in members]
             images, part_failed, key = self.load_part(subset, None if labels is None else [labels[i] for i in members],
                                                       shape, strict, workers, progress, cache_dir)
             failed.update((members[i], reason) for i, reason in part_failed.items())
             if len(images):
+                for i in members:
+                    part_of[i] = len(parts)
                 parts.append(images)
                 keys.append(key)
                 kept_shapes.append(shape or (resolution, resolution))
@@ -232,19 +239,13 @@ class ImageDataset:
         # checks it. One shape: the cache's own key, as before buckets existed.
         self.key: str | None = None if cache_dir is None else keys[0] if not self.bucketed else hashlib.sha256(
             json.dumps([[list(s), k] for s, k in zip(kept_shapes, keys)]).encode()).hexdigest()
-        # every readable image's bucket and row in its part, in file order (the order of indices and labels)
-        bucket_of, row = [], []
-        part_of_shape = {shape: b for b, shape in enumerate(kept_shapes)}
-        counters = [0] * len(parts)
-        members_of = {i: (shape or (resolution, resolution)) for shape, members in groups for i in members}
+        # every readable image's bucket and row in its part, in file order (the order of indices and labels): a
+        # part holds its bucket's readable images in file order
         keep = [i for i in range(len(files)) if i not in failed]
-        for i in keep:
-            b = part_of_shape[members_of[i]]
-            bucket_of.append(b)
-            row.append(counters[b])
-            counters[b] += 1
-        self.bucket_of = torch.tensor(bucket_of, dtype=torch.int64)
-        self.row = torch.tensor(row, dtype=torch.int64)
+        self.bucket_of = torch.tensor([part_of[i] for i in keep], dtype=torch.int64)
+        self.row = torch.empty_like(self.bucket_of)
+        for b, part in enumerate(parts):
+            self.row[self.bucket_of == b] = torch.arange(len(part))
         self.labels: torch.Tensor | None = None if labels is None else torch.tensor([labels[i] for i in keep])
         self.skipped: list[Path] = [files[i] for i in sorted(failed)]
         if failed:
@@ -343,7 +344,7 @@ class ImageDataset:
     def sample_indices(self, num: int) -> torch.Tensor:
         """`num` indices spread evenly over the largest bucket (preview grids: one shape per grid)."""
         largest = max(range(len(self.parts)), key=lambda b: (len(self.parts[b]), -b))
-        members = self.bucket_indices(largest) if len(self.parts) > 1 else torch.arange(len(self))
+        members = self.bucket_indices(largest)
         return members[torch.arange(0, len(members), max(1, len(members) // num))[:num]]
 
     def decode(self, files: list[Path], strict: bool, workers: int, progress: bool,

@@ -23,7 +23,7 @@ def bucket_batches(dataset: ImageDataset, batch: int):
     """(bucket, indices) of consecutive batches of at most `batch` images, bucket by bucket, in file order within
     each: how the whole set is read once (statistics, encoding)."""
     for bucket in range(len(dataset.parts)):
-        members = dataset.bucket_indices(bucket) if dataset.bucketed else torch.arange(len(dataset))
+        members = dataset.bucket_indices(bucket)
         for start in range(0, len(members), batch):
             yield bucket, members[start:start + batch]
 

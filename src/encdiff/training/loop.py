@@ -165,7 +165,7 @@ class Run:
         self.per_rank_batch = per_rank
         self.sampler = BatchSampler(len(dataset), per_rank, seed=config.seed, rank=dist_.rank,
                                     world_size=dist_.world_size, weights=class_weights(config, dataset),
-                                    groups=dataset.bucket_of if dataset.bucketed else None)
+                                    groups=dataset.bucket_of)
         model = model.to(dist_.device)
         # The fused kernel (CPU and CUDA) updates all tensors in one pass: ~2.7x faster than the per-tensor loop.
         # Frozen parameters (a decoder-only fine-tune's encoder) are not given to it.
@@ -519,7 +519,7 @@ def prepare(config: TrainConfig, stage: str, factor: int = 1) -> tuple[Distribut
 
 
 def describe_buckets(dataset: ImageDataset) -> str:
-    """"48x80 (120 images), 64x64 (5,210), 80x48 (96)": each bucket in use, width first, and its images."""
+    """"48x80 (120), 64x64 (5210), 80x48 (96)": each bucket in use, width first, and its images."""
     return ", ".join(f"{format_shape(shape)} ({len(part)})" for shape, part in zip(dataset.shapes, dataset.parts))
 
 
