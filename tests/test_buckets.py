@@ -171,3 +171,11 @@ def test_both_stages_train_on_buckets_and_the_generator_draws_at_every_trained_s
     from encdiff.training.guide import guide_defaults
 
     assert guide_defaults(out)["buckets"] == ["12x20", "16x16", "20x12"]
+    # so does a student distilled from it, and at the teacher's resolution, unless told otherwise
+    planned = cli("distill", str(out), str(folder), "--run-dir", str(tmp_path / "student"), "--dry-run")
+    assert planned.returncode == 0, planned.stderr
+    plan = json.loads(planned.stdout)
+    assert plan["buckets"] == ["12x20", "16x16", "20x12"] and plan["resolution"] == 16
+    square = json.loads(cli("distill", str(out), str(folder), "--run-dir", str(tmp_path / "student"),
+                            "--buckets", "none", "--dry-run").stdout)
+    assert square["buckets"] == []

@@ -39,6 +39,10 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
         config = load_config(args.config, None, stage, overrides, base=plan.values)
         print("encdiff: sized from the data (any flag overrides a choice; --dry-run shows the whole config):\n  "
               + "\n  ".join(plan.lines), file=sys.stderr)
+    if stage == "consistency" and config.teacher:  # the student's size, channels and buckets are its teacher's
+        from ..training.distillation import teacher_defaults
+
+        config = load_config(args.config, args.preset, stage, overrides, base=teacher_defaults(config.teacher))
     check_model_name(config, stage)  # a dry run shows only a config that would train
     check_writable_folder(Path(config.run_dir), "--run-dir")
     if args.dry_run:

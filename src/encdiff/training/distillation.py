@@ -23,6 +23,17 @@ from .latents import cached_latents, latent_batches
 from .loop import Recipe, Run, RunLock, prepare, train_loop
 
 
+def teacher_defaults(teacher_folder: str | Path) -> dict[str, object]:
+    """What a student takes from its teacher unless a config file or a flag says otherwise: its image size and
+    channels, and its aspect-ratio buckets (a student tuned only on the square could not draw the teacher's other
+    shapes)."""
+    teacher = Generator.from_pretrained(teacher_folder)
+    values: dict[str, object] = {"resolution": teacher.image_size, "channels": teacher.image_channels}
+    if len(teacher.sizes) > 1:
+        values["buckets"] = [format_shape(size) for size in teacher.sizes]
+    return values
+
+
 def train_consistency(config: TrainConfig) -> Path:
     """Distil the generator folder `config.teacher` into a consistency student (consistency.py) that samples in
     `student_steps` evaluations with the teacher's guidance built in; returns the student's generator folder. The
