@@ -1,7 +1,8 @@
-"""The README's figures, made with the bundled generator: docs/editing.png (edits of a real CIFAR-10 test image) and
-docs/serve.png (the web page of `encdiff serve` in headless Chromium, after generating).
+"""The README's figures, made with the bundled generator: docs/editing.png (edits of a real CIFAR-10 test image),
+docs/serve.png (the web page of `encdiff serve` in headless Chromium, after generating) and docs/guidance.png (the
+same seeds under each kind of guidance; it needs a generator with a guide, `encdiff train-guide`).
 
-    PYTHONPATH=src python benchmarks/readme_figures.py /tmp/cifar10 [--only editing|serve]
+    PYTHONPATH=src python benchmarks/readme_figures.py /tmp/cifar10 [--only editing|serve|guidance] [--generator DIR]
 """
 
 import argparse
@@ -70,6 +71,47 @@ def editing_figure(data: Path) -> Path:
     return out
 
 
+# (caption, Sampling overrides): the rows of the guidance figure, the settings BENCHMARKS.md measures
+GUIDANCE_ROWS = [
+    ("none", dict(guidance_scale=1.0)),
+    ("classifier-free 3", dict(guidance_scale=3.0, guidance_kind="classifier-free", guidance_interval=None)),
+    ("classifier-free 4, sigma in (0.5, 10]", dict(guidance_scale=4.0, guidance_kind="classifier-free",
+                                                   guidance_interval=(0.5, 10.0))),
+    ("autoguidance 1.5", dict(guidance_scale=1.5, guidance_kind="auto", guidance_interval=None)),
+    ("autoguidance 2", dict(guidance_scale=2.0, guidance_kind="auto", guidance_interval=None)),
+]
+
+
+def guidance_figure(generator_folder: Path | None) -> Path:
+    """One column per class (the same seed down a column), one row per kind of guidance."""
+    generator = Generator.from_pretrained(generator_folder) if generator_folder else Generator.bundled()
+    if generator.guide is None:
+        raise SystemExit(f"{generator_folder or 'the bundled generator'}: no guide to autoguide with; "
+                         "train one (encdiff train-guide GENERATOR DATA) and pass --generator")
+    seeds = list(range(100, 100 + generator.num_classes))
+    labels = torch.arange(generator.num_classes)
+    rows = []
+    for caption, overrides in GUIDANCE_ROWS:
+        images = generator.images(seeds, labels, **overrides)
+        row = labelled_row(images, [""] * len(seeds))
+        captioned = Image.new("RGB", (row.width + 200, row.height), "white")
+        captioned.paste(row, (200, 0))
+        ImageDraw.Draw(captioned).text((4, row.height // 2 - 6), caption, fill="black")
+        rows.append(captioned)
+    header = labelled_row(torch.full((len(seeds), 3, 1, generator.image_size), 255, dtype=torch.uint8),
+                          generator.class_names)
+    figure = Image.new("RGB", (rows[0].width, 15 + sum(r.height for r in rows)), "white")
+    figure.paste(header.crop((0, header.height - 18, header.width, header.height)), (200, 0))
+    y = 15
+    for r in rows:
+        figure.paste(r, (0, y))
+        y += r.height
+    out = DOCS / "guidance.png"
+    figure.save(out)
+    print(out)
+    return out
+
+
 def serve_figure() -> Path:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -117,9 +159,12 @@ def serve_figure() -> Path:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, help="CIFAR-10 folder with test/<class>/ images")
-    parser.add_argument("--only", choices=["editing", "serve"])
+    parser.add_argument("--only", choices=["editing", "serve", "guidance"])
+    parser.add_argument("--generator", type=Path, help="generator folder for the guidance figure (default: bundled)")
     args = parser.parse_args()
     if args.only in (None, "editing"):
         editing_figure(args.data)
     if args.only in (None, "serve"):
         serve_figure()
+    if args.only in (None, "guidance"):
+        guidance_figure(args.generator)
