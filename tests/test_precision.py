@@ -62,3 +62,17 @@ def test_bf16_changes_the_images_a_little_and_only_through_the_networks(monkeypa
     half = generator.images([0, 1], labels, steps=4)
     assert half.dtype == torch.uint8 and half.shape == full.shape
     assert (half.int() - full.int()).abs().float().mean() < 8  # close, not equal
+
+
+def test_the_precision_flag_overrides_the_environment_for_the_whole_command(monkeypatch, capsys):
+    from encdiff.cli import main
+
+    monkeypatch.setenv("ENCDIFF_PRECISION", "bf16")  # restored after the test, whatever main sets
+    assert main(["--precision", "float32", "info"]) == 0
+    assert "inference precision here: float32" in capsys.readouterr().out
+    assert precision.inference_precision("cpu") == "float32"
+    assert main(["--precision", "bf16", "info"]) == 0
+    assert "inference precision here: bf16" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse: a one-line usage error naming the choices
+        main(["--precision", "fp8", "info"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err

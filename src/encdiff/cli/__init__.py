@@ -15,6 +15,7 @@ import os
 import sys
 
 from ..errors import EncdiffError, TrainingInterrupted
+from ..precision import PRECISIONS, inference_precision
 from .flags import OneLineParser, finite_float, model_flags, sampling_flags, train_flags
 from .image_commands import cmd_edit, cmd_reconstruct, cmd_sample
 from .model_commands import cmd_eval, cmd_info, cmd_serve, cmd_set_autoencoder, cmd_set_light_decoder
@@ -50,6 +51,10 @@ EDIT_EXAMPLES = """examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="encdiff", description="Encoder-decoder diffusion models.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="what the networks run in at inference on a CPU: float32, bf16 (autocast; weights stay "
+                        "float32), or auto (bf16 where the CPU computes it natively and a probe measures it faster); "
+                        "default: ENCDIFF_PRECISION, else float32. `encdiff info` says what runs")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train-autoencoder", help="stage 1: train a KL autoencoder on an image folder",
@@ -219,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     # A warning (skipped files, a cache rebuilt) is one line, like an error, not Python's file:line form.
     warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: print(
         f"encdiff: warning: {message}", file=sys.stderr)
+    if args.precision:  # the one setting precision.py reads, so every command and the processes it starts agree
+        os.environ["ENCDIFF_PRECISION"] = args.precision
+        inference_precision.cache_clear()
     try:
         stages = {"train-autoencoder": "autoencoder", "train": "diffusion", "distill": "consistency",
                   "train-light-decoder": "light_decoder"}

@@ -97,7 +97,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                                            ("a light decoder", generator.light_decoder is not None)) if there]
         if extras:
             print(f"  also holds {' and '.join(extras)}")
-        print(f"  inference precision here: {inference_precision('cpu')} (ENCDIFF_PRECISION: float32, bf16 or auto)")
+        print(f"  inference precision here: {inference_precision('cpu')} (--precision or ENCDIFF_PRECISION: float32, bf16 or auto)")
         if generator.distillation:
             d = generator.distillation
             print(f"  distilled: guidance {d.get('guidance_scale')} built in, {d.get('images')} images, "
