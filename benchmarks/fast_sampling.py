@@ -1,0 +1,178 @@
+"""The fast path on a CPU against diffusers, measured in interleaved pairs in one process (issue 22).
+
+    PYTHONPATH=src python benchmarks/fast_sampling.py [--pairs 5] [--batch 100] [--precision auto]
+    PYTHONPATH=src python benchmarks/fast_sampling.py --student DIR --teacher DIR --skip-cli
+
+Rows, each noise (or latents) to the same output on both sides, batch 100 unless told:
+- the consistency student at its own defaults (2 evaluations, its default decoder) against diffusers' EDM
+  DPM-Solver++(2M) loop over the teacher's weights at the teacher's steps and guidance scale (20 steps, every step
+  guided: 40 evaluations), float32 as diffusers runs on a CPU;
+- the same student through the full decoder, and through the light one where it has one;
+- one teacher U-Net evaluation of the batch: encdiff's Denoiser in encdiff's precision against diffusers' float32
+  (its UNet2DModel holding the same weights; for a magnitude-preserving teacher, which diffusers has no class for, its
+  loop calls encdiff's network in float32 as diffusers would call any model);
+- the full decoder against the light one (encdiff, both in encdiff's precision);
+- `encdiff sample --fast` as a user runs it (a new process: start-up, loading, 100 images, PNG), wall seconds.
+
+A shared machine moves these numbers by 2-3x between runs, so each row is timed in pairs, the order swapped every
+pair; the ratio of each pair is printed with the median and range, with the load average before and after. A row
+whose ratios spread by more than SPREAD is marked as too wide to trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+from encdiff import Autoencoder
+from encdiff.backbones import backbone_name
+from encdiff.pipeline import Generator
+from encdiff.precision import autocast, cpu_info, inference_precision, native_bf16
+
+from networks import diffusers_loop, diffusers_pair
+
+try:
+    from diffusers import AutoencoderKL, EDMDPMSolverMultistepScheduler
+except ImportError as e:  # a benchmark dependency, not a runtime one
+    raise SystemExit(f"this benchmark compares against diffusers: pip install 'encdiff[test]' ({e})")
+
+SPREAD = 1.3  # max / min of a row's pair ratios above which the row is not to be trusted
+
+
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def pairs(ours: Callable[[], object], theirs: Callable[[], object], n: int) -> tuple[list[float], list[float]]:
+    """Seconds of `ours` and `theirs` in n interleaved pairs, the order swapped every pair (after one warm-up each)."""
+    ours(), theirs()
+    mine, other = [], []
+    for i in range(n):
+        for f, out in ((ours, mine), (theirs, other)) if i % 2 == 0 else ((theirs, other), (ours, mine)):
+            start = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - start)
+    return mine, other
+
+
+def report(name: str, mine: list[float], other: list[float], peer: str, batch: int) -> None:
+    ratios = [b / a for a, b in zip(mine, other)]
+    spread = max(ratios) / min(ratios)
+    flag = f"  SPREAD {spread:.2f}x: too wide to trust" if spread > SPREAD else ""
+    print(f"| {name} | {batch / statistics.median(mine):.1f} | {peer} {batch / statistics.median(other):.1f} | "
+          f"**{statistics.median(ratios):.2f}x** | {min(ratios):.2f}-{max(ratios):.2f}x |{flag}", flush=True)
+
+
+def their_network(teacher: Generator):
+    """The teacher's U-Net as diffusers calls a model: (scaled x, timestep, labels) -> .sample, in float32."""
+    if backbone_name(teacher.unet) == "unet":
+        return diffusers_pair(teacher.unet, teacher.autoencoder)[0], "diffusers UNet2DModel"
+    net = teacher.unet.float().eval()
+    null = net.config.num_classes
+
+    def call(x, t, labels):
+        return SimpleNamespace(sample=net(x, torch.as_tensor(t, dtype=x.dtype).expand(len(x)), labels))
+
+    call.config = SimpleNamespace(in_channels=net.config.in_channels, sample_size=net.config.sample_size,
+                                  num_class_embeds=null + 1)
+    return call, "encdiff's MP U-Net called by diffusers' loop (diffusers has no such class)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student", help="consistency student folder (default: the bundled student)")
+    parser.add_argument("--teacher", help="its teacher's folder (default: the bundled generator)")
+    parser.add_argument("--pairs", type=int, default=5, help="interleaved pairs per row (at least 5 to trust a ratio)")
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--precision", choices=("float32", "bf16", "auto"),
+                        help="encdiff's inference precision (default: ENCDIFF_PRECISION, else encdiff's default)")
+    parser.add_argument("--skip-cli", action="store_true", help="do not time `encdiff sample --fast`")
+    args = parser.parse_args()
+    if args.precision:
+        os.environ["ENCDIFF_PRECISION"] = args.precision
+    student = Generator.from_pretrained(args.student) if args.student else Generator.bundled(student=True)
+    teacher = Generator.from_pretrained(args.teacher) if args.teacher else Generator.bundled()
+    import diffusers
+
+    model, flags = cpu_info()
+    precision = inference_precision("cpu")
+    print(f"{model}, {os.cpu_count()} CPUs, native bf16: {'yes' if native_bf16(flags) else 'no'}; torch "
+          f"{torch.__version__} ({torch.get_num_threads()} threads), diffusers {diffusers.__version__}; encdiff runs "
+          f"its networks in {precision}, diffusers in float32; load average before: {load()}\n")
+    batch = args.batch
+    labels = torch.arange(batch) % max(teacher.num_classes, 1) if teacher.num_classes else None
+    seeds = list(range(batch))
+    their_unet, their_name = their_network(teacher)
+    their_vae = AutoencoderKL(**Autoencoder.config_to_diffusers(teacher.autoencoder.config)).eval()
+    their_vae.load_state_dict(teacher.autoencoder.float().state_dict())
+    scheduler = EDMDPMSolverMultistepScheduler(sigma_data=teacher.spec.sigma_data, solver_order=2,
+                                               final_sigmas_type="zero")
+    w = teacher.sampling.guidance_scale
+
+    def diffusers_teacher():
+        diffusers_loop(their_unet, their_vae, teacher.autoencoder.config, scheduler, labels, teacher.sampling.steps, w)
+
+    steps = student.sampling.steps
+    print(f"| noise to uint8, batch {batch} | encdiff img/s | peer img/s | ratio (median) | range |")
+    print("|---|---|---|---|---|")
+    peer = f"diffusers DPM++(2M) {teacher.sampling.steps} steps, guidance {w} ({teacher.sampling.steps * 2} NFE):"
+    decoders = ["full"] + (["light"] if student.light_decoder is not None else [])
+    for decoder in [student.sampling.decoder] + [d for d in decoders if d != student.sampling.decoder]:
+        mine, other = pairs(lambda: student.images(seeds, labels, steps=steps, decoder=decoder), diffusers_teacher,
+                            args.pairs)
+        report(f"student, {steps} NFE, {decoder} decoder{' (its default)' if decoder == student.sampling.decoder else ''}",
+               mine, other, peer, batch)
+
+    g = torch.Generator().manual_seed(0)
+    c = teacher.unet.config
+    x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    sigma = torch.ones(batch)
+    scaled = x / (1 + teacher.spec.sigma_data ** 2) ** 0.5
+    t = sigma.log() / 4
+
+    def ours_nfe():
+        with torch.inference_mode(), autocast("cpu"):
+            teacher.denoiser(x, sigma, labels)
+
+    def theirs_nfe():
+        with torch.inference_mode():
+            their_unet(scaled, t[0], labels)
+
+    mine, other = pairs(ours_nfe, theirs_nfe, args.pairs)
+    report(f"teacher, one network evaluation ({precision})", mine, other, f"{their_name}, float32:", batch)
+
+    if student.light_decoder is not None:
+        latents = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
+        mine, other = pairs(lambda: student.decode(latents, "light"), lambda: student.decode(latents, "full"),
+                            args.pairs)
+        report(f"light decoder ({precision})", mine, other, "encdiff's full decoder:", batch)
+    print(f"\nload average after: {load()}")
+
+    if not args.skip_cli:
+        src = str(Path(__file__).resolve().parents[1] / "src")
+        env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        walls = []
+        with tempfile.TemporaryDirectory() as tmp:
+            # the bundled student is what --fast samples; another student samples at its own (few-step) defaults
+            what = [args.student] if args.student else ["--fast"]
+            command = [sys.executable, "-m", "encdiff", "sample", *what, "--out", f"{tmp}/fast.png"]
+            for _ in range(args.pairs):
+                start = time.perf_counter()
+                subprocess.run(command, env=env, check=True, capture_output=True)
+                walls.append(time.perf_counter() - start)
+        print(f"`encdiff sample {what[0]}`: {statistics.median(walls):.2f} s wall (median of {len(walls)}, range "
+              f"{min(walls):.2f}-{max(walls):.2f}; load average {load()})")
+
+
+if __name__ == "__main__":
+    main()
