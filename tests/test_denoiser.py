@@ -9,6 +9,7 @@ import torch
 from encdiff.denoiser import (
     NOISE_LEVELS,
     EDMDenoiser,
+    FlowDenoiser,
     GaussianDenoiser,
     GuidedDenoiser,
     VPDenoiser,
@@ -89,22 +90,28 @@ def ideal_net(kind, gaussian, prediction="epsilon"):
             if kind == "vp":
                 sigma = self.denoiser.t_to_sigma(noise_labels.double()).reshape(-1, 1, 1, 1)
                 x = x_in * (1 + sigma**2).sqrt()
+            elif kind == "flow":
+                sigma = (4 * noise_labels.double()).exp().reshape(-1, 1, 1, 1)
+                x = x_in * (1 + sigma)
             else:
                 sigma = (4 * noise_labels.double()).exp().reshape(-1, 1, 1, 1)
                 x = x_in * (sigma**2 + 0.25).sqrt()
             denoised = gaussian(x, sigma.reshape(-1))
             eps = (x - denoised) / sigma
+            if kind == "flow":  # the velocity eps - x0 of the linear interpolant
+                return eps - denoised
             if kind == "edm":  # F = (D - c_skip x) / c_out
                 return (denoised - 0.25 / (sigma**2 + 0.25) * x) / (sigma * 0.5 / (sigma**2 + 0.25).sqrt())
             return {"epsilon": eps, "v": (eps - sigma * denoised) / (1 + sigma**2).sqrt(), "x0": denoised}[prediction]
 
     net = Ideal()
-    denoiser = VPDenoiser(net, alpha_bars_linear(), prediction) if kind == "vp" else EDMDenoiser(net)
+    denoiser = (VPDenoiser(net, alpha_bars_linear(), prediction) if kind == "vp"
+                else FlowDenoiser(net) if kind == "flow" else EDMDenoiser(net))
     net.denoiser = denoiser
     return denoiser
 
 
-IDEAL_CASES = [("vp", "epsilon"), ("vp", "v"), ("vp", "x0"), ("edm", None)]
+IDEAL_CASES = [("vp", "epsilon"), ("vp", "v"), ("vp", "x0"), ("edm", None), ("flow", None)]
 
 
 @pytest.mark.parametrize("kind, prediction", IDEAL_CASES)
@@ -258,7 +265,7 @@ def test_guidance_needs_labels():
 
 # --- the loss ------------------------------------------------------------------------------------
 
-WEIGHTINGS = ["epsilon", "v", "min_snr", "edm"]
+WEIGHTINGS = ["epsilon", "v", "min_snr", "edm", "flow"]
 
 
 @pytest.mark.parametrize("kind, prediction", IDEAL_CASES)
@@ -288,7 +295,7 @@ def test_loss_of_the_ideal_denoiser_is_the_posterior_variance(weighting):
     sigma = torch.logspace(-1, 1, B, dtype=torch.float64)
     loss = denoising_loss(denoiser, x0, sigma, eps, weighting=weighting)
     lambda_ = {"epsilon": 1 / sigma**2, "v": 1 + 1 / sigma**2, "min_snr": (1 / sigma**2).clamp(max=5.0),
-               "edm": loss_weight_edm(sigma)}[weighting]
+               "edm": loss_weight_edm(sigma), "flow": (1 + sigma) ** 2 / sigma**2}[weighting]
     torch.testing.assert_close(loss, lambda_ * s**2 * sigma**2 / (s**2 + sigma**2), rtol=0.05, atol=0)
     worse = GaussianDenoiser(mu=0.3, s=s * 1.2)
     assert (denoising_loss(worse, x0, sigma, eps, weighting=weighting) > loss).all()
@@ -324,6 +331,25 @@ def test_edm_weighting_is_the_unit_weight_loss_on_the_network_output():
     x = x0 + sigma.reshape(-1, 1, 1, 1) * eps
     target = (x0 - c_skip * x) / c_out
     torch.testing.assert_close(loss, (net(*net.calls[-1][:2]) - target).square().flatten(1).mean(1))
+
+
+def test_flow_sees_the_linear_interpolant_and_its_loss_is_the_velocity_mse():
+    """Rectified flow / SD3: the network sees z_t = (1 - t) x0 + t eps with t = sigma / (1 + sigma), D = z_t - t F,
+    and weighting "flow" makes the x0 loss the conditional flow-matching loss || F - (eps - x0) ||^2."""
+    x0, sigma = x_and_sigma()
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    net = Recorder()
+    denoiser = FlowDenoiser(net)
+    loss = denoising_loss(denoiser, x0, sigma, eps, weighting="flow")
+    z, c_noise, _ = net.calls[-1]
+    t = (sigma / (1 + sigma)).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(z, (1 - t) * x0 + t * eps)
+    torch.testing.assert_close(c_noise, sigma.log() / 4)
+    velocity = net(z, c_noise)
+    torch.testing.assert_close(denoiser(x0 + sigma.reshape(-1, 1, 1, 1) * eps, sigma), z - t * velocity)
+    torch.testing.assert_close(loss, (velocity - (eps - x0)).square().flatten(1).mean(1))
+    # SD3's logit-normal t is the lognormal sigma: logit(t) = ln(sigma)
+    torch.testing.assert_close(torch.logit(t.reshape(-1)), sigma.log())
 
 
 def test_min_snr_clamps_at_gamma():
@@ -375,7 +401,7 @@ def test_label_dropout_uses_the_null_class_at_the_given_rate():
     "kwargs, match",
     [
         (dict(noise_level="uniform"), "unknown noise level 'uniform'; valid: uniform_t, lognormal"),
-        (dict(weighting="snr"), "unknown loss weighting 'snr'; valid: epsilon, v, min_snr, edm"),
+        (dict(weighting="snr"), "unknown loss weighting 'snr'; valid: epsilon, v, min_snr, edm, flow"),
         (dict(gama=5.0), r"unknown loss option\(s\) \['gama'\]"),
         (dict(label_dropout=0.1), "label_dropout needs class_labels"),
     ],

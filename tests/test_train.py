@@ -74,6 +74,26 @@ def test_latent_diffusion_run_makes_a_class_conditional_generator(autoencoder_ru
     assert torch.equal(generator.images([1], torch.tensor([2]), steps=3)[0], images[1])
 
 
+def test_a_flow_matching_run_makes_a_generator_that_samples_and_refuses_distillation(autoencoder_run, image_folder,
+                                                                                       tmp_path):
+    from encdiff.training import train_consistency
+
+    config = TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "flow"), steps=4, checkpoint_every=2,
+                         autoencoder=str(autoencoder_run), denoiser="flow", weighting="flow",
+                         loss_options={"p_mean": 0.0, "p_std": 1.0}, **COMMON)
+    out = train_diffusion(config)
+    assert json.loads((out / "generator.json").read_text())["denoiser"]["kind"] == "flow"
+    generator = Generator.from_pretrained(out)
+    assert type(generator.denoiser).__name__ == "FlowDenoiser"
+    images = generator.images([0, 1], torch.tensor([0, 2]), steps=3, guidance_scale=2.0)
+    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8
+    log = [json.loads(line) for line in (tmp_path / "flow" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+    with pytest.raises(EncdiffError, match="a 'flow' generator; distillation needs an EDM teacher"):
+        train_consistency(TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "student"), teacher=str(out),
+                                      steps=2, **COMMON))
+
+
 def cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "encdiff", *args], cwd=cwd, env=env, capture_output=True,

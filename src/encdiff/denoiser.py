@@ -208,6 +208,38 @@ class EDMDenoiser(Denoiser):
         return sigma.log() / 4
 
 
+class FlowDenoiser(Denoiser):
+    """Flow matching with the linear interpolant (rectified flow: Liu et al. 2023, "Flow Straight and Fast";
+    Lipman et al. 2023, "Flow Matching for Generative Modeling"; the objective of Stable Diffusion 3, Esser et al.
+    2024), written as a denoiser in sigma space so that every sampler, guidance and editing path applies unchanged.
+
+    The interpolant z_t = (1 - t) x0 + t eps (Esser et al. eq. 1 with a_t = 1 - t, b_t = t) is the sigma-space
+    x = x0 + sigma eps scaled by 1 / (1 + sigma), with sigma = t / (1 - t). The network predicts the velocity
+    v = dz_t/dt = eps - x0 from z_t, so x0 = z_t - t v, that is
+
+        D(x; sigma) = x / (1 + sigma) - sigma / (1 + sigma) * F(x / (1 + sigma), c_noise):
+        c_skip = c_in = 1 / (1 + sigma),  c_out = -sigma / (1 + sigma)   (EDM eq. 7's form).
+
+    The conditional flow-matching loss ||F - (eps - x0)||^2 is (1 + sigma)^2 / sigma^2 ||D - x0||^2 in x0 space
+    (`loss_weight_flow`), and SD3's logit-normal t (logit t ~ N(m, s^2), sec. 3.1) is ln(sigma) ~ N(m, s^2), the
+    "lognormal" noise level, since ln(t / (1 - t)) = ln(sigma). The noise label is EDM's ln(sigma) / 4 rather than
+    t: any one-to-one label names the level, and this one is the range every backbone's embedding was built for.
+    """
+
+    def __init__(self, net, sigma_min=0.002, sigma_max=80.0):
+        super().__init__(net)
+        if not 0 < sigma_min < sigma_max:
+            raise EncdiffError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def scalings(self, sigma):
+        c_in = 1 / (1 + sigma)
+        return c_in, -sigma * c_in, c_in
+
+    def c_noise(self, sigma):
+        return sigma.log() / 4
+
+
 class ConsistencyDenoiser(EDMDenoiser):
     """A consistency function f(x; sigma) (Song et al. 2023, eq. 5 and App. C), EDM's preconditioning with the
     boundary moved to sigma_min:
@@ -333,11 +365,18 @@ def loss_weight_edm(sigma, sigma_data=0.5):
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
+def loss_weight_flow(sigma):
+    """lambda = (1 + sigma)^2 / sigma^2 = 1 / t^2: the conditional flow-matching loss ||v_hat - (eps - x0)||^2 (Lipman
+    et al. 2023, eq. 23 for the linear path), as x0_hat - x0 = -t (v_hat - v) with t = sigma / (1 + sigma)."""
+    return ((1 + sigma) / sigma) ** 2
+
+
 LOSS_WEIGHTS = {
     "epsilon": loss_weight_epsilon,
     "v": loss_weight_v,
     "min_snr": loss_weight_min_snr,
     "edm": loss_weight_edm,
+    "flow": loss_weight_flow,
 }
 
 

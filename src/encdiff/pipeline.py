@@ -21,7 +21,7 @@ from .autoencoder import Autoencoder, IdentityAutoencoder
 from .buckets import format_shape, parse_shape
 from .checkpoint import CHECKPOINTS, CONFIG, atomic_write_bytes, read_json, shipped_file
 from .errors import check_choice, check_field, check_int, check_number, config_from_dict, count
-from .denoiser import PREDICTIONS, ConsistencyDenoiser, Denoiser, EDMDenoiser, VPDenoiser
+from .denoiser import PREDICTIONS, ConsistencyDenoiser, Denoiser, EDMDenoiser, FlowDenoiser, VPDenoiser
 from .images import to_uint8, to_unit
 from .errors import EncdiffError
 from .samplers import SAMPLERS, generate
@@ -34,8 +34,8 @@ from .unet import UNet
 GENERATOR_FILE = "generator.json"
 GUIDANCE_KINDS = ("classifier-free", "auto")  # Sampling.guidance_kind
 DECODERS = ("full", "light")  # Sampling.decoder
-DENOISER_KINDS = ("edm", "vp", "consistency")  # DenoiserSpec.kind
-TRAINED_KINDS = ("edm", "vp")  # the kinds stage 2 trains (a consistency student is distilled from an edm one)
+DENOISER_KINDS = ("edm", "vp", "flow", "consistency")  # DenoiserSpec.kind
+TRAINED_KINDS = ("edm", "vp", "flow")  # the kinds stage 2 trains (a consistency student is distilled from an edm one)
 
 
 def samplers_for(kind: str) -> tuple[str, ...]:
@@ -49,11 +49,12 @@ BUNDLED_STUDENT = "cifar10-student"  # its consistency student (2 evaluations pe
 
 @dataclass(frozen=True)
 class DenoiserSpec:
-    kind: str = "edm"  # "edm" (Karras et al. 2022 preconditioning), "vp" (discrete DDPM-style) or "consistency"
-    # (a consistency function with the boundary f(x; sigma_min) = x, Song et al. 2023: a distilled student)
+    kind: str = "edm"  # "edm" (Karras et al. 2022 preconditioning), "vp" (discrete DDPM-style), "flow" (flow
+    # matching, the linear interpolant and velocity: rectified flow / SD3) or "consistency" (a consistency function
+    # with the boundary f(x; sigma_min) = x, Song et al. 2023: a distilled student)
     sigma_data: float = 0.5  # edm: standard deviation of the training data (pixels ~0.5; encdiff's latents 1)
-    sigma_min: float = 0.002  # edm: smallest noise level sampled
-    sigma_max: float = 80.0  # edm: largest noise level sampled
+    sigma_min: float = 0.002  # edm, flow: smallest noise level sampled
+    sigma_max: float = 80.0  # edm, flow: largest noise level sampled (flow: t = sigma / (1 + sigma) = 0.988)
     schedule: str = "linear"  # vp: the training beta schedule (schedules.TRAIN_SCHEDULES)
     prediction: str = "epsilon"  # vp: what the network predicts: epsilon, v or x0
     options: dict[str, Any] = field(default_factory=dict)  # vp: schedule options (beta_start, ...)
@@ -71,6 +72,8 @@ class DenoiserSpec:
         if self.kind in ("edm", "consistency"):
             kind = EDMDenoiser if self.kind == "edm" else ConsistencyDenoiser
             return kind(net, sigma_data=self.sigma_data, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+        if self.kind == "flow":
+            return FlowDenoiser(net, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
         if self.kind == "vp":
             return VPDenoiser(net, get_alpha_bars(self.schedule, **self.options), prediction=self.prediction)
         raise EncdiffError(f"unknown denoiser kind {self.kind!r}; valid: {', '.join(DENOISER_KINDS)}")

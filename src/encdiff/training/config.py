@@ -80,7 +80,7 @@ class TrainConfig:
     # stage 2: diffusion
     backbone: str = "unet"  # "unet" (ADM-style, presets.UNETS) or "edm2" (magnitude-preserving, presets.MP_UNETS)
     uncertainty: bool = False  # weigh the loss by the backbone's learned u(sigma) (EDM2 eq. 8; edm2 backbone)
-    denoiser: str = "edm"  # "edm" or "vp" (DenoiserSpec.kind)
+    denoiser: str = "edm"  # "edm", "vp" or "flow" (DenoiserSpec.kind; flow trains with weighting "flow", its loss)
     prediction: str = "epsilon"  # vp: epsilon, v or x0
     train_schedule: str = "linear"  # vp: beta schedule
     noise_level: str = "lognormal"  # how sigma is drawn (denoiser.NOISE_LEVELS)
