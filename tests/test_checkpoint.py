@@ -447,3 +447,34 @@ def test_no_source_file_unpickles():
     assert files, SRC
     problems = {str(f.relative_to(SRC)): p for f in files if (p := unsafe_loads(f.read_text()))}
     assert problems == {}
+
+
+def test_loading_a_generator_neither_initialises_randomly_nor_imports_the_compiler(tmp_path):
+    """Start-up is most of `encdiff sample --fast`: building a model only to overwrite its weights must not draw random
+    numbers or touch torch._dynamo (meta-device init imports it, 1.4-1.9 s). Both backbones, bit-exact weights."""
+    import subprocess
+    import sys
+
+    from encdiff import MPUNet
+    from encdiff.presets import MP_UNETS
+
+    adm = UNet(TINY_UNET_CLASSES)
+    randomize_(adm)  # no zero-initialised layers: every tensor must be the file's
+    adm.save_pretrained(tmp_path / "adm")
+    MPUNet(MP_UNETS["tiny"]).save_pretrained(tmp_path / "mp")
+    script = (
+        "import sys, torch\n"
+        "from encdiff import UNet, MPUNet\n"
+        "from safetensors.torch import load_file\n"
+        "for cls, name in ((UNet, 'adm'), (MPUNet, 'mp')):\n"
+        f"    folder = {str(tmp_path)!r} + '/' + name\n"
+        "    state = torch.random.get_rng_state()\n"
+        "    model = cls.from_pretrained(folder)\n"
+        "    assert torch.equal(torch.random.get_rng_state(), state), 'random numbers were drawn'\n"
+        "    saved = load_file(folder + '/model.safetensors')\n"
+        "    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())\n"
+        "print('torch._dynamo' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], env={"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from torch.overrides import TorchFunctionMode
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -134,6 +135,28 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
         raise EncdiffError(f"{path}: weights do not match the config: {'; '.join(problems)}")
 
 
+# torch.nn.init's random fills and the tensor methods they end in (each init function is a torch function of its own:
+# a mode sees the outer call, not the fills inside it)
+RANDOM_FILLS = tuple(getattr(torch.nn.init, name) for name in (
+    "normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+    "xavier_normal_", "orthogonal_", "sparse_")) + (torch.Tensor.normal_, torch.Tensor.uniform_)
+
+
+class SkipRandomInit(TorchFunctionMode):
+    """Random initialisation as a no-op, for a model built only to receive a file's weights: the parameters are
+    left uninitialised (`torch.empty`), which costs an allocation and no random numbers. Not the meta device: there
+    `normal_`, `randn` and arithmetic run Python reference kernels whose first use imports torch._dynamo, 1.4-1.9 s
+    of a new process (most of `encdiff sample --fast`'s loading, measured)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in RANDOM_FILLS:
+            return args[0] if args else kwargs["tensor"]
+        if func in (torch.randn, torch.rand):  # an uninitialised tensor of the same shape, dtype and device
+            return torch.empty(*args, **{k: v for k, v in kwargs.items() if k != "generator"})
+        return func(*args, **kwargs)
+
+
 class Pretrained:
     """`from_pretrained` / `save_pretrained` for a model with a frozen config dataclass.
 
@@ -224,7 +247,7 @@ class Pretrained:
         """Load a model folder written by encdiff or by diffusers' `save_pretrained`."""
         config, weights_path = cls.verify(path)
         state = read_weights(weights_path)
-        with torch.device("meta"):
+        with SkipRandomInit():  # on the CPU, not the meta device: arithmetic on meta tensors imports torch._dynamo
             model = cls(config)
         check_state_dict(model, state, weights_path)
         model.load_state_dict(state, assign=True)
