@@ -416,7 +416,7 @@ MALFORMED = [  # (change to generator.json, words of the refusal)
     (lambda i: {**i, "denoiser": {**i["denoiser"], "sigma_data": "one"}}, "denoiser.sigma_data"),
     (lambda i: {**i, "denoiser": {**i["denoiser"], "sigma_data": -1}}, "denoiser.sigma_data"),
     (lambda i: {**i, "denoiser": {**i["denoiser"], "sigma_max": 0}}, "denoiser.sigma_max"),
-    (lambda i: {**i, "denoiser": {**i["denoiser"], "kind": "flow"}}, "denoiser.kind"),
+    (lambda i: {**i, "denoiser": {**i["denoiser"], "kind": "score"}}, "denoiser.kind"),
     (lambda i: {**i, "denoiser": {**i["denoiser"], "colour": 1}}, "unknown field 'colour'"),
     (lambda i: {**i, "format_version": 99}, "format_version 99"),
 ]
