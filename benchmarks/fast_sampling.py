@@ -34,15 +34,14 @@ from typing import Callable
 
 import torch
 
-from encdiff import Autoencoder
 from encdiff.backbones import backbone_name
 from encdiff.pipeline import Generator
 from encdiff.precision import autocast, cpu_info, inference_precision, native_bf16
 
-from networks import diffusers_loop, diffusers_pair
+from networks import diffusers_loop, diffusers_unet, diffusers_vae
 
 try:
-    from diffusers import AutoencoderKL, EDMDPMSolverMultistepScheduler
+    from diffusers import EDMDPMSolverMultistepScheduler
 except ImportError as e:  # a benchmark dependency, not a runtime one
     raise SystemExit(f"this benchmark compares against diffusers: pip install 'encdiff[test]' ({e})")
 
@@ -76,7 +75,7 @@ def report(name: str, mine: list[float], other: list[float], peer: str, batch: i
 def their_network(teacher: Generator):
     """The teacher's U-Net as diffusers calls a model: (scaled x, timestep, labels) -> .sample, in float32."""
     if backbone_name(teacher.unet) == "unet":
-        return diffusers_pair(teacher.unet, teacher.autoencoder)[0], "diffusers UNet2DModel"
+        return diffusers_unet(teacher.unet), "diffusers UNet2DModel"
     net = teacher.unet.float().eval()
     null = net.config.num_classes
 
@@ -113,8 +112,7 @@ def main() -> None:
     labels = torch.arange(batch) % max(teacher.num_classes, 1) if teacher.num_classes else None
     seeds = list(range(batch))
     their_unet, their_name = their_network(teacher)
-    their_vae = AutoencoderKL(**Autoencoder.config_to_diffusers(teacher.autoencoder.config)).eval()
-    their_vae.load_state_dict(teacher.autoencoder.float().state_dict())
+    their_vae = diffusers_vae(teacher.autoencoder)
     scheduler = EDMDPMSolverMultistepScheduler(sigma_data=teacher.spec.sigma_data, solver_order=2,
                                                final_sigmas_type="zero")
     w = teacher.sampling.guidance_scale
@@ -125,7 +123,8 @@ def main() -> None:
     steps = student.sampling.steps
     print(f"| noise to uint8, batch {batch} | encdiff img/s | peer img/s | ratio (median) | range |")
     print("|---|---|---|---|---|")
-    peer = f"diffusers DPM++(2M) {teacher.sampling.steps} steps, guidance {w} ({teacher.sampling.steps * 2} NFE):"
+    peer = (f"diffusers DPM++(2M) {teacher.sampling.steps} steps, guidance {w or 'none'} "
+            f"({teacher.sampling.steps * (2 if w else 1)} NFE):")
     decoders = ["full"] + (["light"] if student.light_decoder is not None else [])
     for decoder in [student.sampling.decoder] + [d for d in decoders if d != student.sampling.decoder]:
         mine, other = pairs(lambda: student.images(seeds, labels, steps=steps, decoder=decoder), diffusers_teacher,

@@ -159,12 +159,22 @@ def sampling_steps(batch: int, guidance: float | None, steps: int = 20) -> dict[
 
 def diffusers_pair(unet: UNet, autoencoder: Autoencoder) -> tuple[UNet2DModel, AutoencoderKL]:
     """diffusers' U-Net and VAE holding our networks' weights."""
+    return diffusers_unet(unet), diffusers_vae(autoencoder)
+
+
+def diffusers_unet(unet: UNet) -> UNet2DModel:
+    """diffusers' U-Net holding our U-Net's weights."""
     config = {k: v for k, v in UNet.config_to_diffusers(unet.config).items() if not k.startswith("_")}
     their_unet = UNet2DModel(**config).eval()
     their_unet.load_state_dict(unet.state_dict())
+    return their_unet
+
+
+def diffusers_vae(autoencoder: Autoencoder) -> AutoencoderKL:
+    """diffusers' VAE holding our autoencoder's weights."""
     their_vae = AutoencoderKL(**Autoencoder.config_to_diffusers(autoencoder.config)).eval()
     their_vae.load_state_dict(autoencoder.state_dict())
-    return their_unet, their_vae
+    return their_vae
 
 
 @torch.inference_mode()

@@ -187,14 +187,26 @@ class VPDenoiser(Denoiser):
         return self.sigma_to_t(sigma)
 
 
-class EDMDenoiser(Denoiser):
-    """EDM preconditioning (Karras et al. 2022, eq. 7, Table 1, App. B.6) for a continuous-sigma backbone."""
+class ContinuousDenoiser(Denoiser):
+    """A backbone trained at any sigma in a range, labelled by EDM's c_noise = ln(sigma) / 4 (Table 1); subclasses
+    give the preconditioning."""
 
-    def __init__(self, net, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0):
+    def __init__(self, net, sigma_min=0.002, sigma_max=80.0):
         super().__init__(net)
         if not 0 < sigma_min < sigma_max:
             raise EncdiffError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def c_noise(self, sigma):
+        return sigma.log() / 4
+
+
+class EDMDenoiser(ContinuousDenoiser):
+    """EDM preconditioning (Karras et al. 2022, eq. 7, Table 1, App. B.6) for a continuous-sigma backbone."""
+
+    def __init__(self, net, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0):
+        super().__init__(net, sigma_min, sigma_max)
+        self.sigma_data = sigma_data
 
     def scalings(self, sigma):
         # Unit-variance input and training target at every sigma (EDM Appendix B.6).
@@ -204,11 +216,8 @@ class EDMDenoiser(Denoiser):
         c_in = 1 / (sigma_data**2 + sigma**2).sqrt()
         return c_skip, c_out, c_in
 
-    def c_noise(self, sigma):
-        return sigma.log() / 4
 
-
-class FlowDenoiser(Denoiser):
+class FlowDenoiser(ContinuousDenoiser):
     """Flow matching with the linear interpolant (rectified flow: Liu et al. 2023, "Flow Straight and Fast";
     Lipman et al. 2023, "Flow Matching for Generative Modeling"; the objective of Stable Diffusion 3, Esser et al.
     2024), written as a denoiser in sigma space so that every sampler, guidance and editing path applies unchanged.
@@ -226,18 +235,9 @@ class FlowDenoiser(Denoiser):
     t: any one-to-one label names the level, and this one is the range every backbone's embedding was built for.
     """
 
-    def __init__(self, net, sigma_min=0.002, sigma_max=80.0):
-        super().__init__(net)
-        if not 0 < sigma_min < sigma_max:
-            raise EncdiffError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-        self.sigma_min, self.sigma_max = sigma_min, sigma_max
-
     def scalings(self, sigma):
         c_in = 1 / (1 + sigma)
         return c_in, -sigma * c_in, c_in
-
-    def c_noise(self, sigma):
-        return sigma.log() / 4
 
 
 class ConsistencyDenoiser(EDMDenoiser):

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..autoencoder_loss import RECON_LOSSES
 from ..backbones import BACKBONES
-from ..buckets import parse_shape, resolve_buckets
+from ..buckets import format_shape, parse_shape, resolve_buckets
 from ..data import ImageDataset
 from ..denoiser import LOSS_WEIGHTS, NOISE_LEVELS, PREDICTIONS
 from ..errors import (EncdiffError, check_bool, check_choice, check_field, check_int, check_number, check_tuple,
@@ -254,6 +254,16 @@ def check_model_name(config: TrainConfig, stage: str) -> None:
     """An unknown model preset is refused with the valid names (before any data is read)."""
     if config.model and stage in ("autoencoder", "diffusion"):
         preset(AUTOENCODERS if stage == "autoencoder" else backbone_presets(config.backbone), config.model)
+
+
+def generator_data_fields(generator) -> dict[str, Any]:
+    """The data fields a stage trained for an existing generator (its guide, its student) takes from it unless a
+    config file or a flag says otherwise: its image size, its channels and its aspect-ratio buckets (trained on the
+    square alone, neither could serve the generator's other shapes)."""
+    values: dict[str, Any] = {"resolution": generator.image_size, "channels": generator.image_channels}
+    if len(generator.sizes) > 1:
+        values["buckets"] = [format_shape(size) for size in generator.sizes]
+    return values
 
 
 def load_config(path: str | None, preset_name: str | None, stage: str, overrides: dict[str, Any],

@@ -17,21 +17,15 @@ from ..checkpoint import sha256_file
 from ..consistency import distillation_grid, distillation_loss, interval_probabilities
 from ..errors import EncdiffError, count
 from ..pipeline import Generator, Sampling
-from .config import TrainConfig
+from .config import TrainConfig, generator_data_fields
 from .hooks import evaluation_hook, sample_grid
 from .latents import cached_latents, latent_batches
 from .loop import Recipe, Run, RunLock, prepare, train_loop
 
 
 def teacher_defaults(teacher_folder: str | Path) -> dict[str, object]:
-    """What a student takes from its teacher unless a config file or a flag says otherwise: its image size and
-    channels, and its aspect-ratio buckets (a student tuned only on the square could not draw the teacher's other
-    shapes)."""
-    teacher = Generator.from_pretrained(teacher_folder)
-    values: dict[str, object] = {"resolution": teacher.image_size, "channels": teacher.image_channels}
-    if len(teacher.sizes) > 1:
-        values["buckets"] = [format_shape(size) for size in teacher.sizes]
-    return values
+    """What a student takes from its teacher unless a config file or a flag says otherwise (generator_data_fields)."""
+    return generator_data_fields(Generator.from_pretrained(teacher_folder))
 
 
 def train_consistency(config: TrainConfig) -> Path:

@@ -22,11 +22,10 @@ import torch
 from safetensors import safe_open
 
 from ..backbones import backbone_name, load_backbone
-from ..buckets import format_shape
 from ..checkpoint import atomic_write_bytes, read_json
 from ..errors import EncdiffError
 from ..pipeline import GENERATOR_FILE, DenoiserSpec, Generator
-from .config import TrainConfig
+from .config import TrainConfig, generator_data_fields
 from .diffusion import train_diffusion
 
 GUIDE_STEPS, GUIDE_BATCH, GUIDE_WIDTH = 2000, 128, 0.5
@@ -51,13 +50,10 @@ def guide_defaults(generator_folder: str | Path) -> dict[str, Any]:
     overrides["block_out_channels"] = widths
     spec = generator.spec
     values = dict(run_dir=f"runs/{folder.resolve().name}-guide", autoencoder=str(folder / "autoencoder"),
-                  resolution=generator.image_size,
-                  channels=generator.image_channels, backbone=backbone, model="cifar10_latent",
+                  **generator_data_fields(generator), backbone=backbone, model="cifar10_latent",
                   model_overrides=overrides, denoiser=spec.kind, sigma_data=spec.sigma_data,
                   train_schedule=spec.schedule, prediction=spec.prediction, steps=GUIDE_STEPS, batch_size=GUIDE_BATCH,
                   ema_halflife_images=50_000.0, label_dropout=0.1 if generator.num_classes else 0.0)
-    if len(generator.sizes) > 1:  # the generator's aspect-ratio buckets: the guide must denoise at every one
-        values["buckets"] = [format_shape(size) for size in generator.sizes]
     if backbone == "edm2":  # EDM2 config E, as the version 0.4 main model (configs/cifar10-v0.4/diffusion.toml)
         values.update(uncertainty=True, lr=1e-2, betas=[0.9, 0.99], warmup_steps=200, lr_schedule="inv_sqrt",
                       lr_decay_steps=GUIDE_STEPS // 4, loss_options={"p_mean": -0.5, "p_std": 1.2})
