@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/fast_sampling.py [--pairs 5] [--batch 100] [--precision auto]
     PYTHONPATH=src python benchmarks/fast_sampling.py --student DIR --teacher DIR --skip-cli
+    PYTHONPATH=src python benchmarks/fast_sampling.py --compile    # also the compiled rows (minutes to compile)
 
 Rows, each noise (or latents) to the same output on both sides, batch 100 unless told:
 - the consistency student at its own defaults (2 evaluations, its default decoder) against diffusers' EDM
@@ -12,6 +13,8 @@ Rows, each noise (or latents) to the same output on both sides, batch 100 unless
   (its UNet2DModel holding the same weights; for a magnitude-preserving teacher, which diffusers has no class for, its
   loop calls encdiff's network in float32 as diffusers would call any model);
 - the full decoder against the light one (encdiff, both in encdiff's precision);
+- with --compile, the student's default row and the teacher's evaluation again through torch.compile'd networks
+  (`Generator(compile=True)`, as `encdiff --compile` samples), with the seconds the first call spent compiling;
 - `encdiff sample --fast` as a user runs it (a new process: start-up, loading, 100 images, PNG), wall seconds.
 
 A shared machine moves these numbers by 2-3x between runs, so each row is timed in pairs, the order swapped every
@@ -95,6 +98,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--precision", choices=("float32", "bf16", "auto"),
                         help="encdiff's inference precision (default: ENCDIFF_PRECISION, else encdiff's default)")
+    parser.add_argument("--compile", action="store_true", help="add the compiled rows (each new shape compiles "
+                        "once: minutes cold, seconds from TorchInductor's on-disk cache)")
     parser.add_argument("--skip-cli", action="store_true", help="do not time `encdiff sample --fast`")
     args = parser.parse_args()
     if args.precision:
@@ -149,6 +154,27 @@ def main() -> None:
 
     mine, other = pairs(ours_nfe, theirs_nfe, args.pairs)
     report(f"teacher, one network evaluation ({precision})", mine, other, f"{their_name}, float32:", batch)
+
+    if args.compile:
+        fast_student, fast_teacher = student.with_compile(), teacher.with_compile()
+        decoder = student.sampling.decoder
+
+        def student_compiled():
+            fast_student.images(seeds, labels, steps=steps, decoder=decoder)
+
+        def nfe_compiled():
+            with torch.inference_mode(), autocast("cpu"):
+                fast_teacher.denoiser(x, sigma, labels)
+
+        for name, f, peer_f, peer_name in (
+                (f"student, {steps} NFE, {decoder} decoder, compiled", student_compiled, diffusers_teacher, peer),
+                (f"teacher, one network evaluation ({precision}, compiled)", nfe_compiled, theirs_nfe,
+                 f"{their_name}, float32:")):
+            start = time.perf_counter()
+            f()  # compiles every graph this row runs
+            compiling = time.perf_counter() - start
+            mine, other = pairs(f, peer_f, args.pairs)
+            report(name + f" (first call {compiling:.0f} s)", mine, other, peer_name, batch)
 
     if student.light_decoder is not None:
         latents = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g)

@@ -27,6 +27,7 @@ from .errors import EncdiffError
 from .samplers import SAMPLERS, generate
 from .schedules import SCHEDULES, get_alpha_bars, get_sigmas
 from .backbones import CLASS_NAMES, load_backbone
+from .compilation import check_compiler, compile_requested, compiled
 from .light_decoder import LightDecoder
 from .precision import autocast
 from .unet import UNet
@@ -159,7 +160,7 @@ class Generator:
                  class_names: list[str] | None = None, sampling: Sampling | dict[str, Any] | None = None,
                  distillation: dict[str, Any] | None = None, guide: torch.nn.Module | None = None,
                  guide_info: dict[str, Any] | None = None, light_decoder: LightDecoder | None = None,
-                 sizes: list[tuple[int, int]] | None = None):
+                 sizes: list[tuple[int, int]] | None = None, compile: bool | None = None):
         self.unet = unet.eval()
         self.light_decoder = light_decoder.eval() if light_decoder is not None else None
         # Autoguidance's guide (Sampling.guidance_kind = "auto"): a smaller, shorter-trained backbone of the same
@@ -179,12 +180,21 @@ class Generator:
         self.spec = spec
         self.check_guidance(self.sampling, "sampling.")
         check_sampler_fits(self.sampling.sampler, spec.kind, "sampling.sampler")
-        self.denoiser = spec.build(unet)
-        self.guide_denoiser = spec.build(self.guide) if guide is not None else None
+        # Sampling through torch.compile'd networks (compilation.py): asked for here, or by ENCDIFF_COMPILE. The
+        # networks themselves stay as they are (saved, fine-tuned, compared); only the calls sampling makes differ.
+        self.compiled = compile_requested() if compile is None else bool(compile)
+        if self.compiled:
+            check_compiler(next(unet.parameters()).device)
+        run = compiled if self.compiled else (lambda net: net)
+        self.denoiser = spec.build(run(unet))
+        self.guide_denoiser = spec.build(run(self.guide)) if guide is not None else None
         if autoencoder is None and unet.config.in_channels not in (1, 3, 4):
             raise EncdiffError(f"a pixel-space generator (latent: false) makes images of the U-Net's "
                                f"{unet.config.in_channels} channels: expected 1, 3 or 4 (is an autoencoder missing?)")
         self.autoencoder = autoencoder.eval() if autoencoder is not None else IdentityAutoencoder(unet.config.in_channels)
+        self.decoders = {"full": run(self.autoencoder.decode) if autoencoder is not None else self.autoencoder.decode}
+        if light_decoder is not None:
+            self.decoders["light"] = run(self.light_decoder.decode)
         # The image shapes (height, width) it was trained at (aspect-ratio buckets); its square is always one.
         square = (self.image_size, self.image_size)
         self.sizes: list[tuple[int, int]] = sorted({square, *(tuple(size) for size in (sizes or ()))},
@@ -353,13 +363,11 @@ class Generator:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, decoder: str = "full") -> torch.Tensor:
         """Latents -> uint8 images (B, C, H, W) on the CPU, through the full decoder or the light one."""
-        net = self.autoencoder
-        if decoder == "light":
-            if self.light_decoder is None:
-                raise EncdiffError("decoder 'light': this generator has no light decoder")
-            net = self.light_decoder
+        if decoder not in self.decoders:
+            raise EncdiffError(f"decoder {decoder!r}: this generator has no light decoder" if decoder == "light"
+                               else f"decoder {decoder!r}: expected one of {', '.join(DECODERS)}")
         with autocast(latents.device):
-            return to_uint8(net.decode(latents.float()))
+            return to_uint8(self.decoders[decoder](latents.float()))
 
     def with_autoencoder(self, autoencoder: Autoencoder) -> "Generator":
         """The same generator with another decoder: `autoencoder` must share this one's latent space (the same
@@ -379,19 +387,28 @@ class Generator:
             if key.startswith(("encoder.", "quant_conv.")) and not torch.equal(new_state[key].to(value), value):
                 raise EncdiffError(f"the new autoencoder's weight {key!r} differs from the generator's: another "
                                    "encoder means another latent space (fine-tune the decoder only)")
-        return Generator(self.unet, self.spec, autoencoder, self.class_names, self.sampling, self.distillation,
-                         self.guide, self.guide_info, self.light_decoder, self.sizes)
+        return self._replaced(autoencoder=autoencoder)
 
     def with_guide(self, guide: torch.nn.Module, info: dict[str, Any] | None = None) -> "Generator":
         """The same generator with an autoguidance guide (checked to share its latents and labels)."""
-        return Generator(self.unet, self.spec, self.autoencoder if isinstance(self.autoencoder, Autoencoder) else None,
-                         self.class_names, self.sampling, self.distillation, guide, info, self.light_decoder, self.sizes)
+        return self._replaced(guide=guide, guide_info=info)
 
     def with_light_decoder(self, light_decoder: LightDecoder) -> "Generator":
         """The same generator with a light decoder for its latents (checked to fit them)."""
-        return Generator(self.unet, self.spec, self.autoencoder if isinstance(self.autoencoder, Autoencoder) else None,
-                         self.class_names, self.sampling, self.distillation, self.guide, self.guide_info,
-                         light_decoder, self.sizes)
+        return self._replaced(light_decoder=light_decoder)
+
+    def with_compile(self, compile: bool = True) -> "Generator":
+        """The same networks, sampled through torch.compile'd calls (compile=True) or eagerly (compilation.py)."""
+        return self._replaced(compile=compile)
+
+    def _replaced(self, **changes) -> "Generator":
+        """A new Generator over the same parts, with `changes` to its constructor's arguments (checked as any)."""
+        parts = dict(unet=self.unet, spec=self.spec,
+                     autoencoder=self.autoencoder if isinstance(self.autoencoder, Autoencoder) else None,
+                     class_names=self.class_names, sampling=self.sampling, distillation=self.distillation,
+                     guide=self.guide, guide_info=self.guide_info, light_decoder=self.light_decoder, sizes=self.sizes,
+                     compile=self.compiled)
+        return Generator(**{**parts, **changes})
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write the generator folder; `dtype` (e.g. torch.float16) stores the weights in that precision

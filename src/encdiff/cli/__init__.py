@@ -15,6 +15,7 @@ import os
 import sys
 
 from ..errors import EncdiffError, TrainingInterrupted
+from ..compilation import ENV as COMPILE_ENV
 from ..precision import PRECISIONS, inference_precision
 from .flags import OneLineParser, finite_float, model_flags, sampling_flags, train_flags
 from .image_commands import cmd_edit, cmd_reconstruct, cmd_sample
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what the networks run in at inference on a CPU: float32, bf16 (autocast; weights stay "
                         "float32), or auto (bf16 where the CPU computes it natively and a probe measures it faster); "
                         "default: ENCDIFF_PRECISION, else float32. `encdiff info` says what runs")
+    parser.add_argument("--compile", action="store_true",
+                        help="sample through torch.compile'd networks (sample, eval, edit, serve): each batch shape "
+                        "compiles once (minutes the first time, seconds from the on-disk cache), then runs faster; "
+                        "pays for long runs and servers (default: ENCDIFF_COMPILE, else off; needs a C++ compiler)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train-autoencoder", help="stage 1: train a KL autoencoder on an image folder",
@@ -227,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.precision:  # the one setting precision.py reads, so every command and the processes it starts agree
         os.environ["ENCDIFF_PRECISION"] = args.precision
         inference_precision.cache_clear()
+    if args.compile:  # read where a generator is built (pipeline.py), as the precision is
+        os.environ[COMPILE_ENV] = "1"
     try:
         stages = {"train-autoencoder": "autoencoder", "train": "diffusion", "distill": "consistency",
                   "train-light-decoder": "light_decoder"}

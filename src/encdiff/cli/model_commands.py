@@ -98,6 +98,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if extras:
             print(f"  also holds {' and '.join(extras)}")
         print(f"  inference precision here: {inference_precision('cpu')} (--precision or ENCDIFF_PRECISION: float32, bf16 or auto)")
+        print(f"  compiled sampling: {'on' if generator.compiled else 'off'} (--compile or ENCDIFF_COMPILE=1)")
         if generator.distillation:
             d = generator.distillation
             print(f"  distilled: guidance {d.get('guidance_scale')} built in, {d.get('images')} images, "
