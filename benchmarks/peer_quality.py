@@ -143,7 +143,7 @@ def encdiff_steps() -> dict[str, callable]:
     autoencoder = Autoencoder(presets.AUTOENCODERS[ae_cfg["model"]])
     ae_opt = torch.optim.AdamW(autoencoder.parameters(), lr=ae_cfg["lr"], fused=True)
     objective = AutoencoderObjective(recon_loss=ae_cfg["recon_loss"], kl_weight=ae_cfg["kl_weight"], ssim_weight=0.0,
-                                     fft_weight=0.0, adv_weight=0.0, adv_start=0, fm_weight=0.0, discriminator=None,
+                                     fft_weight=0.0, adv_weight=0.0, fm_weight=0.0, discriminator=None,
                                      last_layer=autoencoder.decoder.conv_out.weight)
     x_ae = torch.rand(ae_cfg["batch_size"], 3, 32, 32, generator=g) * 2 - 1
     latent_shape = (ae_cfg["batch_size"], autoencoder.config.latent_channels, 8, 8)
@@ -151,7 +151,7 @@ def encdiff_steps() -> dict[str, callable]:
     def ae_step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(ae_cfg.get("bf16"))):
             reconstruction, posterior = autoencoder(x_ae, noise=torch.randn(latent_shape, generator=g))
-            loss = objective.loss(x_ae, reconstruction, posterior, 0, None)
+            loss = objective.loss(x_ae, reconstruction, posterior, False, None)
         loss = loss[0] if isinstance(loss, tuple) else loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(autoencoder.parameters(), 1.0)

@@ -84,10 +84,10 @@ def test_gradients_of_each_network_come_only_from_its_own_terms():
     disc = randomize_(PatchDiscriminator(DiscriminatorConfig(channels=8, layers=2)), seed=1)
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     objective = AutoencoderObjective(recon_loss="l1", kl_weight=0.0, ssim_weight=0.2, fft_weight=0.5, adv_weight=0.5,
-                                     adv_start=0, fm_weight=1.0, discriminator=disc,
+                                     fm_weight=1.0, discriminator=disc,
                                      last_layer=ae.decoder.conv_out.weight)
     rec, posterior = ae(x, sample_posterior=False)
-    total, parts = objective.loss(x, rec, posterior, step=0)
+    total, parts = objective.loss(x, rec, posterior, adversarial=True)
     total.backward()
     d_grads = {k: p.grad.clone() for k, p in disc.named_parameters()}
     ae_grads = {k: p.grad.clone() for k, p in ae.named_parameters()}
@@ -112,16 +112,16 @@ def test_gradients_of_each_network_come_only_from_its_own_terms():
     assert parts["adv_lambda"] > 0 and torch.isfinite(total)
 
 
-def test_no_adversarial_term_before_adv_start():
+def test_no_adversarial_term_unless_asked():
     ae = randomize_(Autoencoder(AUTOENCODERS["tiny"]))
     disc = PatchDiscriminator(DiscriminatorConfig(channels=8))
     objective = AutoencoderObjective(recon_loss="l2", kl_weight=0.0, ssim_weight=0.0, fft_weight=0.0, adv_weight=0.5,
-                                     adv_start=10, fm_weight=0.0, discriminator=disc, last_layer=ae.decoder.conv_out.weight)
+                                     fm_weight=0.0, discriminator=disc, last_layer=ae.decoder.conv_out.weight)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     rec, posterior = ae(x, sample_posterior=False)
-    total, parts = objective.loss(x, rec, posterior, step=9)
+    total, parts = objective.loss(x, rec, posterior, adversarial=False)
     assert set(parts) == {"rec"} and torch.equal(total, F.mse_loss(rec, x))
-    assert "d_loss" in objective.loss(x, rec, posterior, step=10)[1]
+    assert "d_loss" in objective.loss(x, rec, posterior, adversarial=True)[1]
 
 
 def test_autoencoder_training_never_uses_the_evaluation_feature_net(image_folder, tmp_path, monkeypatch):

@@ -263,19 +263,25 @@ def test_durations_parse():
 def test_a_time_budget_plans_the_steps_and_trains_what_that_step_count_trains(image_folder, tmp_path, capsys):
     """The probe that times the steps (before and after the GAN starts) leaves no trace: the budgeted run equals a
     run given the planned step count; resumed, it keeps that count."""
-    gan = dict(adv_weight=0.5, adv_start=3, disc_channels=8, fm_weight=1.0, checkpoint_every=1000)
-    budgeted = TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "budget"), time_budget=4.0,
+    gan = dict(adv_weight=0.5, adv_start=10, disc_channels=8, fm_weight=1.0, checkpoint_every=1000)
+    planned = 40
+    budgeted = TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "budget"), time_budget=4.0, steps=planned,
                            **{**COMMON, **gan})
     train_autoencoder(budgeted)
     said = capsys.readouterr().err
-    steps = json.loads((tmp_path / "budget" / "config.json").read_text())["steps"]
-    assert "time budget 4s:" in said and f"-> {steps} steps" in said and "from step 3" in said
-    assert steps > 3
-    plain = TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "plain"), steps=steps, **{**COMMON, **gan})
+    fitted = json.loads((tmp_path / "budget" / "config.json").read_text())
+    steps, adv_start = fitted["steps"], fitted["adv_start"]
+    # the GAN starts at the share of the steps it was planned at (a quarter), whatever the step count became
+    assert steps > 4 and adv_start == round(10 * steps / planned) and 0 < adv_start < steps
+    assert "time budget 4s:" in said and f"-> {steps} steps" in said and "from step 10" in said
+    assert f"adv_start 10 -> {adv_start}" in said
+    plain = TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "plain"), steps=steps,
+                        **{**COMMON, **gan, "adv_start": adv_start})
     train_autoencoder(plain)
     assert_bitwise_equal(final_tensors(tmp_path / "budget", steps), final_tensors(tmp_path / "plain", steps))
-    train_autoencoder(budgeted)  # finished: resumed at its planned end, nothing more to do
-    assert json.loads((tmp_path / "budget" / "config.json").read_text())["steps"] == steps
+    train_autoencoder(budgeted)  # the same command again: resumed with the fitted plan at its end, nothing more to do
+    again = json.loads((tmp_path / "budget" / "config.json").read_text())
+    assert (again["steps"], again["adv_start"]) == (steps, adv_start)
 
 
 def test_dry_run_prints_the_resolved_config(image_folder):
@@ -408,3 +414,18 @@ def test_periodic_evaluation_logs_fid_and_keeps_the_best_generator(tmp_path):
     best = json.loads((tmp_path / "run" / "best" / "metrics.json").read_text())
     assert best["fid"] == min(r["fid"] for r in evals)
     Generator.from_pretrained(tmp_path / "run" / "best")
+
+
+def test_a_resumed_run_takes_its_time_budget_plan_back():
+    from encdiff.training.budget import resumed_plan
+
+    plan = {"planned": {"steps": 40, "adv_start": 10}, "fitted": {"steps": 80, "adv_start": 20}}
+    meta = {"config": {"steps": 80, "adv_start": 20, "time_budget": 4.0}, "budget": plan}
+    assert resumed_plan(meta, {"steps": 40, "adv_start": 10, "time_budget": 4.0}) == (plan["fitted"], plan)
+    # `--steps 200` without the budget, to extend it: the steps as given, the GAN's start where the plan put it
+    assert resumed_plan(meta, {"steps": 200, "adv_start": 10, "time_budget": None})[0] == {"adv_start": 20}
+    # a checkpoint written before plans were stored: only its step count was fitted
+    old = {"config": {"steps": 619, "adv_start": 886, "time_budget": 2700.0}}
+    adopted, _ = resumed_plan(old, {"steps": 3545, "adv_start": 886, "time_budget": 2700.0})
+    assert adopted == {"steps": 619}
+    assert resumed_plan({"config": {"steps": 5, "time_budget": None}}, {"steps": 9, "time_budget": None}) == ({}, None)

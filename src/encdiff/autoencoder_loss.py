@@ -124,8 +124,8 @@ def adaptive_weight(rec_grad: torch.Tensor, adv_grad: torch.Tensor, delta: float
 
 
 class AutoencoderObjective:
-    """The stage-1 loss for one batch: reconstruction terms, KL, and once `adv_start` is reached the
-    adversarial and feature-matching terms plus the discriminator's own loss.
+    """The stage-1 loss for one batch: reconstruction terms, KL, and where asked (`adversarial`: the run decides
+    from its config's `adv_start`) the adversarial and feature-matching terms plus the discriminator's own loss.
 
     `loss` returns one scalar whose gradient trains both networks at once: the discriminator's parameters
     receive only the gradient of its hinge loss (reconstructions are detached for it, and the generator's
@@ -133,23 +133,21 @@ class AutoencoderObjective:
     """
 
     def __init__(self, *, recon_loss: str, kl_weight: float, ssim_weight: float, fft_weight: float,
-                 adv_weight: float, adv_start: int, fm_weight: float, discriminator: PatchDiscriminator | None,
+                 adv_weight: float, fm_weight: float, discriminator: PatchDiscriminator | None,
                  last_layer: torch.Tensor, all_reduce=None):
         self.recon = lookup(RECON_LOSSES, recon_loss, "reconstruction loss")
         self.kl_weight, self.ssim_weight, self.fft_weight = kl_weight, ssim_weight, fft_weight
-        self.adv_weight, self.adv_start, self.fm_weight = adv_weight, adv_start, fm_weight
+        self.adv_weight, self.fm_weight = adv_weight, fm_weight
         self.discriminator = discriminator
         self.last_layer = last_layer
         # Averages a tensor over ranks: the adaptive weight must be the one a single process with the whole
         # global batch would compute, so its gradients are averaged before their norms are taken.
         self.all_reduce = all_reduce or (lambda t: t)
 
-    def adversarial(self, step: int) -> bool:
-        return self.discriminator is not None and self.adv_weight > 0 and step >= self.adv_start
-
-    def loss(self, x: torch.Tensor, reconstruction: torch.Tensor, posterior, step: int,
+    def loss(self, x: torch.Tensor, reconstruction: torch.Tensor, posterior, adversarial: bool,
              discriminator_call: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(total loss, its named parts); `discriminator_call` is the (possibly DDP-wrapped) discriminator whose
+        """(total loss, its named parts); `adversarial`: whether the GAN terms count at this step (they need a
+        discriminator and adv_weight > 0); `discriminator_call` is the (possibly DDP-wrapped) discriminator whose
         gradients are to be synchronised."""
         reconstruction = reconstruction.float()
         parts: dict[str, torch.Tensor] = {"rec": self.recon(reconstruction, x)}
@@ -162,7 +160,7 @@ class AutoencoderObjective:
         if self.kl_weight and posterior is not None and posterior.mean.requires_grad:
             parts["kl"] = posterior.kl().mean() / posterior.mean[0].numel()
             total = total + self.kl_weight * parts["kl"]
-        if not self.adversarial(step):
+        if not (adversarial and self.discriminator is not None and self.adv_weight > 0):
             return total, parts
         # The generator's view of the discriminator: its parameters as constants (no gradient reaches them).
         frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}

@@ -63,8 +63,7 @@ def _train_autoencoder(config: TrainConfig) -> Path:
     preview = dataset.batch(dataset.sample_indices(8))[0]
     objective = AutoencoderObjective(
         recon_loss=config.recon_loss, kl_weight=config.kl_weight, ssim_weight=config.ssim_weight,
-        fft_weight=config.fft_weight, adv_weight=config.adv_weight, adv_start=config.adv_start,
-        fm_weight=config.fm_weight, discriminator=run.discriminator,
+        fft_weight=config.fft_weight, adv_weight=config.adv_weight, fm_weight=config.fm_weight, discriminator=run.discriminator,
         last_layer=run.model.decoder.conv_out.weight, all_reduce=dist_.mean)
 
     f = ae_config.downsample_factor
@@ -75,7 +74,8 @@ def _train_autoencoder(config: TrainConfig) -> Path:
         noise = torch.randn((B * world_size, ae_config.latent_channels, H // f, W // f),
                             generator=run.generators["noise"], device=x.device)[rank::world_size]
         reconstruction, posterior = model(x, noise=noise)
-        return objective.loss(x, reconstruction, posterior, run.step, run.wrapped.get("discriminator"))
+        return objective.loss(x, reconstruction, posterior, run.step >= run.config.adv_start,
+                              run.wrapped.get("discriminator"))
 
     def sample(run: Run) -> None:
         with torch.inference_mode():
@@ -85,7 +85,7 @@ def _train_autoencoder(config: TrainConfig) -> Path:
                  run.dir / f"reconstructions-{run.step:08d}.png")
 
     train_loop(run, Recipe(batch=dataset.batch, loss=loss, sample=sample,
-                           phases=(config.adv_start,) if config.adv_weight > 0 else ()))
+                           phases={"adv_start": config.adv_start} if config.adv_weight > 0 else {}))
     out = run.dir / "model"
     if dist_.main:
         # A decoder-only run keeps the latent space, statistics included; otherwise they are measured anew.

@@ -25,33 +25,46 @@ def fit_to_time_budget(run: Any, recipe: Any) -> None:
     takes on this machine, measured here, at the start of each phase whose cost differs (`Recipe.phases`, e.g. the
     GAN's), with every state the probe touches put back, so the run is the one a plain `steps` would train.
 
-    A resumed run keeps the steps planned when it started (they are in its checkpoint): to extend a finished run,
-    resume it without a budget and with more `steps`."""
+    The plan keeps its proportions: each phase covers the share of the steps it was planned to (a GAN planned from a
+    quarter of the steps starts at a quarter of the fitted ones), so the objective the plan describes is the one that
+    trains, whatever the machine's speed. The planned and fitted values are kept with the checkpoints
+    (`Run.budget_plan`); a resumed run takes the fitted ones back (`resumed_plan`)."""
     config, dist_ = run.config, run.dist
     if run.step > 0:
-        planned = run.resumed_steps
-        if planned != config.steps:
-            run.reconfigure(steps=planned)
         return
     left = config.time_budget * (1 - FINISH_SHARE) - (time.perf_counter() - run.started)
-    phases = sorted({0, *(p for p in recipe.phases if 0 < p)})
-    seconds = [probe_step_seconds(run, recipe, at) for at in phases]
+    planned = config.steps
+    # A phase planned at step 0 or beyond the end has no share to keep: it stays where it is.
+    milestones = {field: step for field, step in recipe.phases.items() if 0 < step < planned}
+    starts = sorted({0, *milestones.values()})
+    seconds = [probe_step_seconds(run, recipe, at) for at in starts]
     # the same plan on every rank: the slowest rank's speed decides
     seconds = [float(dist_.max(torch.tensor(s, device=dist_.device))) for s in seconds]
-    steps, spent = 0, 0.0
-    for i, (start, per_step) in enumerate(zip(phases, seconds)):
-        end = phases[i + 1] if i + 1 < len(phases) else math.inf
-        affordable = max(0.0, left - spent) / per_step
-        if affordable < end - start:
-            steps = start + int(affordable)
-            break
-        steps, spent = end, spent + (end - start) * per_step
-    steps = max(1, steps)
-    speed = ", ".join(f"{config.batch_size / s:.0f} img/s from step {p}" for p, s in zip(phases, seconds))
+    ends = starts[1:] + [planned]
+    per_step = sum((end - start) * s for start, end, s in zip(starts, ends, seconds)) / planned  # the plan's mean
+    steps = max(1, int(max(0.0, left) / per_step))
+    moved = {field: round(step * steps / planned) for field, step in milestones.items()}
+    speed = ", ".join(f"{config.batch_size / s:.0f} img/s from step {p}" for p, s in zip(starts, seconds))
     if dist_.main:
+        also = "".join(f"; {field} {step} -> {moved[field]}" for field, step in milestones.items())
         print(f"encdiff: time budget {format_duration(config.time_budget)}: {speed} -> {steps} steps "
-              f"({count(steps * config.batch_size, 'image')})", file=sys.stderr)
-    run.reconfigure(steps=steps)
+              f"({count(steps * config.batch_size, 'image')}){also}", file=sys.stderr)
+    run.budget_plan = {"planned": {"steps": planned, **milestones}, "fitted": {"steps": steps, **moved}}
+    run.reconfigure(steps=steps, **moved)
+
+
+def resumed_plan(meta: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """What a resumed run takes back from its checkpoint's time budget: the fitted value of each field the command
+    gives at its planned value again (the same command: a sized plan is sized anew from the data), and the plan to
+    keep writing. A field given another value (`--steps 8000` to extend a finished run) stays as given."""
+    then = meta["config"]
+    plan = meta.get("budget")
+    if plan is None and then.get("time_budget") is not None and now.get("time_budget") is not None:
+        # checkpoints written before the plan was stored: only the step count was fitted
+        plan = {"planned": {"steps": now["steps"]}, "fitted": {"steps": then["steps"]}}
+    if plan is None:
+        return {}, None
+    return {field: plan["fitted"][field] for field, value in plan["planned"].items() if now.get(field) == value}, plan
 
 
 def probe_step_seconds(run: Any, recipe: Any, at_step: int) -> float:

@@ -50,7 +50,7 @@ def _train_light_decoder(config: TrainConfig) -> Path:
     run.resume()
     objective = AutoencoderObjective(
         recon_loss=config.recon_loss, kl_weight=0.0, ssim_weight=config.ssim_weight, fft_weight=config.fft_weight,
-        adv_weight=config.adv_weight, adv_start=config.adv_start, fm_weight=config.fm_weight,
+        adv_weight=config.adv_weight, fm_weight=config.fm_weight,
         discriminator=run.discriminator, last_layer=run.model.layers[-1].weight, all_reduce=dist_.mean)
     preview = dataset.batch(dataset.sample_indices(8))[0]
 
@@ -59,7 +59,8 @@ def _train_light_decoder(config: TrainConfig) -> Path:
             latents = autoencoder.encode(x)
             teacher = autoencoder.decode(latents).float()
         images = model(latents)
-        total, parts = objective.loss(x, images, None, run.step, run.wrapped.get("discriminator"))
+        total, parts = objective.loss(x, images, None, run.step >= run.config.adv_start,
+                                       run.wrapped.get("discriminator"))
         if config.teacher_weight:
             parts["teacher"] = F.l1_loss(images.float(), teacher)
             total = total + config.teacher_weight * parts["teacher"]
@@ -74,7 +75,7 @@ def _train_light_decoder(config: TrainConfig) -> Path:
                  run.dir / f"decoded-{run.step:08d}.png")
 
     train_loop(run, Recipe(batch=dataset.batch, loss=loss, sample=sample,
-                           phases=(config.adv_start,) if config.adv_weight > 0 else ()))
+                           phases={"adv_start": config.adv_start} if config.adv_weight > 0 else {}))
     out = run.dir / "model"
     if dist_.main:
         run.ema.model.eval().save_pretrained(out)

@@ -26,7 +26,7 @@ from ..data import BatchSampler, ImageDataset
 from ..ema import EMA
 from ..errors import EncdiffError, TrainingInterrupted, count
 from ..phema import PowerEMA
-from .budget import fit_to_time_budget
+from .budget import fit_to_time_budget, resumed_plan
 from .config import PATH_FIELDS, RESUMABLE_CHANGES, TrainConfig, config_to_json, dataset_of
 from .state import (flatten_state, latest_training_state, load_training_state, rng_state, save_training_state,
                     set_rng_state, unflatten_state)
@@ -151,7 +151,8 @@ class Run:
                  export_info: dict[str, Any] | None = None, discriminator: torch.nn.Module | None = None):
         self.config, self.stage, self.dist = config, stage, dist_
         self.started = dist_.started
-        self.resumed_steps = None  # the steps of the checkpoint resumed from
+        # A time budget's plan ({"planned": {field: value}, "fitted": {...}}, budget.py), kept with the checkpoints.
+        self.budget_plan: dict[str, Any] | None = None
         # The data's fingerprint (every file's path, size and time): a resumed run must train on the same data.
         self.data = {"images": len(dataset), "key": dataset.key}
         # What `export_run` needs to rebuild the model from any checkpoint: its config, and for a generator
@@ -244,7 +245,7 @@ class Run:
                     "world_size": self.dist.world_size, "sampler": self.sampler.state_dict(),
                     "scheduler": self.scheduler.state_dict(), **skeletons,
                     "config": config_to_json(self.config), "history": self.history, "export": self.export_info,
-                    "data": self.data, "window": self.window}
+                    "data": self.data, "window": self.window, "budget": self.budget_plan}
             path = save_training_state(self.dir, self.step, tensors, meta, keep_last=self.config.keep_last)
         self.dist.barrier()
         return path
@@ -263,6 +264,9 @@ class Run:
         if meta.get("world_size") != self.dist.world_size:
             raise EncdiffError(f"{path}: written by {count(meta.get('world_size'), 'process', 'processes')}, resumed with "
                                f"{self.dist.world_size}; exact resume needs the same number")
+        adopted, self.budget_plan = resumed_plan(meta, config_to_json(self.config))
+        if adopted:  # the time budget's plan, made when the run started
+            self.config = dataclasses.replace(self.config, **adopted)
         # A field added since the checkpoint was written has its default there: such a run resumes unchanged.
         now, then = config_to_json(self.config), {**config_to_json(TrainConfig()), **meta["config"]}
         for field in PATH_FIELDS:  # `data/` and `/abs/data` are the same folder
@@ -292,7 +296,6 @@ class Run:
         for name, g in self.generators.items():
             set_rng_state(g, tensors[f"rng.{name}.rank{self.dist.rank}"])
         self.step, self.images_seen, self.history = meta["step"], meta["images_seen"], meta["history"]
-        self.resumed_steps = meta["config"]["steps"]
         self.resumed_export = meta.get("export") or {}  # what the checkpoint recorded for export, to compare
         self.window = meta.get("window") or {"loss": [], "parts": {}}
         if self.dist.main:
@@ -364,7 +367,9 @@ class Recipe:
     loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None], Any]
     sample: Callable[[Run], None]
     evaluate: Callable[[Run], None] | None = None
-    phases: tuple[int, ...] = ()  # steps from which a step costs differently (the GAN's start): timed apart
+    # Config fields naming a step from which a step costs differently ({"adv_start": 1200}: the GAN's start): a time
+    # budget times each phase apart and moves these steps with the step count, so the plan keeps its proportions.
+    phases: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def wrap(run: Run) -> dict[str, torch.nn.Module]:
