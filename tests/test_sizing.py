@@ -96,6 +96,20 @@ def test_flags_and_config_files_override_the_data_defaults(tmp_path):
     assert (config.steps, config.lr, config.resolution, config.ssim_weight) == (7, 1e-3, 64, 0.2)
 
 
+def test_bf16_autocast_only_where_the_cpu_computes_it_natively(monkeypatch):
+    import encdiff.training.sizing as sizing
+
+    monkeypatch.setattr(sizing, "cpu_info", lambda: ("New CPU", frozenset({"amx_bf16"})))
+    plan = plan_for_folder(survey(), "autoencoder")
+    assert plan.values["bf16"] is True and any("bf16 autocast" in line for line in plan.lines)
+    ae = Autoencoder(AutoencoderConfig(**{**autoencoder_model(64)["model_overrides"], "sample_size": 64,
+                                          "norm_num_groups": 16}))
+    assert plan_for_folder(survey(), "diffusion", ae).values["bf16"] is True
+    monkeypatch.setattr(sizing, "cpu_info", lambda: ("Old CPU", frozenset({"avx2"})))
+    for plan in (plan_for_folder(survey(), "autoencoder"), plan_for_folder(survey(), "diffusion", ae)):
+        assert "bf16" not in plan.values and not any("bf16" in line for line in plan.lines)  # float32 (CUDA: bf16)
+
+
 def test_the_diffusion_plan_takes_its_shape_from_the_autoencoder(tmp_path):
     ae = Autoencoder(AutoencoderConfig(**{**autoencoder_model(128)["model_overrides"], "sample_size": 128,
                                           "norm_num_groups": 16}))

@@ -18,6 +18,9 @@ from .step import autocast_of, optimizer_step
 
 PROBE_STEPS = 3  # timed optimizer steps per phase, after one untimed (allocation, caches)
 FINISH_SHARE = 0.03  # of the budget kept for what follows the last step (statistics, export)
+# Step counts of the plan that move with the fitted steps, though a step costs the same either side of them: the
+# learning rate's decay point (EDM2's t_ref) and the post-hoc EMA's snapshot interval (so the snapshots stay as many).
+SCALED_WITH_STEPS = ("lr_decay_steps", "phema_every")
 
 
 def fit_to_time_budget(run: Any, recipe: Any) -> None:
@@ -26,9 +29,10 @@ def fit_to_time_budget(run: Any, recipe: Any) -> None:
     GAN's), with every state the probe touches put back, so the run is the one a plain `steps` would train.
 
     The plan keeps its proportions: each phase covers the share of the steps it was planned to (a GAN planned from a
-    quarter of the steps starts at a quarter of the fitted ones), so the objective the plan describes is the one that
-    trains, whatever the machine's speed. The planned and fitted values are kept with the checkpoints
-    (`Run.budget_plan`); a resumed run takes the fitted ones back (`resumed_plan`)."""
+    quarter of the steps starts at a quarter of the fitted ones; the rate's decay point and the post-hoc EMA's
+    interval move too), so the objective the plan describes is the one that trains, whatever the machine's speed.
+    The planned and fitted values are kept with the checkpoints (`Run.budget_plan`); a resumed run takes the fitted
+    ones back (`resumed_plan`)."""
     config, dist_ = run.config, run.dist
     if run.step > 0:
         return
@@ -37,13 +41,15 @@ def fit_to_time_budget(run: Any, recipe: Any) -> None:
     # A phase planned at step 0 or beyond the end has no share to keep: it stays where it is.
     milestones = {field: step for field, step in recipe.phases.items() if 0 < step < planned}
     starts = sorted({0, *milestones.values()})
+    milestones.update({field: getattr(config, field) for field in SCALED_WITH_STEPS
+                       if 0 < getattr(config, field) < planned})
     seconds = [probe_step_seconds(run, recipe, at) for at in starts]
     # the same plan on every rank: the slowest rank's speed decides
     seconds = [float(dist_.max(torch.tensor(s, device=dist_.device))) for s in seconds]
     ends = starts[1:] + [planned]
     per_step = sum((end - start) * s for start, end, s in zip(starts, ends, seconds)) / planned  # the plan's mean
     steps = max(1, int(max(0.0, left) / per_step))
-    moved = {field: round(step * steps / planned) for field, step in milestones.items()}
+    moved = {field: max(1, round(step * steps / planned)) for field, step in milestones.items()}
     speed = ", ".join(f"{config.batch_size / s:.0f} img/s from step {p}" for p, s in zip(starts, seconds))
     if dist_.main:
         also = "".join(f"; {field} {step} -> {moved[field]}" for field, step in milestones.items())

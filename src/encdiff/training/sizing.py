@@ -9,10 +9,13 @@ modes, read from the headers only), and these rules, the only place they are wri
     autoencoder downsampling f = 4 up to 64 px, 8 above (latents of 8x8 to 32x32 cells), 16 latent channels,
                 widths 32/64/64 (f = 4) or 32/64/128/128 (f = 8), one ResNet block per level; the detail-preserving
                 objective of the bundled model at every size: L1 + 0.2 (1 - SSIM), PatchGAN and feature matching
-                from a quarter of the run
+                from a quarter of the run; bf16 autocast where this CPU computes bf16 natively (avx512_bf16 /
+                amx_bf16: 1.8x faster steps measured at 64 px; about 10x slower on one without, so never there),
+                and on CUDA as always; the weights stay float32
     U-Net       EDM2's magnitude-preserving backbone with its learned per-sigma weighting and the inverse-square-
                 root rate (the bundled model's recipe); levels down to 2x2 cells (8-cell latents: 3 levels, 16: 4,
-                32: 5), widths 64/128/128..., attention at 4x4 cells and below
+                32: 5), widths 64/128/128..., attention at 4x4 cells and below; bf16 autocast as for the
+                autoencoder (1.7x faster steps on 16x16 latents)
     steps       the autoencoder 30 epochs, the U-Net 100 epochs, each within the bounds below
 
 Stated on one screen before training (`--dry-run` shows it and stops); any flag or config field overrides a choice.
@@ -33,6 +36,7 @@ from ..buckets import bucket_shapes, format_shape
 from ..data import scan_folder
 from ..errors import EncdiffError, count
 from ..images import has_alpha
+from ..precision import cpu_info, native_bf16
 
 SURVEY_SAMPLE = 2000  # files whose headers are read (seeded, spread over the folder); sizes and modes come from them
 MIN_RESOLUTION, MAX_RESOLUTION, MULTIPLE = 32, 256, 16
@@ -176,11 +180,14 @@ def plan_for_folder(survey: FolderSurvey, stage: str, autoencoder=None, resoluti
         plan.values.update(resolution=res, channels=ch, **model, steps=steps, batch_size=AUTOENCODER_BATCH, lr=5e-4,
                            warmup_steps=100, ssim_weight=0.2, adv_weight=0.5, adv_start=steps // 4, fm_weight=1.0,
                            disc_lr=2e-4, disc_channels=32)
+        if native_bf16(cpu_info()[1]):
+            plan.values["bf16"] = True
         say(f"resolution {res} ({why_res}); channels {ch} ({why_ch})")
         buckets_line(plan, survey, res, f)
         say(f"autoencoder: f = {f} -> {res // f}x{res // f}x16 latents, widths "
             f"{'/'.join(map(str, model['model_overrides']['block_out_channels']))}; L1 + 0.2 SSIM, PatchGAN and "
-            f"feature matching from step {steps // 4}")
+            f"feature matching from step {steps // 4}"
+            + ("; bf16 autocast (this CPU computes bf16 natively)" if plan.values.get("bf16") else ""))
         say(f"steps {steps} x batch {AUTOENCODER_BATCH} ({AUTOENCODER_EPOCHS} epochs within "
             f"{AUTOENCODER_STEPS[0]}..{AUTOENCODER_STEPS[1]} steps)")
         return plan
@@ -194,10 +201,13 @@ def plan_for_folder(survey: FolderSurvey, stage: str, autoencoder=None, resoluti
                        batch_size=DIFFUSION_BATCH, lr=1e-2, betas=[0.9, 0.99], warmup_steps=200,
                        lr_schedule="inv_sqrt", lr_decay_steps=max(1, steps // 4), sigma_data=1.0,
                        loss_options={"p_mean": -0.5, "p_std": 1.2}, phema_every=max(1, steps // 32))
+    if native_bf16(cpu_info()[1]):
+        plan.values["bf16"] = True
     buckets_line(plan, survey, res, autoencoder.downsample_factor)
     levels = model["model_overrides"]["block_out_channels"]
     say(f"U-Net: EDM2 magnitude-preserving on {side}x{side}x{autoencoder.latent_channels} latents (the "
-        f"autoencoder's, at {res} px), widths {'/'.join(map(str, levels))}, learned per-sigma weighting")
+        f"autoencoder's, at {res} px), widths {'/'.join(map(str, levels))}, learned per-sigma weighting"
+        + ("; bf16 autocast (this CPU computes bf16 natively)" if plan.values.get("bf16") else ""))
     say(f"steps {steps} x batch {DIFFUSION_BATCH} ({DIFFUSION_EPOCHS} epochs within "
         f"{DIFFUSION_STEPS[0]}..{DIFFUSION_STEPS[1]} steps), post-hoc EMA snapshots every {max(1, steps // 32)}")
     return plan
