@@ -3,6 +3,8 @@ clear message where no C++ compiler exists, and the same images, evaluation coun
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -64,6 +66,8 @@ def test_info_says_whether_sampling_is_compiled(monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")),
+                    reason="TorchInductor needs a C++ compiler on the CPU")
 def test_compiled_sampling_gives_the_eager_images_and_counts():
     eager = tiny_generator()
     labels = torch.tensor([0, 2])
