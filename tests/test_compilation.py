@@ -20,8 +20,14 @@ def no_env(monkeypatch):
     monkeypatch.delenv(compilation.ENV, raising=False)
 
 
+@pytest.fixture
+def a_compiler(monkeypatch):
+    """Building a compiled generator compiles nothing yet (torch.compile is lazy): these tests need no real one."""
+    monkeypatch.setattr(compilation.shutil, "which", lambda name: f"/usr/bin/{name}")
+
+
 @pytest.mark.parametrize("value, expected", [("", False), ("0", False), ("off", False), ("1", True), ("Yes", True)])
-def test_the_environment_asks_for_it_and_the_argument_overrides(monkeypatch, value, expected):
+def test_the_environment_asks_for_it_and_the_argument_overrides(monkeypatch, a_compiler, value, expected):
     monkeypatch.setenv(compilation.ENV, value)
     generator = tiny_generator()
     assert generator.compiled is expected
@@ -43,7 +49,7 @@ def test_without_a_cpp_compiler_it_is_refused_before_sampling(monkeypatch):
     assert not tiny_generator().with_compile(False).compiled  # eager needs none
 
 
-def test_a_compiled_generator_saves_the_same_folder(tmp_path):
+def test_a_compiled_generator_saves_the_same_folder(tmp_path, a_compiler):
     generator = tiny_generator()
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     generator.save_pretrained(eager)
@@ -55,7 +61,7 @@ def test_a_compiled_generator_saves_the_same_folder(tmp_path):
     assert not Generator.from_pretrained(compiled).compiled  # compiling is a choice of the process, not the folder
 
 
-def test_info_says_whether_sampling_is_compiled(monkeypatch, tmp_path, capsys):
+def test_info_says_whether_sampling_is_compiled(monkeypatch, tmp_path, capsys, a_compiler):
     from encdiff.cli import main
 
     tiny_generator().save_pretrained(tmp_path / "g")
