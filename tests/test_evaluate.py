@@ -341,3 +341,28 @@ def test_an_rgba_autoencoder_reports_colour_and_alpha_apart():
     result = evaluate_autoencoder(ae, images)
     assert {"psnr_colour", "ssim_colour", "psnr_alpha", "ssim_alpha"} <= set(result) and result["rfid"] is None
     assert result["psnr_alpha"] != result["psnr_colour"]
+
+
+def test_eval_of_an_rgba_autoencoder_reads_the_folder_with_its_alpha(tmp_path):
+    """`encdiff eval AUTOENCODER --reference FOLDER` on transparent PNGs: the images are read with the
+    autoencoder's 4 channels (they were read as RGB, and the autoencoder refused them)."""
+    import dataclasses
+
+    from PIL import Image
+
+    from encdiff import cli
+    from encdiff.autoencoder import Autoencoder
+    from encdiff.presets import AUTOENCODERS
+
+    folder = tmp_path / "icons"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        pixels = rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)
+        pixels[:8, :, 3] = 0  # a transparent half
+        Image.fromarray(pixels, "RGBA").save(folder / f"{i}.png")
+    Autoencoder(dataclasses.replace(AUTOENCODERS["tiny"], in_channels=4, out_channels=4)).save_pretrained(tmp_path / "ae")
+    assert cli.main(["eval", str(tmp_path / "ae"), "--reference", str(folder), "--workers", "0",
+                     "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert {"psnr_colour", "psnr_alpha"} <= set(result) and result["settings"]["num_images"] == 5

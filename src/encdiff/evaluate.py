@@ -509,7 +509,9 @@ def run_evaluation(args: "EvalRequest") -> tuple[Path, Path]:
             raise EncdiffError(f"--reference is required to evaluate the autoencoder {target}: the image folder "
                                "(split) to reconstruct")
         resolution = args.resolution or _single_size(Path(args.reference), "reference")
-        data = ImageDataset(args.reference, resolution, cache_dir=args.cache_dir, workers=args.workers)
+        # read with the autoencoder's channels: an RGBA autoencoder reconstructs the alpha it was trained on
+        data = ImageDataset(args.reference, resolution, channels=autoencoder.config.in_channels,
+                            cache_dir=args.cache_dir, workers=args.workers)
         images = data.images
         if args.num is not None and args.num < len(images):
             keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.num]
