@@ -72,7 +72,7 @@ def test_info_says_whether_sampling_is_compiled(monkeypatch, tmp_path, capsys, a
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")),
+@pytest.mark.skipif(not any(shutil.which(cc) for cc in compilation.COMPILERS),
                     reason="TorchInductor needs a C++ compiler on the CPU")
 def test_compiled_sampling_gives_the_eager_images_and_counts():
     eager = tiny_generator()

@@ -5,8 +5,9 @@ is most of a small latent U-Net's time on a CPU: BENCHMARKS.md ("The fast path o
 compiled sampling") measures 1.9x diffusers' float32 per evaluation in bf16 compiled, against 1.15x eager. A graph is
 compiled once per input shape (`dynamic=False`: a fixed batch, as `eval`, `sample` and a server's requests of one
 size use, gets static kernels) and cached for the process's lifetime; TorchInductor's on-disk cache makes a later
-process compile the same shapes in seconds instead of minutes. Off unless asked for (`encdiff --compile`, `ENCDIFF_COMPILE=1`,
-`Generator(..., compile=True)`): the first call at a new shape costs far more than a short run saves.
+process compile the same shapes in seconds instead of minutes. Off unless asked for (`encdiff --compile`,
+`ENCDIFF_COMPILE=1`, `Generator(..., compile=True)`): the first call at a new shape costs far more than a short run
+saves.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .errors import EncdiffError
 
 ENV = "ENCDIFF_COMPILE"
 ON, OFF = ("1", "true", "on", "yes"), ("", "0", "false", "off", "no")
+COMPILERS = ("g++", "c++", "clang++")  # what TorchInductor's CPU backend can build its kernels with
 
 
 def compile_requested() -> bool:
@@ -33,7 +35,7 @@ def compile_requested() -> bool:
 
 def check_compiler(device: torch.device | str) -> None:
     """TorchInductor writes C++ for the CPU: without a compiler the first sampling call would fail deep inside it."""
-    if torch.device(device).type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+    if torch.device(device).type == "cpu" and not any(shutil.which(cc) for cc in COMPILERS):
         raise EncdiffError("compiled sampling (--compile, ENCDIFF_COMPILE) needs a C++ compiler on a CPU "
                            "(g++ or clang++ on the PATH): install one, or sample without compiling")
 

@@ -158,6 +158,15 @@ class Plan:
     lines: list[str] = field(default_factory=list)
 
 
+def machine_bf16() -> dict[str, Any]:
+    """bf16 autocast where this CPU computes bf16 natively; otherwise nothing (the config's default: CUDA only)."""
+    return {"bf16": True} if native_bf16(cpu_info()[1]) else {}
+
+
+def bf16_said(plan: Plan) -> str:
+    return "; bf16 autocast (this CPU computes bf16 natively)" if plan.values.get("bf16") else ""
+
+
 def plan_for_folder(survey: FolderSurvey, stage: str, autoencoder=None, resolution: int | None = None,
                     channels: int | None = None) -> Plan:
     """The defaults of `stage` ("autoencoder" or "diffusion") for a surveyed folder. `resolution` and `channels`,
@@ -180,14 +189,13 @@ def plan_for_folder(survey: FolderSurvey, stage: str, autoencoder=None, resoluti
         plan.values.update(resolution=res, channels=ch, **model, steps=steps, batch_size=AUTOENCODER_BATCH, lr=5e-4,
                            warmup_steps=100, ssim_weight=0.2, adv_weight=0.5, adv_start=steps // 4, fm_weight=1.0,
                            disc_lr=2e-4, disc_channels=32)
-        if native_bf16(cpu_info()[1]):
-            plan.values["bf16"] = True
+        plan.values.update(machine_bf16())
         say(f"resolution {res} ({why_res}); channels {ch} ({why_ch})")
         buckets_line(plan, survey, res, f)
         say(f"autoencoder: f = {f} -> {res // f}x{res // f}x16 latents, widths "
             f"{'/'.join(map(str, model['model_overrides']['block_out_channels']))}; L1 + 0.2 SSIM, PatchGAN and "
             f"feature matching from step {steps // 4}"
-            + ("; bf16 autocast (this CPU computes bf16 natively)" if plan.values.get("bf16") else ""))
+            + bf16_said(plan))
         say(f"steps {steps} x batch {AUTOENCODER_BATCH} ({AUTOENCODER_EPOCHS} epochs within "
             f"{AUTOENCODER_STEPS[0]}..{AUTOENCODER_STEPS[1]} steps)")
         return plan
@@ -201,13 +209,12 @@ def plan_for_folder(survey: FolderSurvey, stage: str, autoencoder=None, resoluti
                        batch_size=DIFFUSION_BATCH, lr=1e-2, betas=[0.9, 0.99], warmup_steps=200,
                        lr_schedule="inv_sqrt", lr_decay_steps=max(1, steps // 4), sigma_data=1.0,
                        loss_options={"p_mean": -0.5, "p_std": 1.2}, phema_every=max(1, steps // 32))
-    if native_bf16(cpu_info()[1]):
-        plan.values["bf16"] = True
+    plan.values.update(machine_bf16())
     buckets_line(plan, survey, res, autoencoder.downsample_factor)
     levels = model["model_overrides"]["block_out_channels"]
     say(f"U-Net: EDM2 magnitude-preserving on {side}x{side}x{autoencoder.latent_channels} latents (the "
         f"autoencoder's, at {res} px), widths {'/'.join(map(str, levels))}, learned per-sigma weighting"
-        + ("; bf16 autocast (this CPU computes bf16 natively)" if plan.values.get("bf16") else ""))
+        + bf16_said(plan))
     say(f"steps {steps} x batch {DIFFUSION_BATCH} ({DIFFUSION_EPOCHS} epochs within "
         f"{DIFFUSION_STEPS[0]}..{DIFFUSION_STEPS[1]} steps), post-hoc EMA snapshots every {max(1, steps // 32)}")
     return plan
