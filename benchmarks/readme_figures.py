@@ -83,15 +83,21 @@ GUIDANCE_ROWS = [
 
 
 def guidance_figure(generator_folder: Path | None) -> Path:
-    """One column per class (the same seed down a column), one row per kind of guidance."""
+    """One row per kind of guidance, the same seed down a column: one column per class for a class-conditional
+    generator (docs/guidance.png), ten seeds for an unconditional one (docs/guidance-unconditional.png, whose rows
+    leave classifier-free guidance out: there is no class to guide towards)."""
     generator = Generator.from_pretrained(generator_folder) if generator_folder else Generator.bundled()
     if generator.guide is None:
         raise SystemExit(f"{generator_folder or 'the bundled generator'}: no guide to autoguide with; "
                          "train one (encdiff train-guide GENERATOR DATA) and pass --generator")
-    seeds = list(range(100, 100 + generator.num_classes))
-    labels = torch.arange(generator.num_classes)
+    conditional = generator.num_classes > 0
+    columns = generator.num_classes if conditional else 10
+    seeds = list(range(100, 100 + columns))
+    labels = torch.arange(columns) if conditional else None
     rows = []
     for caption, overrides in GUIDANCE_ROWS:
+        if not conditional and overrides.get("guidance_kind") == "classifier-free":
+            continue
         images = generator.images(seeds, labels, **overrides)
         row = labelled_row(images, [""] * len(seeds))
         captioned = Image.new("RGB", (row.width + 200, row.height), "white")
@@ -106,7 +112,7 @@ def guidance_figure(generator_folder: Path | None) -> Path:
     for r in rows:
         figure.paste(r, (0, y))
         y += r.height
-    out = DOCS / "guidance.png"
+    out = DOCS / ("guidance.png" if conditional else "guidance-unconditional.png")
     figure.save(out)
     print(out)
     return out

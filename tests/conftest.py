@@ -18,10 +18,23 @@ import torch
 from PIL import Image
 
 from encdiff import AutoencoderConfig, UNetConfig
+from encdiff.precision import inference_precision
 
-# Golden numbers and equivalences are float32's: a developer's ENCDIFF_PRECISION must not change them (the precision
-# tests set it themselves); subprocesses inherit it.
+# Golden numbers and equivalences are float32's and eager: a developer's ENCDIFF_PRECISION or ENCDIFF_COMPILE must not
+# change them (the precision and compilation tests set them themselves); subprocesses inherit these.
 os.environ["ENCDIFF_PRECISION"] = "float32"
+os.environ.pop("ENCDIFF_COMPILE", None)
+
+
+@pytest.fixture(autouse=True)
+def process_settings(monkeypatch):
+    """`encdiff --precision/--compile` set these variables for the process (and what it starts): a test that calls
+    `main` in-process must not leave them to every later test. Left behind once, ENCDIFF_COMPILE=1 made every later
+    CLI test compile its networks and CI took 27 minutes instead of 11."""
+    monkeypatch.setenv("ENCDIFF_PRECISION", "float32")
+    monkeypatch.delenv("ENCDIFF_COMPILE", raising=False)
+    yield
+    inference_precision.cache_clear()  # a choice cached under another setting goes with it
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -1,5 +1,5 @@
 """The inference precision (precision.py): chosen from the CPU's flags and a cached probe under `auto`, forced by
-ENCDIFF_PRECISION, float32 by default; bf16 autocast changes the networks' arithmetic only."""
+ENCDIFF_PRECISION, auto by default; bf16 autocast changes the networks' arithmetic only."""
 
 from __future__ import annotations
 
@@ -40,11 +40,13 @@ def test_auto_follows_the_cpu_flags_and_caches_the_probe(monkeypatch, tmp_path):
     assert precision.inference_precision("cuda") == "float32"
 
 
-def test_a_slow_probe_keeps_float32_and_the_default_is_float32(monkeypatch):
-    assert precision.inference_precision("cpu") == "float32"
-    monkeypatch.setenv("ENCDIFF_PRECISION", "auto")
+def test_the_default_is_auto_and_a_slow_probe_keeps_float32(monkeypatch):
+    # No ENCDIFF_PRECISION (the fixture removes it): the CPU decides.
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("Fast CPU", frozenset({"amx_bf16"})))
+    monkeypatch.setattr(precision, "probe_speedup", lambda: 1.7)
+    assert precision.inference_precision("cpu") == "bf16"
     precision.inference_precision.cache_clear()
-    monkeypatch.setattr(precision, "cpu_info", lambda: ("CPU", frozenset({"amx_bf16"})))
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("Slow CPU", frozenset({"amx_bf16"})))
     monkeypatch.setattr(precision, "probe_speedup", lambda: 1.05)
     assert precision.inference_precision("cpu") == "float32"
     monkeypatch.setenv("ENCDIFF_PRECISION", "fp8")

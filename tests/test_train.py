@@ -25,6 +25,7 @@ from encdiff.training.state import latest_training_state
 from encdiff.data import ImageDataset
 from encdiff.pipeline import Generator, Sampling
 from encdiff.training import TrainConfig, export_run, load_config, train_autoencoder, train_diffusion
+from encdiff.training.diffusion import DEFAULT_GUIDANCE
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 COMMON = dict(model="tiny", resolution=16, batch_size=8, log_every=2, sample_every=0, workers=0, warmup_steps=2)
@@ -68,6 +69,8 @@ def test_latent_diffusion_run_makes_a_class_conditional_generator(autoencoder_ru
     assert len(list((tmp_path / "ldm" / "cache").glob("latents-*.safetensors"))) == 1  # encoded once
     generator = Generator.from_pretrained(out)
     assert generator.class_names == ["class0", "class1", "class2"] and generator.unet.config.null_class
+    # Trained with label dropout, it samples guided unless told otherwise (unguided is its worst setting).
+    assert generator.sampling.guidance_scale == DEFAULT_GUIDANCE
     images = generator.images([0, 1], torch.tensor([0, 2]), steps=3)
     assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8
     # Image i depends on its seed only: a batch equals its images made one by one.
@@ -393,7 +396,12 @@ def test_export_works_from_any_checkpoint_without_the_finished_model(autoencoder
     shutil.rmtree(train_diffusion(config))
     generator = Generator.from_pretrained(export_run(tmp_path / "ldm", tmp_path / "ldm-out"))
     assert generator.class_names == ["class0", "class1", "class2"]
+    assert generator.sampling.guidance_scale == DEFAULT_GUIDANCE  # the default travels in the checkpoint
     assert generator.images([0], torch.tensor([1]), steps=2).shape == (1, 3, 16, 16)
+    # Without label dropout there is no unconditional model to guide against: no default guidance.
+    config = dataclasses.replace(config, run_dir=str(tmp_path / "ldm-nodrop"), label_dropout=0.0)
+    shutil.rmtree(train_diffusion(config))
+    assert Generator.from_pretrained(export_run(tmp_path / "ldm-nodrop", tmp_path / "nodrop-out")).sampling == Sampling()
 
 
 def test_periodic_evaluation_logs_fid_and_keeps_the_best_generator(tmp_path):

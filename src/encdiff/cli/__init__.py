@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="what the networks run in at inference on a CPU: float32, bf16 (autocast; weights stay "
                         "float32), or auto (bf16 where the CPU computes it natively and a probe measures it faster); "
-                        "default: ENCDIFF_PRECISION, else float32. `encdiff info` says what runs")
+                        "default: ENCDIFF_PRECISION, else auto. `encdiff info` says what runs")
     parser.add_argument("--compile", action="store_true",
                         help="sample through torch.compile'd networks (sample, eval, edit, serve): each batch shape "
                         "compiles once (minutes the first time, seconds from the on-disk cache), then runs faster; "
