@@ -235,6 +235,20 @@ def test_resume_refuses_a_changed_config(image_folder, tmp_path):
     assert latest_training_state(tmp_path / "r").name == "step-00000004"
 
 
+def test_the_class_counts_read_as_a_range_only_when_they_differ():
+    """A balanced folder printed "5000 (airplane) to 5000 (airplane) per class": one class named as both ends."""
+    from encdiff.training.loop import describe_classes
+
+    class Folder(list):  # what describe_classes reads of an ImageDataset: its length, labels and class names
+        def __init__(self, labels, names):
+            super().__init__(labels)
+            self.labels, self.num_classes, self.class_names = torch.tensor(labels), len(names), names
+
+    assert describe_classes(Folder([0, 1, 0, 1], ["cat", "dog"])) == "4 images in 2 classes, 2 each"
+    assert describe_classes(Folder([0, 1, 1, 1], ["cat", "dog"])) == \
+        "4 images in 2 classes, 1 (cat) to 3 (dog) per class"
+
+
 def test_balanced_classes_train_and_a_flat_folder_refuses_them(image_folder, tmp_path, capsys):
     (tmp_path / "data" / "rare").mkdir(parents=True)
     for path in sorted((image_folder / "class0").iterdir())[:2]:

@@ -494,14 +494,16 @@ class RunLock:
 
 
 def describe_classes(dataset: ImageDataset) -> str:
-    """"7562 images in 9 classes, 170 (activities) to 4522 (people-and-body) per class", or "... unconditional"."""
+    """"7562 images in 9 classes, 170 (activities) to 4522 (people-and-body) per class", "... 10 classes, 5000
+    each" or "... unconditional"."""
     if dataset.labels is None:
         return f"{count(len(dataset), 'image')}, no classes (unconditional)"
     counts = torch.bincount(dataset.labels, minlength=dataset.num_classes).tolist()
     low, high = min(range(len(counts)), key=counts.__getitem__), max(range(len(counts)), key=counts.__getitem__)
-    names = dataset.class_names
-    return (f"{count(len(dataset), 'image')} in {count(len(counts), 'class', 'classes')}, {counts[low]} ({names[low]}) "
-            f"to {counts[high]} ({names[high]}) per class")
+    names, classes = dataset.class_names, f"{count(len(dataset), 'image')} in {count(len(counts), 'class', 'classes')}"
+    if counts[low] == counts[high]:  # balanced: naming one class as both ends would read as a range
+        return f"{classes}, {counts[low]} each"
+    return f"{classes}, {counts[low]} ({names[low]}) to {counts[high]} ({names[high]}) per class"
 
 
 def prepare(config: TrainConfig, stage: str, factor: int = 1) -> tuple[Distributed, ImageDataset]:
