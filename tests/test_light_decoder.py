@@ -81,3 +81,24 @@ def test_a_generator_without_a_light_decoder_says_so():
     other = LightDecoder(LightDecoderConfig(latent_channels=8, block_out_channels=(16, 16)))
     with pytest.raises(EncdiffError, match="reads 8 latent channels"):
         generator.with_light_decoder(other)
+
+
+def test_set_light_decoder_keeps_the_bundled_float16_and_can_make_it_the_default(tmp_path):
+    """The bundled folders store float16: rewriting one to add a light decoder must not double its size."""
+    from safetensors import safe_open
+
+    from encdiff.pipeline import bundled_path
+
+    student = Generator.bundled(student=True)
+    LightDecoder.for_autoencoder(student.autoencoder).save_pretrained(tmp_path / "light")
+    out = tmp_path / "student"
+    run_encdiff(["set-light-decoder", str(bundled_path(student=True)), str(tmp_path / "light"), "--out", str(out),
+                 "--default"])
+    for part in ("unet", "autoencoder", "light_decoder"):
+        with safe_open(str(out / part / "model.safetensors"), framework="pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}, part
+    written = Generator.from_pretrained(out)
+    assert written.sampling.decoder == "light" and student.sampling.decoder == "full"
+    assert written.sampling == dataclasses.replace(student.sampling, decoder="light")
+    with safe_open(str(tmp_path / "light" / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}

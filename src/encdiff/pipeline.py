@@ -19,7 +19,7 @@ import torch
 
 from .autoencoder import Autoencoder, IdentityAutoencoder
 from .buckets import format_shape, parse_shape
-from .checkpoint import CHECKPOINTS, CONFIG, atomic_write_bytes, read_json, shipped_file
+from .checkpoint import CHECKPOINTS, CONFIG, OUR_WEIGHTS, atomic_write_bytes, read_json, shipped_file
 from .errors import check_choice, check_field, check_int, check_number, config_from_dict, count
 from .denoiser import PREDICTIONS, ConsistencyDenoiser, Denoiser, EDMDenoiser, FlowDenoiser, VPDenoiser
 from .images import to_uint8, to_unit
@@ -393,9 +393,11 @@ class Generator:
         """The same generator with an autoguidance guide (checked to share its latents and labels)."""
         return self._replaced(guide=guide, guide_info=info)
 
-    def with_light_decoder(self, light_decoder: LightDecoder) -> "Generator":
-        """The same generator with a light decoder for its latents (checked to fit them)."""
-        return self._replaced(light_decoder=light_decoder)
+    def with_light_decoder(self, light_decoder: LightDecoder, default: bool = False) -> "Generator":
+        """The same generator with a light decoder for its latents (checked to fit them); `default`: its sampling
+        decodes with it unless told otherwise (Sampling.decoder = "light")."""
+        sampling = dataclasses.replace(self.sampling, decoder="light") if default else self.sampling
+        return self._replaced(light_decoder=light_decoder, sampling=sampling)
 
     def with_compile(self, compile: bool = True) -> "Generator":
         """The same networks, sampled through torch.compile'd calls (compile=True) or eagerly (compilation.py)."""
@@ -500,6 +502,16 @@ def bundled_path(student: bool = False) -> Path:
     return shipped_file(f"{BUNDLED_STUDENT if student else BUNDLED}/{GENERATOR_FILE}", "generator",
                         "pass a generator folder written by `encdiff train`, `encdiff distill` or `encdiff export`"
                         ).parent
+
+
+def stored_dtype(folder: str | os.PathLike) -> torch.dtype | None:
+    """The precision a generator folder's U-Net weights are stored in, or None for float32: what a command that
+    rewrites the folder (a guide, a light decoder, a new decoder) keeps, so the bundled float16 folders stay half."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / "unet" / OUR_WEIGHTS), framework="pt") as f:
+        dtype = f.get_tensor(next(iter(f.keys()))).dtype
+    return None if dtype == torch.float32 else dtype
 
 
 def folder_kind(path: str | os.PathLike) -> str | None:

@@ -169,14 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "light)")
     p.add_argument("generator", help="generator folder")
     p.add_argument("light_decoder", help="light decoder folder (train-light-decoder's RUN/model)")
+    p.add_argument("--default", action="store_true", help="make it the generator's default decoder (where its FID "
+                   "is measured close enough to the full one's; --decoder full still picks the full one)")
     p.add_argument("--out", help="write the result here instead of replacing the generator folder")
-    p.add_argument("--half", action="store_true", help="store the weights as float16")
+    p.add_argument("--half", action="store_true",
+                   help="store the weights as float16 (default: the precision the generator is stored in)")
 
     p = commands.add_parser("set-autoencoder", help="put a fine-tuned decoder into a generator (same latent space)")
     p.add_argument("generator", help="generator folder")
     p.add_argument("autoencoder", help="autoencoder folder sharing the generator's encoder (a decoder-only fine-tune)")
     p.add_argument("--out", help="write the new generator here (default: replace the generator folder's files)")
-    p.add_argument("--half", action="store_true", help="store all weights as float16")
+    p.add_argument("--half", action="store_true",
+                   help="store all weights as float16 (default: the precision the generator is stored in)")
 
     p = commands.add_parser("info", help="describe a model, generator or run folder")
     p.add_argument("path", nargs="?", help="the folder (default: the bundled CIFAR-10 generator)")

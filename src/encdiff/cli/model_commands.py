@@ -42,8 +42,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def replace_part(args: argparse.Namespace, folder: str, load, attach, what: str) -> int:
-    """Load a model folder, attach it to the generator (which checks it fits), write the generator."""
-    from ..pipeline import Generator
+    """Load a model folder, attach it to the generator (which checks it fits), write the generator in the precision
+    its weights are stored in (float16 with --half)."""
+    from ..pipeline import Generator, stored_dtype
 
     generator = Generator.from_pretrained(args.generator)
     try:
@@ -51,7 +52,7 @@ def replace_part(args: argparse.Namespace, folder: str, load, attach, what: str)
     except EncdiffError as e:
         raise EncdiffError(f"{folder}: {e}") from None
     out = Path(args.out or args.generator)
-    updated.save_pretrained(out, dtype=torch.float16 if args.half else None)
+    updated.save_pretrained(out, dtype=torch.float16 if args.half else stored_dtype(args.generator))
     print(f"wrote {out} with {what} of {folder}")
     return 0
 
@@ -59,8 +60,10 @@ def replace_part(args: argparse.Namespace, folder: str, load, attach, what: str)
 def cmd_set_light_decoder(args: argparse.Namespace) -> int:
     from ..light_decoder import LightDecoder
 
+    what = ("the light decoder, its default decoder (--decoder full for the full one)" if args.default
+            else "the light decoder (sample with --decoder light)")
     return replace_part(args, args.light_decoder, LightDecoder.from_pretrained,
-                        lambda g, m: g.with_light_decoder(m), "the light decoder (sample with --decoder light)")
+                        lambda g, m: g.with_light_decoder(m, default=args.default), what)
 
 
 def cmd_set_autoencoder(args: argparse.Namespace) -> int:

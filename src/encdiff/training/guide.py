@@ -18,13 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
-
 from ..backbones import backbone_name, load_backbone
 from ..checkpoint import atomic_write_bytes, read_json
 from ..errors import EncdiffError
-from ..pipeline import GENERATOR_FILE, DenoiserSpec, Generator
+from ..pipeline import GENERATOR_FILE, DenoiserSpec, Generator, stored_dtype
 from .config import TrainConfig, generator_data_fields
 from .diffusion import train_diffusion
 
@@ -75,10 +72,8 @@ def train_guide(config: TrainConfig, generator_folder: str | Path) -> Path:
     trained = train_diffusion(config)
     guide = load_backbone(trained / "unet")
     generator.with_guide(guide)  # same latents and labels, or a clear refusal before anything is written
-    with safe_open(str(folder / "unet" / "model.safetensors"), framework="pt") as f:
-        dtype = f.get_tensor(next(iter(f.keys()))).dtype
     # guide/ first, then its entry: an interruption between them leaves a folder that loads (with a warning)
-    guide.save_pretrained(folder / "guide", dtype=dtype if dtype != torch.float32 else None)
+    guide.save_pretrained(folder / "guide", dtype=stored_dtype(folder))
     info = read_json(folder / GENERATOR_FILE)
     info["guide"] = {"method": "autoguidance (Karras et al. 2024): a smaller, shorter-trained model of the same data",
                      "block_out_channels": list(guide.config.block_out_channels), "steps": config.steps,
