@@ -89,16 +89,17 @@ def test_set_light_decoder_keeps_the_bundled_float16_and_can_make_it_the_default
 
     from encdiff.pipeline import bundled_path
 
-    student = Generator.bundled(student=True)
-    LightDecoder.for_autoencoder(student.autoencoder).save_pretrained(tmp_path / "light")
-    out = tmp_path / "student"
-    run_encdiff(["set-light-decoder", str(bundled_path(student=True)), str(tmp_path / "light"), "--out", str(out),
+    # The bundled teacher decodes with its full decoder by default (the student's default is already the light one).
+    teacher = Generator.bundled()
+    LightDecoder.for_autoencoder(teacher.autoencoder).save_pretrained(tmp_path / "light")
+    out = tmp_path / "teacher"
+    run_encdiff(["set-light-decoder", str(bundled_path()), str(tmp_path / "light"), "--out", str(out),
                  "--default"])
     for part in ("unet", "autoencoder", "light_decoder"):
         with safe_open(str(out / part / "model.safetensors"), framework="pt") as f:
             assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}, part
     written = Generator.from_pretrained(out)
-    assert written.sampling.decoder == "light" and student.sampling.decoder == "full"
-    assert written.sampling == dataclasses.replace(student.sampling, decoder="light")
+    assert written.sampling.decoder == "light" and teacher.sampling.decoder == "full"
+    assert written.sampling == dataclasses.replace(teacher.sampling, decoder="light")
     with safe_open(str(tmp_path / "light" / "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
