@@ -190,7 +190,7 @@ def test_train_guide_trains_a_smaller_model_of_the_generators_data_into_its_fold
     run_encdiff(["train-guide", str(folder), str(data), "--run-dir", str(tmp_path / "guide"), "--steps", "2",
                  "--batch-size", "4", "--sample-every", "0", "--checkpoint-every", "2"])
     generator = Generator.from_pretrained(folder)
-    assert generator.guide is not None and generator.guide_info["steps"] == 2
+    assert generator.guide is not None and generator.guide_info["steps"] == 2 and generator.guide_info["images"] == 8
     labels = torch.tensor([0, 1])
 
     def final_latents(**guidance):

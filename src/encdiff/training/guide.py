@@ -24,6 +24,7 @@ from ..errors import EncdiffError
 from ..pipeline import GENERATOR_FILE, DenoiserSpec, Generator, stored_dtype
 from .config import TrainConfig, generator_data_fields
 from .diffusion import train_diffusion
+from .state import latest_training_state, load_training_state
 
 GUIDE_STEPS, GUIDE_BATCH, GUIDE_WIDTH = 2000, 128, 0.5
 # The main U-Net's config fields the trainer sets itself from the data and the autoencoder.
@@ -71,13 +72,16 @@ def train_guide(config: TrainConfig, generator_folder: str | Path) -> Path:
                            f"{dataclasses.asdict(generator.spec)}: a guide must denoise the same way")
     trained = train_diffusion(config)
     guide = load_backbone(trained / "unet")
+    # What trained, from the run's newest checkpoint: a time budget (`--time`) fits the steps to the machine, so the
+    # config's step count is only the plan.
+    _, meta = load_training_state(latest_training_state(config.run_dir))
     generator.with_guide(guide)  # same latents and labels, or a clear refusal before anything is written
     # guide/ first, then its entry: an interruption between them leaves a folder that loads (with a warning)
     guide.save_pretrained(folder / "guide", dtype=stored_dtype(folder))
     info = read_json(folder / GENERATOR_FILE)
     info["guide"] = {"method": "autoguidance (Karras et al. 2024): a smaller, shorter-trained model of the same data",
-                     "block_out_channels": list(guide.config.block_out_channels), "steps": config.steps,
-                     "images": config.steps * config.batch_size, "run": str(Path(config.run_dir).resolve())}
+                     "block_out_channels": list(guide.config.block_out_channels), "steps": meta["step"],
+                     "images": meta["images_seen"], "run": str(Path(config.run_dir).resolve())}
     atomic_write_bytes(folder / GENERATOR_FILE, (json.dumps(info, indent=2) + "\n").encode())
     Generator.from_pretrained(folder)  # the folder loads as written
     print(f"guide written to {folder / 'guide'}", file=sys.stderr)

@@ -80,7 +80,8 @@ def latent_batches(latents: list[torch.Tensor], dataset: ImageDataset):
     or its mirror's."""
     def batch(indices, flips):
         bucket, rows = dataset.rows_of(indices)
-        return latents[bucket][rows, flips.long()], None if dataset.labels is None else dataset.labels[indices]
+        # the flags come on the data generator's device (CUDA on a GPU), the cached latents are on the CPU
+        return latents[bucket][rows, flips.cpu().long()], None if dataset.labels is None else dataset.labels[indices]
     return batch
 
 
