@@ -78,7 +78,9 @@ def distillation_loss(student, teacher, x0: torch.Tensor, generator: torch.Gener
         if class_labels is None or not student.null_class:
             raise EncdiffError("label_dropout needs class_labels and a model with a null class (config.null_class)")
         class_labels = drop_labels(torch.as_tensor(class_labels), label_dropout, student.num_classes, generator, shard)
-    n = torch.multinomial(probabilities.to(generator.device), B, replacement=True, generator=generator)[rank::world_size].cpu()
+    # drawn on the generator's device (CUDA on a GPU), used to index the CPU grid
+    n = torch.multinomial(probabilities.to(generator.device), B, replacement=True,
+                          generator=generator)[rank::world_size].cpu()
     z = torch.randn((B, *x0.shape[1:]), generator=generator, device=generator.device,
                     dtype=torch.float32)[rank::world_size].to(x0)
     sigma, sigma_next = grid[n].to(x0.device), grid[n + 1].to(x0.device)
