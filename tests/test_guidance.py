@@ -84,6 +84,37 @@ def test_the_cli_and_the_server_take_the_interval(tmp_path, capsys):
     assert "sampling.guidance_interval" in capsys.readouterr().err
 
 
+def test_set_sampling_changes_the_stored_defaults_only_and_refuses_what_the_model_cannot_do(tmp_path, capsys):
+    from encdiff.cli import main
+    from encdiff.pipeline import Generator
+
+    generator = tiny_generator()
+    generator.sampling = generator.sampling.but(steps=4, guidance_scale=2.0)
+    folder = generator.save_pretrained(tmp_path / "gen", dtype=torch.float16)
+    weights = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*.safetensors")}
+    assert main(["set-sampling", str(folder), "--guidance", "3", "--guidance-interval", "0.5", "10"]) == 0
+    assert "guidance_scale 2.0 -> 3.0" in capsys.readouterr().out
+    # the weights are untouched (still float16, byte for byte); the images are those of the same flags
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*.safetensors")} == weights
+    stored, original = Generator.from_pretrained(folder), Generator.from_pretrained(tmp_path / "gen")
+    assert stored.sampling == Sampling(steps=4, guidance_scale=3.0, guidance_interval=(0.5, 10.0))
+    labels = torch.tensor([0, 2])
+    assert torch.equal(stored.images([3, 4], labels),
+                       original.images([3, 4], labels, sampling=Sampling(steps=4, guidance_scale=2.0),
+                                       guidance_scale=3.0, guidance_interval=(0.5, 10.0)))
+    assert main(["set-sampling", str(folder), "--no-guidance-interval", "--out", str(tmp_path / "everywhere")]) == 0
+    assert Generator.from_pretrained(tmp_path / "everywhere").sampling.guidance_interval is None
+    # what the generator cannot do is refused, naming the folder, and the folder keeps its settings
+    before = (folder / "generator.json").read_bytes()
+    for flags, message in ((["--guidance-kind", "auto"], "no guide model"), (["--decoder", "light"], "no light decoder"),
+                           (["--sigmas", "2", "3"], "strictly decreasing"), (["--steps", "0"], "sampling.steps"),
+                           (["--guidance-interval", "1", "2", "--no-guidance-interval"], "give one of them")):
+        capsys.readouterr()
+        assert main(["set-sampling", str(folder), *flags]) == 2
+        assert message in capsys.readouterr().err
+        assert (folder / "generator.json").read_bytes() == before
+
+
 # ---------------------------------------------------------------------------------------------- autoguidance
 def guided_pair(conditional: bool = True):
     """A generator with a guide: a second tiny U-Net of the same shape and labels, other random weights."""

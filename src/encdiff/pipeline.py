@@ -399,6 +399,13 @@ class Generator:
         sampling = dataclasses.replace(self.sampling, decoder="light") if default else self.sampling
         return self._replaced(light_decoder=light_decoder, sampling=sampling)
 
+    def with_sampling(self, sampling: Sampling) -> "Generator":
+        """The same networks with other stored sampling defaults, checked as a call with them would be (a sampler
+        that fits the model, guidance it can give, a light decoder it holds)."""
+        labels = torch.zeros(1, dtype=torch.long) if self.num_classes else None
+        self.settings(labels, sampling=sampling)
+        return self._replaced(sampling=sampling)
+
     def with_compile(self, compile: bool = True) -> "Generator":
         """The same networks, sampled through torch.compile'd calls (compile=True) or eagerly (compilation.py)."""
         return self._replaced(compile=compile)

@@ -5,7 +5,7 @@ A user mistake (bad path, value or file) prints one line `encdiff: error: ...` a
     flags.py              the parser, flags declared once, output and number checks
     training_commands.py  train-autoencoder, train, distill, train-guide, export, posthoc-ema, train-feature-net
     image_commands.py     sample, reconstruct, edit
-    model_commands.py     serve, set-autoencoder, info, eval
+    model_commands.py     serve, set-autoencoder, set-light-decoder, set-sampling, info, eval
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from ..compilation import ENV as COMPILE_ENV
 from ..precision import PRECISIONS, inference_precision
 from .flags import OneLineParser, finite_float, model_flags, sampling_flags, train_flags
 from .image_commands import cmd_edit, cmd_reconstruct, cmd_sample
-from .model_commands import cmd_eval, cmd_info, cmd_serve, cmd_set_autoencoder, cmd_set_light_decoder
+from ..schedules import SCHEDULES
+from .model_commands import (cmd_eval, cmd_info, cmd_serve, cmd_set_autoencoder, cmd_set_light_decoder,
+                             cmd_set_sampling)
 from .training_commands import cmd_export, cmd_posthoc_ema, cmd_train, cmd_train_feature_net, cmd_train_guide
 
 
@@ -175,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--half", action="store_true",
                    help="store the weights as float16 (default: the precision the generator is stored in)")
 
+    p = commands.add_parser("set-sampling", help="change the sampling a generator stores (its defaults for sample, "
+                            "eval, edit and serve)")
+    p.add_argument("generator", help="generator folder")
+    sampling_flags(p, default="unchanged")
+    p.add_argument("--schedule", choices=SCHEDULES, help="the sigma grid (default: unchanged)")
+    p.add_argument("--no-guidance-interval", action="store_true", help="guide at every noise level")
+    p.add_argument("--out", help="write the result here instead of replacing the generator folder's files")
+
     p = commands.add_parser("set-autoencoder", help="put a fine-tuned decoder into a generator (same latent space)")
     p.add_argument("generator", help="generator folder")
     p.add_argument("autoencoder", help="autoencoder folder sharing the generator's encoder (a decoder-only fine-tune)")
@@ -246,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "export": cmd_export, "info": cmd_info,
                 "edit": cmd_edit, "posthoc-ema": cmd_posthoc_ema, "serve": cmd_serve,
                 "set-autoencoder": cmd_set_autoencoder, "set-light-decoder": cmd_set_light_decoder,
+                "set-sampling": cmd_set_sampling,
                 "train-feature-net": cmd_train_feature_net,
                 "train-guide": cmd_train_guide, "eval": cmd_eval}[args.command](args)
     except TrainingInterrupted as e:

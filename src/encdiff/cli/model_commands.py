@@ -1,4 +1,4 @@
-"""The commands around a model: serve, set-autoencoder, info, eval."""
+"""The commands around a model: serve, set-autoencoder, set-light-decoder, set-sampling, info."""
 
 from __future__ import annotations
 
@@ -66,6 +66,32 @@ def cmd_set_light_decoder(args: argparse.Namespace) -> int:
                         lambda g, m: g.with_light_decoder(m, default=args.default), what)
 
 
+def cmd_set_sampling(args: argparse.Namespace) -> int:
+    """Change the sampling a generator folder stores (what `sample`, `eval`, `edit` and `serve` use unless told):
+    the flags of `sample`, each unset one kept; checked as a call with them would be, the weights untouched."""
+    from ..pipeline import Generator, stored_dtype
+
+    if args.no_guidance_interval and args.guidance_interval is not None:
+        raise EncdiffError("--guidance-interval and --no-guidance-interval: give one of them")
+    generator = Generator.from_pretrained(args.generator)
+    before = generator.sampling
+    sampling = before.but(sampler=args.sampler, steps=args.steps, schedule=args.schedule,
+                          guidance_scale=args.guidance, sigmas=args.sigmas, guidance_interval=args.guidance_interval,
+                          guidance_kind=args.guidance_kind, decoder=args.decoder)
+    if args.no_guidance_interval:
+        sampling = dataclasses.replace(sampling, guidance_interval=None)
+    try:
+        updated = generator.with_sampling(sampling)
+    except EncdiffError as e:
+        raise EncdiffError(f"{args.generator}: {e}") from None
+    out = Path(args.out or args.generator)
+    updated.save_pretrained(out, dtype=stored_dtype(args.generator))
+    changed = [f"{f.name} {getattr(before, f.name)!r} -> {getattr(sampling, f.name)!r}"
+               for f in dataclasses.fields(sampling) if getattr(before, f.name) != getattr(sampling, f.name)]
+    print(f"wrote {out}: " + ("; ".join(changed) if changed else "sampling unchanged"))
+    return 0
+
+
 def cmd_set_autoencoder(args: argparse.Namespace) -> int:
     from ..autoencoder import Autoencoder
 
@@ -93,7 +119,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  sampling: {s.sampler}, {s.steps} steps"
               + (f" at noise levels {list(s.sigmas)}" if s.sigmas else f", {s.schedule} schedule")
               + (f", guidance {s.guidance_scale}" if s.guidance_scale else "")
-              + (f" ({s.guidance_kind})" if s.guidance_scale else "") + f", {s.decoder} decoder")
+              + (f" ({s.guidance_kind})" if s.guidance_scale else "")
+              + (f" where {s.guidance_interval[0]} < sigma <= {s.guidance_interval[1]}"
+                 if s.guidance_scale and s.guidance_interval else "") + f", {s.decoder} decoder")
         from ..precision import inference_precision
 
         extras = [name for name, there in (("a guide (autoguidance)", generator.guide is not None),
