@@ -124,6 +124,34 @@ def test_no_adversarial_term_unless_asked():
     assert "d_loss" in objective.loss(x, rec, posterior, adversarial=True)[1]
 
 
+def test_the_alpha_weight_counts_the_alpha_channel_that_many_times_a_colour_channel_and_needs_alpha(tmp_path):
+    def objective(alpha_weight, channels=4, recon_loss="l1", ssim_weight=0.0):
+        return AutoencoderObjective(recon_loss=recon_loss, kl_weight=0.0, ssim_weight=ssim_weight, fft_weight=0.0,
+                                    adv_weight=0.0, fm_weight=0.0, discriminator=None, last_layer=torch.zeros(1),
+                                    alpha_weight=alpha_weight, channels=channels)
+
+    g = torch.Generator().manual_seed(0)
+    x, rec = (torch.rand(2, 4, 16, 16, generator=g) * 2 - 1 for _ in range(2))
+    colour, alpha = F.l1_loss(rec[:, :3], x[:, :3]), F.l1_loss(rec[:, 3:], x[:, 3:])
+    # weight 1 is the plain mean over four channels, computed as before (bit for bit)
+    assert torch.equal(objective(1.0).loss(x, rec, None, adversarial=False)[1]["rec"], F.l1_loss(rec, x))
+    _, parts = objective(5.0).loss(x, rec, None, adversarial=False)
+    torch.testing.assert_close(parts["rec"], (3 * colour + 5 * alpha) / 4)
+    torch.testing.assert_close(parts["alpha_rec"], alpha)
+    _, parts = objective(5.0, recon_loss="l2", ssim_weight=1.0).loss(x, rec, None, adversarial=False)
+    per_channel = ssim(rec, x, per_channel=True).mean(0)
+    torch.testing.assert_close(parts["rec"], (3 * F.mse_loss(rec[:, :3], x[:, :3]) + 5 * F.mse_loss(rec[:, 3:], x[:, 3:])) / 4)
+    torch.testing.assert_close(parts["ssim"], 1 - (per_channel[:3].sum() + 5 * per_channel[3]) / 4)
+    torch.testing.assert_close(ssim(rec, x, per_channel=True).mean(1), ssim(rec, x))
+    # a run without alpha refuses it, naming the field, before any data is read (a dry run too)
+    with pytest.raises(EncdiffError, match="alpha_weight 3.0: the images have 3 channels, no alpha"):
+        objective(3.0, channels=3)
+    from encdiff.cli import main
+
+    assert main(["train-autoencoder", str(tmp_path), "--model", "tiny", "--alpha-weight", "3", "--dry-run",
+                 "--run-dir", str(tmp_path / "run")]) == 2
+
+
 def test_autoencoder_training_never_uses_the_evaluation_feature_net(image_folder, tmp_path, monkeypatch):
     """Training against the network that measures FID would make every FID meaningless: every way into the
     feature net raises during a stage-1 run with every term of the objective switched on."""

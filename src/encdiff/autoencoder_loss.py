@@ -2,7 +2,8 @@
 
 - Reconstruction: L1 or L2, plus optionally 1 - SSIM (Wang et al. 2004, "Image Quality Assessment: From Error
   Visibility to Structural Similarity", eq. 13) and the focal frequency loss (Jiang et al. 2021, "Focal Frequency
-  Loss for Image Reconstruction and Synthesis", eqs. 2-5).
+  Loss for Image Reconstruction and Synthesis", eqs. 2-5); for RGBA images the alpha channel may weigh more than a
+  colour channel in the first two.
 - Adversarial: a PatchGAN discriminator (Isola et al. 2017, "Image-to-Image Translation with Conditional
   Adversarial Networks", sec. 3.2.2) trained with the hinge loss (Lim & Ye 2017), its generator term weighted
   adaptively by the ratio of gradient norms at the decoder's last layer (Esser et al. 2021, "Taming Transformers
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .errors import MAX_SIZE, check_int, lookup
+from .errors import MAX_SIZE, EncdiffError, check_int, lookup
 
 RECON_LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}  # TrainConfig.recon_loss
 
@@ -76,15 +77,16 @@ def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return torch.outer(g, g).float()
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window: int = 11) -> torch.Tensor:
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window: int = 11,
+         per_channel: bool = False) -> torch.Tensor:
     """Mean SSIM per image (Wang et al. 2004, eq. 13, Gaussian window 11 / sigma 1.5, K1 = 0.01, K2 = 0.03),
     differentiable; images in [-1, 1] by default (data_range 2). Reflection-padded windows centred on every pixel,
-    as torchmetrics computes the SSIM that `encdiff eval` reports."""
+    as torchmetrics computes the SSIM that `encdiff eval` reports. `per_channel`: (B, C), one mean per channel."""
     with torch.autocast(x.device.type, enabled=False):  # the variances are small differences of large terms
-        return _ssim(x.float(), y.float(), data_range, window)
+        return _ssim(x.float(), y.float(), data_range, window, per_channel)
 
 
-def _ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, window: int) -> torch.Tensor:
+def _ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, window: int, per_channel: bool = False) -> torch.Tensor:
     B, C, H, W = x.shape
     pad = (window - 1) // 2
     kernel = gaussian_window(window).to(x.device)[None, None].expand(C, 1, window, window)
@@ -95,7 +97,7 @@ def _ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, window: int) -> t
     cov = blur(x * y) - mu_x * mu_y
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2))
-    return s.mean(dim=(1, 2, 3))
+    return s.mean(dim=(2, 3)) if per_channel else s.mean(dim=(1, 2, 3))
 
 
 def focal_frequency_loss(reconstruction: torch.Tensor, target: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -123,6 +125,13 @@ def adaptive_weight(rec_grad: torch.Tensor, adv_grad: torch.Tensor, delta: float
     return (rec_grad.norm() / (adv_grad.norm() + delta)).clamp(0.0, max_weight).detach()
 
 
+def check_alpha_weight(alpha_weight: float, channels: int) -> None:
+    """An alpha weight other than 1 needs images with alpha: refused, not ignored, for 1- and 3-channel runs."""
+    if alpha_weight != 1.0 and channels != 4:
+        raise EncdiffError(f"alpha_weight {alpha_weight}: the images have {channels} channel"
+                           f"{'s' if channels != 1 else ''}, no alpha (it weighs the fourth channel of RGBA)")
+
+
 class AutoencoderObjective:
     """The stage-1 loss for one batch: reconstruction terms, KL, and where asked (`adversarial`: the run decides
     from its config's `adv_start`) the adversarial and feature-matching terms plus the discriminator's own loss.
@@ -134,8 +143,12 @@ class AutoencoderObjective:
 
     def __init__(self, *, recon_loss: str, kl_weight: float, ssim_weight: float, fft_weight: float,
                  adv_weight: float, fm_weight: float, discriminator: PatchDiscriminator | None,
-                 last_layer: torch.Tensor, all_reduce=None):
+                 last_layer: torch.Tensor, all_reduce=None, alpha_weight: float = 1.0, channels: int = 3):
         self.recon = lookup(RECON_LOSSES, recon_loss, "reconstruction loss")
+        check_alpha_weight(alpha_weight, channels)
+        # RGBA: the alpha channel's weight in the L1/L2 and SSIM terms against each colour channel's 1. Alpha is
+        # one channel of four, yet every error in it shows as a halo or a hole on any background (issue 24).
+        self.alpha_weight = alpha_weight
         self.kl_weight, self.ssim_weight, self.fft_weight = kl_weight, ssim_weight, fft_weight
         self.adv_weight, self.fm_weight = adv_weight, fm_weight
         self.discriminator = discriminator
@@ -144,17 +157,32 @@ class AutoencoderObjective:
         # global batch would compute, so its gradients are averaged before their norms are taken.
         self.all_reduce = all_reduce or (lambda t: t)
 
+    def channel_weights(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-channel weights (1, 1, 1, alpha_weight) for RGBA images, scaled so that 1 is the plain mean over
+        channels; None where every channel weighs the same (the plain mean, bit for bit as before)."""
+        if x.shape[1] != 4 or self.alpha_weight == 1.0:
+            return None
+        return torch.tensor([1.0, 1.0, 1.0, self.alpha_weight], device=x.device)
+
     def loss(self, x: torch.Tensor, reconstruction: torch.Tensor, posterior, adversarial: bool,
              discriminator_call: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total loss, its named parts); `adversarial`: whether the GAN terms count at this step (they need a
         discriminator and adv_weight > 0); `discriminator_call` is the (possibly DDP-wrapped) discriminator whose
         gradients are to be synchronised."""
         reconstruction = reconstruction.float()
-        parts: dict[str, torch.Tensor] = {"rec": self.recon(reconstruction, x)}
+        weights = self.channel_weights(x)
+        if weights is None:
+            parts: dict[str, torch.Tensor] = {"rec": self.recon(reconstruction, x)}
+        else:
+            per_channel = self.recon(reconstruction, x, reduction="none").mean(dim=(0, 2, 3))
+            parts = {"rec": (weights * per_channel).mean()}
         if self.ssim_weight:
-            parts["ssim"] = 1.0 - ssim(reconstruction, x).mean()
+            parts["ssim"] = 1.0 - (ssim(reconstruction, x).mean() if weights is None else
+                                   (weights * ssim(reconstruction, x, per_channel=True).mean(0)).mean())
         if self.fft_weight:
             parts["fft"] = focal_frequency_loss(reconstruction, x)
+        if weights is not None:  # the alpha channel's own distance, logged: the figure issue 24 targets
+            parts["alpha_rec"] = per_channel[3].detach()
         rec_total = parts["rec"] + self.ssim_weight * parts.get("ssim", 0.0) + self.fft_weight * parts.get("fft", 0.0)
         total = rec_total
         if self.kl_weight and posterior is not None and posterior.mean.requires_grad:

@@ -51,7 +51,8 @@ def _train_light_decoder(config: TrainConfig) -> Path:
     objective = AutoencoderObjective(
         recon_loss=config.recon_loss, kl_weight=0.0, ssim_weight=config.ssim_weight, fft_weight=config.fft_weight,
         adv_weight=config.adv_weight, fm_weight=config.fm_weight,
-        discriminator=run.discriminator, last_layer=run.model.layers[-1].weight, all_reduce=dist_.mean)
+        discriminator=run.discriminator, last_layer=run.model.layers[-1].weight, all_reduce=dist_.mean,
+        alpha_weight=config.alpha_weight, channels=config.channels)
     preview = dataset.batch(dataset.sample_indices(8))[0]
 
     def loss(model, x, labels):
