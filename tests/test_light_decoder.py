@@ -89,17 +89,18 @@ def test_set_light_decoder_keeps_the_bundled_float16_and_can_make_it_the_default
 
     from encdiff.pipeline import bundled_path
 
-    # The bundled teacher decodes with its full decoder by default (the student's default is already the light one).
+    # The bundled teacher with its full decoder as the default (as set-sampling writes it), made light again.
     teacher = Generator.bundled()
+    run_encdiff(["set-sampling", str(bundled_path()), "--decoder", "full", "--out", str(tmp_path / "full")])
     LightDecoder.for_autoencoder(teacher.autoencoder).save_pretrained(tmp_path / "light")
     out = tmp_path / "teacher"
-    run_encdiff(["set-light-decoder", str(bundled_path()), str(tmp_path / "light"), "--out", str(out),
+    run_encdiff(["set-light-decoder", str(tmp_path / "full"), str(tmp_path / "light"), "--out", str(out),
                  "--default"])
     for part in ("unet", "autoencoder", "light_decoder"):
         with safe_open(str(out / part / "model.safetensors"), framework="pt") as f:
             assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}, part
     written = Generator.from_pretrained(out)
-    assert written.sampling.decoder == "light" and teacher.sampling.decoder == "full"
-    assert written.sampling == dataclasses.replace(teacher.sampling, decoder="light")
+    assert Generator.from_pretrained(tmp_path / "full").sampling.decoder == "full"
+    assert written.sampling == teacher.sampling and written.sampling.decoder == "light"
     with safe_open(str(tmp_path / "light" / "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
