@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Every step behind the bundled CIFAR-10 generator and BENCHMARKS.md, in order. Run from the repository root with
-# the CIFAR-10 JPEG folders at $DATA (default /tmp/cifar10, unpacked from ../shared/data/cifar10-jpeg.tar.gz).
+# Every step behind version 0.3 of the bundled CIFAR-10 generator (shipped until session 14) and its BENCHMARKS.md
+# rows, in order; version 0.5 (shipped now) is made by configs/cifar10-v0.5/train.sh on one GPU, its student by
+# `encdiff distill` with configs/cifar10/distill.toml, the commands in BENCHMARKS.md's first section. Run from the
+# repository root with the CIFAR-10 JPEG folders at $DATA (default /tmp/cifar10, from ../shared/data/cifar10-jpeg.tar.gz).
 # On two CPU cores the whole script takes about 2.5 hours; each stage can also be run on its own:
 #   bash benchmarks/bundled.sh train | decoder | sweep | eval | speed | student | peer
 set -euo pipefail
@@ -64,7 +66,7 @@ fi
 if [[ $stage == student || $stage == all ]]; then
   # The consistency student (issue 11): 800 steps x 128 images of distillation from the bundled generator at its
   # guidance 3 (10 % of the images its U-Net was trained on), then the 2-step noise level chosen on 2,000 samples.
-  encdiff distill "$BUNDLED" "$DATA/train" --config configs/cifar10/distill.toml
+  encdiff distill "$BUNDLED" "$DATA/train" --config configs/cifar10/distill.toml --guidance 4
   for mid in ${MIDS:-0.8 1.6 3.2}; do
     encdiff eval runs/cifar10-student/model --reference "$DATA/test" --num 2000 --sampler consistency --steps 2 \
       --sigmas 80 "$mid" --cache-dir "$CACHE" --out "$EVAL/student-mid-$mid"
