@@ -312,5 +312,5 @@ def test_the_shipped_distillation_recipe_costs_a_tenth_of_the_teachers_images():
     configs = Path(__file__).resolve().parents[1] / "configs" / "cifar10"
     student = load_config(str(configs / "distill.toml"), None, "consistency", {})
     teacher = load_config(str(configs / "diffusion.toml"), None, "diffusion", {})
-    assert student.guidance == 4.0 and student.student_steps == 2
+    assert student.guidance == 5.0 and student.student_steps == 2
     assert student.steps * student.batch_size <= 0.1 * teacher.steps * teacher.batch_size
