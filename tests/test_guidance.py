@@ -106,13 +106,19 @@ def test_set_sampling_changes_the_stored_defaults_only_and_refuses_what_the_mode
     assert Generator.from_pretrained(tmp_path / "everywhere").sampling.guidance_interval is None
     # what the generator cannot do is refused, naming the folder, and the folder keeps its settings
     before = (folder / "generator.json").read_bytes()
-    for flags, message in ((["--guidance-kind", "auto"], "no guide model"), (["--decoder", "light"], "no light decoder"),
+    for flags, message in ((["--guidance-kind", "auto"], "no guide model"),
+                           (["--decoder", "light"], "no light decoder"),
                            (["--sigmas", "2", "3"], "strictly decreasing"), (["--steps", "0"], "sampling.steps"),
                            (["--guidance-interval", "1", "2", "--no-guidance-interval"], "give one of them")):
         capsys.readouterr()
         assert main(["set-sampling", str(folder), *flags]) == 2
         assert message in capsys.readouterr().err
         assert (folder / "generator.json").read_bytes() == before
+    # an unconditional model refuses a classifier-free scale it would otherwise drop at every call
+    unconditional = guided_pair(conditional=False)[0].save_pretrained(tmp_path / "unconditional")
+    capsys.readouterr()
+    assert main(["set-sampling", str(unconditional), "--guidance", "2"]) == 2
+    assert "unconditional model has no classifier-free guidance" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- autoguidance

@@ -403,7 +403,8 @@ class Generator:
         """The same networks with other stored sampling defaults, checked as a call with them would be (a sampler
         that fits the model, guidance it can give, a light decoder it holds)."""
         labels = torch.zeros(1, dtype=torch.long) if self.num_classes else None
-        self.settings(labels, sampling=sampling)
+        # passed as an override: a call drops a default scale it cannot use, a stored one must be refused
+        self.settings(labels, sampling=sampling, guidance_scale=sampling.guidance_scale)
         return self._replaced(sampling=sampling)
 
     def with_compile(self, compile: bool = True) -> "Generator":

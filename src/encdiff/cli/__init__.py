@@ -17,9 +17,9 @@ import sys
 from ..errors import EncdiffError, TrainingInterrupted
 from ..compilation import ENV as COMPILE_ENV
 from ..precision import PRECISIONS, inference_precision
+from ..schedules import SCHEDULES
 from .flags import OneLineParser, finite_float, model_flags, sampling_flags, train_flags
 from .image_commands import cmd_edit, cmd_reconstruct, cmd_sample
-from ..schedules import SCHEDULES
 from .model_commands import (cmd_eval, cmd_info, cmd_serve, cmd_set_autoencoder, cmd_set_light_decoder,
                              cmd_set_sampling)
 from .training_commands import cmd_export, cmd_posthoc_ema, cmd_train, cmd_train_feature_net, cmd_train_guide

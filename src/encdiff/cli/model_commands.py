@@ -1,4 +1,4 @@
-"""The commands around a model: serve, set-autoencoder, set-light-decoder, set-sampling, info."""
+"""The commands around a model: serve, set-autoencoder, set-light-decoder, set-sampling, info, eval."""
 
 from __future__ import annotations
 

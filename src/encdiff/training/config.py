@@ -197,8 +197,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # teacher's, so it has no model fields.
 STAGE_ONLY = {
     "autoencoder": frozenset({"recon_loss", "kl_weight", "ssim_weight", "fft_weight", "alpha_weight", "adv_weight",
-                              "adv_start", "fm_weight", "disc_lr", "disc_channels", "disc_layers", "init", "decoder_only",
-                              "model", "model_overrides"}),
+                              "adv_start", "fm_weight", "disc_lr", "disc_channels", "disc_layers", "init",
+                              "decoder_only", "model", "model_overrides"}),
     "diffusion": frozenset({"autoencoder", "backbone", "uncertainty", "denoiser", "prediction", "train_schedule", "noise_level", "weighting",
                             "sigma_data", "loss_options", "label_dropout", "eval_every", "eval_samples",
                             "model", "model_overrides"}),
@@ -206,8 +206,8 @@ STAGE_ONLY = {
                               "loss_options", "label_dropout", "eval_every", "eval_samples"}),
     # a light decoder for an autoencoder's latents: its objective's terms, the teacher term, its shape
     "light_decoder": frozenset({"autoencoder", "recon_loss", "ssim_weight", "fft_weight", "alpha_weight",
-                                "adv_weight", "adv_start", "fm_weight", "disc_lr", "disc_channels", "disc_layers", "teacher_weight",
-                                "model_overrides"}),
+                                "adv_weight", "adv_start", "fm_weight", "disc_lr", "disc_channels", "disc_layers",
+                                "teacher_weight", "model_overrides"}),
 }
 
 
