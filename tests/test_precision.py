@@ -78,3 +78,51 @@ def test_the_precision_flag_overrides_the_environment_for_the_whole_command(monk
     with pytest.raises(SystemExit):  # argparse: a one-line usage error naming the choices
         main(["--precision", "fp8", "info"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_bf16_group_norm_of_a_channels_last_map_matches_pytorchs_and_keeps_the_layout():
+    # encdiff's GroupNorm routes a bf16 channels_last map through the contiguous kernel (PyTorch's channels_last bf16
+    # kernel is several times slower on the CPU): same parameters, same state dict, the same numbers to bf16 rounding.
+    from torch import nn
+
+    from encdiff.layers import GroupNorm
+
+    g = torch.Generator().manual_seed(0)
+    ours, theirs = GroupNorm(8, 32, eps=1e-6), nn.GroupNorm(8, 32, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(32, generator=g)), ours.bias.copy_(torch.randn(32, generator=g))
+    theirs.load_state_dict(ours.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = (3 + 2 * torch.randn(4, 32, 8, 8, generator=g)).contiguous(memory_format=torch.channels_last)
+    exact = theirs(x)  # float32
+    assert torch.equal(ours(x), exact)  # float32 maps take PyTorch's kernel unchanged
+    half = x.bfloat16()
+    out = ours(half)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.float() - exact).abs().max() <= (theirs(half).float() - exact).abs().max() + 0.02
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training: the gradient flows through the copies
+        ours(x.bfloat16()).float().square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_bf16_attention_over_a_short_map_runs_in_float32(monkeypatch):
+    # At <= SHORT_ATTENTION pixels the CPU's float32 attention kernel is the faster one under bf16 autocast, and the
+    # more precise; larger maps keep the bf16 kernel.
+    import torch.nn.functional as F
+
+    from encdiff.layers import SHORT_ATTENTION, SelfAttention
+
+    torch.manual_seed(0)
+    block = SelfAttention(64, groups=8, eps=1e-6, head_dim=16).eval()
+    x = torch.randn(2, 64, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert 4 * 4 <= SHORT_ATTENTION < 8 * 8
+    sdpa, calls = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v: calls.append(q.dtype) or sdpa(q, k, v))
+    with torch.no_grad():
+        exact = block(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = block(x)
+            block(torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last))
+    assert calls == [torch.float32, torch.float32, torch.bfloat16]  # float32 run, 16 pixels, 64 pixels
+    assert (fast.float() - exact).abs().max() < 0.1

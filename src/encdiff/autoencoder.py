@@ -17,7 +17,8 @@ from .checkpoint import Pretrained
 from .diffusers_format import autoencoder_config_to_diffusers, autoencoder_fields_from_diffusers
 from .errors import (MAX_SIZE, EncdiffError, check_bool, check_field, check_int, check_number, check_tuple, is_finite_number,
                      is_flag, is_positive_int)
-from .layers import CHANNELS_LAST, Downsample, Level, MidBlock, ResnetBlock, SelfAttention, Upsample, norm_silu, run_block
+from .layers import (CHANNELS_LAST, Downsample, GroupNorm, Level, MidBlock, ResnetBlock, SelfAttention, Upsample,
+                     norm_silu, run_block)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class Encoder(nn.Module):
             self.down_blocks.append(Level(resnets, attentions, downsample=None if last else Downsample(out_channels, padding=0)))
             channels = out_channels
         self.mid_block = MidBlock(channels, attention=c.mid_attention, **block)
-        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels, eps=1e-6)
+        self.conv_norm_out = GroupNorm(c.norm_num_groups, channels, eps=1e-6)
         self.conv_out = nn.Conv2d(channels, 2 * c.latent_channels, 3, padding=1)
         self.gradient_checkpointing = False
 
@@ -129,7 +130,7 @@ class Decoder(nn.Module):
             last = i == len(levels) - 1
             self.up_blocks.append(Level(resnets, attentions, upsample=None if last else Upsample(out_channels)))
             channels = out_channels
-        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels, eps=1e-6)
+        self.conv_norm_out = GroupNorm(c.norm_num_groups, channels, eps=1e-6)
         self.conv_out = nn.Conv2d(channels, c.out_channels, 3, padding=1)
         self.gradient_checkpointing = False
 

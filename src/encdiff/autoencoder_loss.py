@@ -24,6 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .errors import MAX_SIZE, EncdiffError, check_int, lookup
+from .layers import GroupNorm
 
 RECON_LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}  # TrainConfig.recon_loss
 
@@ -54,7 +55,7 @@ class PatchDiscriminator(nn.Module):
             # the last of these keeps the resolution (stride 1), as in pix2pix; no bias before a norm that
             # removes it (its gradient would be rounding noise, which Adam amplifies to full-size steps)
             layers += [nn.Conv2d(c, out, 4, 2 if i < config.layers else 1, 1, bias=False),
-                       nn.GroupNorm(min(config.norm_num_groups, out), out), nn.LeakyReLU(0.2)]
+                       GroupNorm(min(config.norm_num_groups, out), out), nn.LeakyReLU(0.2)]
             c = out
         layers.append(nn.Conv2d(c, 1, 4, 1, 1))
         self.main = nn.Sequential(*layers)

@@ -17,8 +17,8 @@ from .checkpoint import Pretrained
 from .diffusers_format import unet_config_to_diffusers, unet_fields_from_diffusers
 from .errors import (MAX_SIZE, EncdiffError, check_bool, check_field, check_int, check_number, check_tuple, is_flag,
                      is_positive_int)
-from .layers import (CHANNELS_LAST, pad_to_multiple, Downsample, Level, MidBlock, NoiseEmbedding, ResnetBlock, SelfAttention, Upsample, run_block,
-                     norm_silu, sinusoidal_embedding, zero_init)
+from .layers import (CHANNELS_LAST, Downsample, GroupNorm, Level, MidBlock, NoiseEmbedding, ResnetBlock, SelfAttention,
+                     Upsample, norm_silu, pad_to_multiple, run_block, sinusoidal_embedding, zero_init)
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class UNet(Pretrained, nn.Module):
             self.up_blocks.append(Level(resnets, attentions, upsample=None if last else Upsample(out_channels)))
             channels = out_channels
 
-        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels, eps=c.norm_eps)
+        self.conv_norm_out = GroupNorm(c.norm_num_groups, channels, eps=c.norm_eps)
         self.conv_out = zero_init(nn.Conv2d(channels, c.out_channels, 3, padding=1))
         self.gradient_checkpointing = False
 
