@@ -160,7 +160,7 @@ def test_sampling_stores_explicit_levels_and_drops_them_when_the_step_count_chan
 
 def test_stage_fields_keep_each_stage_to_its_own_options():
     consistency, diffusion = set(stage_fields("consistency")), set(stage_fields("diffusion"))
-    assert {"teacher", "guidance", "intervals", "label_dropout", "steps"} <= consistency
+    assert {"teacher", "guidance", "guidance_interval", "intervals", "label_dropout", "steps"} <= consistency
     assert not {"model", "autoencoder", "kl_weight", "sigma_data"} & consistency
     assert not {"teacher", "guidance", "intervals"} & diffusion and "model" in diffusion
 
@@ -304,6 +304,62 @@ def test_the_bundled_teacher_distils_on_latents(tmp_path):
     for key, value in teacher.autoencoder.state_dict().items():
         assert torch.equal(student.autoencoder.state_dict()[key], value)
     assert student.images([0, 1], torch.tensor([3, 5])).shape == (2, 3, 32, 32)
+
+
+def test_distillation_guides_the_teacher_only_inside_its_interval(teacher):
+    # The teacher's ODE step guided in (lo, hi] only: an interval holding every sigma is plain guidance bit for bit,
+    # an empty one the unguided teacher; one in between guides exactly the images whose levels lie inside.
+    generator = Generator.from_pretrained(teacher)
+    denoiser = generator.spec.build(generator.unet)
+    student = ConsistencyDenoiser(generator.unet, sigma_data=0.5)
+    grid = distillation_grid(6, denoiser)
+    probabilities = interval_probabilities(grid, -1.1, 2.0)
+    x0 = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def loss(**guidance):
+        return distillation_loss(student, denoiser, x0, torch.Generator().manual_seed(2), grid, probabilities,
+                                 class_labels=labels, **guidance)
+
+    plain = loss(guidance_scale=3.0)
+    assert torch.equal(loss(guidance_scale=3.0, guidance_interval=(0.0, 1e9)), plain)
+    unguided = loss()
+    assert torch.equal(loss(guidance_scale=3.0, guidance_interval=(5.0, 5.0)), unguided)
+    assert not torch.equal(plain, unguided)
+    middle = loss(guidance_scale=3.0, guidance_interval=(float(grid[2]), float(grid[4])))
+    assert not torch.equal(middle, plain) and not torch.equal(middle, unguided)
+
+
+def test_distill_follows_the_teachers_interval_and_resumes_only_with_the_same_guidance(teacher, image_folder,
+                                                                                        tmp_path):
+    with_interval = tmp_path / "teacher"
+    shutil.copytree(teacher, with_interval)
+    assert cli("set-sampling", str(with_interval), "--guidance-interval", "0.5", "10").returncode == 0
+    run_dir = tmp_path / "student"
+    assert cli(*distill_args(with_interval, image_folder, run_dir, 2)).returncode == 0
+    info = json.loads((run_dir / "model" / "generator.json").read_text())
+    assert info["distillation"]["guidance_scale"] == 2.0 and info["distillation"]["guidance_interval"] == [0.5, 10]
+    described = cli("info", str(run_dir / "model"))
+    assert "distilled: guidance 2 in sigma (0.5, 10] built in" in described.stdout, described.stdout
+    # The teacher's stored sampling changed since (its weights did not): the resume is refused with the flags that
+    # continue the run as it started, and continues with them.
+    assert cli("set-sampling", str(with_interval), "--no-guidance-interval").returncode == 0
+    other = cli(*distill_args(with_interval, image_folder, run_dir, 4))
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert ("distilling with guidance 2 in sigma (0.5, 10], now with guidance 2 at every sigma; resume with "
+            "--guidance 2.0 --guidance-interval 0.5 10") in other.stderr, other.stderr
+    assert cli("set-sampling", str(with_interval), "--guidance-interval", "0.5", "10").returncode == 0
+    resumed = cli(*distill_args(with_interval, image_folder, run_dir, 4))
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
+    # --no-guidance-interval guides at every sigma; an interval without guidance, or with its opposite, is refused.
+    everywhere = tmp_path / "everywhere"
+    assert cli(*distill_args(with_interval, image_folder, everywhere, 2), "--no-guidance-interval").returncode == 0
+    assert json.loads((everywhere / "model" / "generator.json").read_text())["distillation"]["guidance_interval"] is None
+    for flags, message in ((["--guidance", "1", "--guidance-interval", "0.5", "10"], "distilled without guidance"),
+                           (["--guidance-interval", "10", "0.5"], "0 <= lo <= hi"),
+                           (["--guidance-interval", "1", "2", "--no-guidance-interval"], "not allowed with")):
+        result = cli(*distill_args(with_interval, image_folder, tmp_path / "refused", 2), *flags)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_the_shipped_distillation_recipe_costs_a_tenth_of_the_teachers_images():

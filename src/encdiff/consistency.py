@@ -8,7 +8,8 @@ improved consistency training (iCT; Song & Dhariwal 2023, sec. 3) and ECT (Geng 
     x_{n+1} = x0 + sigma_{n+1} z   a training point on the forward process
     x_hat_n = Phi(x_{n+1}; sigma_{n+1} -> sigma_n)
                                    one Heun (or Euler) step of the teacher's probability-flow ODE (CD eq. 6),
-                                   the teacher guided at a fixed scale w (LCM, Luo et al. 2023, eq. 9)
+                                   the teacher guided at a fixed scale w (LCM, Luo et al. 2023, eq. 9),
+                                   within a sigma interval where it samples with one (Kynkaenniemi et al. 2024)
     L = lambda(sigma_n) d(f(x_{n+1}; sigma_{n+1}), sg f(x_hat_n; sigma_n))                    (CD eq. 7)
     lambda(sigma_n) = 1 / (sigma_{n+1} - sigma_n)                                             (iCT sec. 3.4)
     d(a, b) = sqrt(||a - b||^2 + c^2) - c, the pseudo-Huber metric                            (iCT sec. 3.3)
@@ -60,7 +61,7 @@ def interval_probabilities(grid: torch.Tensor, p_mean: float, p_std: float) -> t
 
 def distillation_loss(student, teacher, x0: torch.Tensor, generator: torch.Generator, grid: torch.Tensor,
                       probabilities: torch.Tensor, *, class_labels=None, guidance_scale: float | None = None,
-                      label_dropout: float = 0.0, solver: str = "heun", huber_c: float | None = None,
+                      guidance_interval: tuple[float, float] | None = None, label_dropout: float = 0.0, solver: str = "heun", huber_c: float | None = None,
                       target=None, shard=(0, 1), net=None) -> torch.Tensor:
     """The mean CD loss (eq. 7 with iCT's weighting and metric) of one batch; randomness only from `generator`.
 
@@ -68,7 +69,9 @@ def distillation_loss(student, teacher, x0: torch.Tensor, generator: torch.Gener
     for its gradient-carrying call (the trainer's DDP wrapper, as in `training_loss`); `target` is the denoiser the
     stop-gradient target is computed with (default: `student` itself, with its own network, without gradient). A label replaced by
     the null class (probability `label_dropout`) is distilled from the unguided teacher: the student then also
-    generates without a class. `shard = (rank, world_size)` as in denoiser.training_loss: every rank draws the
+    generates without a class. With `guidance_interval` (lo, hi) the teacher is guided only where lo < sigma <= hi
+    (GuidedDenoiser), per image and per evaluation of the ODE step: the student learns the ODE the teacher samples
+    along with that interval. `shard = (rank, world_size)` as in denoiser.training_loss: every rank draws the
     whole global batch's randomness and keeps its rows, so K processes equal one.
     """
     lookup(dict.fromkeys(ODE_SOLVERS), solver, "ODE solver")
@@ -85,7 +88,8 @@ def distillation_loss(student, teacher, x0: torch.Tensor, generator: torch.Gener
                     dtype=torch.float32)[rank::world_size].to(x0)
     sigma, sigma_next = grid[n].to(x0.device), grid[n + 1].to(x0.device)
     x_next = x0 + _per_image(sigma_next, x0) * z
-    guided = (GuidedDenoiser(teacher, guidance_scale) if guidance_scale not in (None, 1) else teacher)
+    guided = (GuidedDenoiser(teacher, guidance_scale, guidance_interval) if guidance_scale not in (None, 1)
+              else teacher)
     with torch.no_grad():
         x_hat, _ = ode_step(guided, x_next, sigma_next, sigma, class_labels, solver)
         target_f = (target or student)(x_hat, sigma, class_labels)

@@ -44,6 +44,11 @@ def train_flags(parser: argparse.ArgumentParser, stage: str) -> None:
             parser.add_argument("--time", "--time-budget", dest="time_budget", type=duration, metavar="DURATION",
                                 help="a time budget for the whole run (45m, 1h30m, 90s): the steps become what fits, "
                                 "measured on this machine at the start")
+        elif f.name == "guidance_interval":  # sampling's spelling: two levels, or none for every sigma
+            either = parser.add_mutually_exclusive_group()
+            either.add_argument(flag, type=finite_float, nargs=2, metavar=("LO", "HI"), help=help_)
+            either.add_argument("--no-guidance-interval", dest="guidance_interval", action="store_const", const=(),
+                                help="guidance at every sigma, whatever the teacher's interval")
         elif kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif kind in ("int", "float", "str"):

@@ -131,8 +131,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  inference precision here: {inference_precision('cpu')} (--precision or ENCDIFF_PRECISION: float32, bf16 or auto)")
         print(f"  compiled sampling: {'on' if generator.compiled else 'off'} (--compile or ENCDIFF_COMPILE=1)")
         if generator.distillation:
+            from ..training.distillation import describe_guidance
+
             d = generator.distillation
-            print(f"  distilled: guidance {d.get('guidance_scale')} built in, {d.get('images')} images, "
+            built_in = describe_guidance(d.get("guidance_scale"), d.get("guidance_interval"))
+            print(f"  distilled: {built_in} built in, {d.get('images')} images, "
                   f"{d.get('intervals')} intervals, {d.get('solver')} teacher steps")
         for sub in ("unet", "autoencoder", "guide", "light_decoder"):
             if (path / sub).is_dir():

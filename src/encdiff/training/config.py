@@ -92,6 +92,9 @@ class TrainConfig:
     # consistency distillation (encdiff distill)
     teacher: str | None = None  # generator folder distilled: its U-Net initialises the student, its autoencoder is kept
     guidance: float | None = None  # guidance scale built into the student; None: the teacher's default (1: none)
+    guidance_interval: tuple[float, ...] | None = None  # [lo, hi]: the built-in guidance applies where lo < sigma <= hi
+    # (the teacher's ODE unguided elsewhere, as the teacher samples with an interval); []: at every sigma; None: the
+    # teacher's stored interval
     intervals: int = 18  # noise-level intervals of the distillation grid (Karras, the teacher's sigma_min..sigma_max)
     solver: str = "heun"  # the teacher's ODE step over one interval: heun or euler
     huber_c: float | None = None  # pseudo-Huber constant of the loss; None: 0.00054 sqrt(dimensions) (iCT)
@@ -131,6 +134,12 @@ class TrainConfig:
         check_tuple(self.phema_sigma_rels, "phema_sigma_rels", None, is_finite_number)
         for value in self.phema_sigma_rels:
             check_sigma_rel(value, "config field 'phema_sigma_rels'")
+        if self.guidance_interval is not None:
+            check_field(isinstance(self.guidance_interval, (list, tuple)) and len(self.guidance_interval) in (0, 2)
+                        and all(is_finite_number(v) for v in self.guidance_interval)
+                        and (not self.guidance_interval or 0 <= self.guidance_interval[0] <= self.guidance_interval[1]),
+                        "guidance_interval", self.guidance_interval, "[lo, hi] with 0 <= lo <= hi, or [] for every sigma")
+            object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
         check_tuple(self.betas, "betas", 2, is_adam_beta)
         for name in ("strict", "compile", "decoder_only", "accept_data_change", "uncertainty", "flips",
                      "balance_classes"):
@@ -202,7 +211,7 @@ STAGE_ONLY = {
     "diffusion": frozenset({"autoencoder", "backbone", "uncertainty", "denoiser", "prediction", "train_schedule", "noise_level", "weighting",
                             "sigma_data", "loss_options", "label_dropout", "eval_every", "eval_samples",
                             "model", "model_overrides"}),
-    "consistency": frozenset({"teacher", "guidance", "intervals", "solver", "huber_c", "student_steps",
+    "consistency": frozenset({"teacher", "guidance", "guidance_interval", "intervals", "solver", "huber_c", "student_steps",
                               "loss_options", "label_dropout", "eval_every", "eval_samples"}),
     # a light decoder for an autoencoder's latents: its objective's terms, the teacher term, its shape
     "light_decoder": frozenset({"autoencoder", "recon_loss", "ssim_weight", "fft_weight", "alpha_weight",

@@ -28,6 +28,34 @@ def teacher_defaults(teacher_folder: str | Path) -> dict[str, object]:
     return generator_data_fields(Generator.from_pretrained(teacher_folder))
 
 
+def guidance_interval(config: TrainConfig, teacher: Generator, guidance: float | None) -> tuple[float, float] | None:
+    """The sigma interval the student's built-in guidance applies in: the config's (() for every sigma), else the
+    teacher's stored one, so that by default the student learns the ODE its teacher samples along."""
+    if config.guidance_interval is None:
+        return teacher.sampling.guidance_interval if guidance is not None else None
+    if guidance is None and config.guidance_interval:
+        raise EncdiffError(f"guidance_interval {list(config.guidance_interval)}: the student is distilled without "
+                           "guidance (guidance 1, or a teacher that samples unguided); give --guidance too")
+    return tuple(config.guidance_interval) or None
+
+
+def check_same_guidance(then: dict, guidance: float | None, interval: tuple[float, float] | None, run_dir) -> None:
+    """A resumed distillation keeps the guidance it started with: the teacher's stored defaults may have changed
+    since (set-sampling), and a checkpoint from before intervals existed was guided at every sigma."""
+    was = then.get("guidance_scale"), tuple(then["guidance_interval"]) if then.get("guidance_interval") else None
+    if was != (guidance, interval):
+        flags = f"--guidance {was[0] or 1}" + (f" --guidance-interval {was[1][0]:g} {was[1][1]:g}" if was[1] else
+                                               " --no-guidance-interval" if was[0] else "")
+        raise EncdiffError(f"{run_dir}: this run was distilling with {describe_guidance(*was)}, now with "
+                           f"{describe_guidance(guidance, interval)}; resume with {flags} or use another --run-dir")
+
+
+def describe_guidance(scale: float | None, interval: tuple[float, float] | None) -> str:
+    if not scale:
+        return "no guidance"
+    return f"guidance {scale:g}" + (f" in sigma ({interval[0]:g}, {interval[1]:g}]" if interval else " at every sigma")
+
+
 def train_consistency(config: TrainConfig) -> Path:
     """Distil the generator folder `config.teacher` into a consistency student (consistency.py) that samples in
     `student_steps` evaluations with the teacher's guidance built in; returns the student's generator folder. The
@@ -47,6 +75,7 @@ def _train_consistency(config: TrainConfig) -> Path:
     guidance = None if guidance == 1 else guidance
     if guidance is not None and not teacher.num_classes:
         raise EncdiffError(f"guidance {guidance}: the teacher {config.teacher} is unconditional")
+    interval = guidance_interval(config, teacher, guidance)
     if config.resolution != teacher.image_size:
         raise EncdiffError(f"resolution {config.resolution}: the teacher {config.teacher} makes "
                            f"{teacher.image_size}x{teacher.image_size} images (pass --resolution {teacher.image_size})")
@@ -70,7 +99,8 @@ def _train_consistency(config: TrainConfig) -> Path:
     sampling = Sampling(sampler="consistency", steps=config.student_steps, schedule="consistency")
     distillation = {"method": "consistency distillation (Song et al. 2023) with iCT's metric and weighting",
                     "teacher_unet_sha256": sha256_file(Path(config.teacher) / "unet" / "model.safetensors"),
-                    "guidance_scale": guidance, "intervals": config.intervals, "solver": config.solver}
+                    "guidance_scale": guidance, "guidance_interval": interval, "intervals": config.intervals,
+                    "solver": config.solver}
     ae_folder = Path(config.teacher) / "autoencoder"
     # the shapes the student can draw at: those it was tuned on that its teacher was trained at
     sizes = [shape for shape in dataset.shapes if shape in teacher.sizes] if dataset.bucketed else None
@@ -85,6 +115,7 @@ def _train_consistency(config: TrainConfig) -> Path:
             raise EncdiffError(f"{config.teacher}: not the teacher this run was distilling (its U-Net's sha256 "
                                f"{distillation['teacher_unet_sha256'][:16]}, the checkpoint's {str(then)[:16]}); "
                                "resume with the original teacher or use another --run-dir")
+        check_same_guidance(run.resumed_export.get("distillation", {}), guidance, interval, config.run_dir)
 
     batch = (latent_batches(cached_latents(autoencoder, dataset, Path(config.run_dir) / "cache", str(ae_folder),
                                            dist_), dataset)
@@ -104,7 +135,8 @@ def _train_consistency(config: TrainConfig) -> Path:
         # DDP syncs gradients only for calls through its wrapper: the student runs the network it is given, its
         # stop-gradient target the plain module.
         return distillation_loss(student_denoiser, teacher_denoiser, x, run.generators["noise"], grid, probabilities,
-                                 class_labels=labels, guidance_scale=guidance, label_dropout=label_dropout,
+                                 class_labels=labels, guidance_scale=guidance, guidance_interval=interval,
+                                 label_dropout=label_dropout,
                                  solver=config.solver, huber_c=config.huber_c, shard=run.shard, net=model)
 
     def student_of(run: Run) -> Generator:
