@@ -9,7 +9,10 @@ set -euo pipefail
 DATA=${DATA:-/tmp/cifar10}
 CACHE=${CACHE:-/tmp/evalcache}
 EVAL=${EVAL:-eval}
-BUNDLED=src/encdiff/weights/cifar10
+# Version 0.3 is written to, and measured in, $OUT (never into src/encdiff/weights: that is version 0.5, which this
+# script does not make); the stages after `train` read what it exported there.
+OUT=${OUT:-out/v0.3}
+BUNDLED=$OUT/cifar10
 export PYTHONPATH=src OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 encdiff() { python -m encdiff "$@"; }
 stage=${1:-all}
