@@ -277,6 +277,31 @@ def test_eval_generator_writes_every_metric_and_setting(tmp_path, reference_fold
     assert "| sampler | ddim |" in (out / "metrics.md").read_text()
 
 
+def test_eval_bpd_of_an_rgba_pixel_generator_scores_the_reference_with_its_alpha(tmp_path):
+    # FID's reference is read as RGB (transparency on white); bits/dim scores the images the model was trained on,
+    # so an RGBA model reads them with their alpha (it stopped on a 3-channel batch before).
+    from PIL import Image
+
+    from encdiff import UNet, UNetConfig, cli
+    from encdiff.pipeline import DenoiserSpec, Generator
+
+    rng = np.random.default_rng(0)
+    reference = tmp_path / "rgba"
+    reference.mkdir()
+    for i in range(260):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8), "RGBA").save(reference / f"{i:04d}.png")
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(in_channels=4, out_channels=4, block_out_channels=(8, 16), attention_levels=(False, False),
+                           layers_per_block=1, norm_num_groups=4, sample_size=16))
+    Generator(unet, DenoiserSpec(kind="vp")).save_pretrained(tmp_path / "gen")
+    out = tmp_path / "eval"
+    assert cli.main(["eval", str(tmp_path / "gen"), "--reference", str(reference), "--workers", "0", "--num", "260",
+                     "--steps", "2", "--sampler", "ddim", "--batch-size", "130", "--kid-subsets", "5", "--bpd",
+                     "--bpd-images", "4", "--bpd-timesteps", "3", "--out", str(out)]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert np.isfinite(result["fid"]) and result["bits_per_dim"] > 0
+
+
 def test_eval_image_folder_and_its_mistakes(tmp_path, reference_folder, capsys):
     from encdiff import cli
 

@@ -542,6 +542,9 @@ def _bits_per_dim(args: "EvalRequest", generator, ref_data) -> dict:
                            "is not defined by this bound")
     if ref_data is None:
         raise EncdiffError("--bpd needs the reference as an image folder (the images to score), not a statistics file")
+    if ref_data.channels != generator.image_channels:  # FID's reference is read as RGB; the model scores its own
+        ref_data = ImageDataset(ref_data.root, ref_data.resolution, channels=generator.image_channels,
+                                cache_dir=args.cache_dir, workers=args.workers)
     n = min(args.bpd_images, len(ref_data))
     idx = torch.randperm(len(ref_data), generator=torch.Generator().manual_seed(args.seed))[:n].sort().values
     x0, labels = ref_data.batch(idx)
