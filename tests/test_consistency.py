@@ -336,7 +336,10 @@ def test_distill_follows_the_teachers_interval_and_resumes_only_with_the_same_gu
     shutil.copytree(teacher, with_interval)
     assert cli("set-sampling", str(with_interval), "--guidance-interval", "0.5", "10").returncode == 0
     run_dir = tmp_path / "student"
-    assert cli(*distill_args(with_interval, image_folder, run_dir, 2)).returncode == 0
+    first = cli(*distill_args(with_interval, image_folder, run_dir, 2))
+    assert first.returncode == 0, first.stderr
+    assert ("the student learns the teacher's ODE with guidance 2 in sigma (0.5, 10] (scale: the teacher's, interval: "
+            "the teacher's)") in first.stderr
     info = json.loads((run_dir / "model" / "generator.json").read_text())
     assert info["distillation"]["guidance_scale"] == 2.0 and info["distillation"]["guidance_interval"] == [0.5, 10]
     described = cli("info", str(run_dir / "model"))
@@ -368,5 +371,5 @@ def test_the_shipped_distillation_recipe_costs_a_tenth_of_the_teachers_images():
     configs = Path(__file__).resolve().parents[1] / "configs" / "cifar10"
     student = load_config(str(configs / "distill.toml"), None, "consistency", {})
     teacher = load_config(str(configs / "diffusion.toml"), None, "diffusion", {})
-    assert student.guidance == 5.0 and student.student_steps == 2
+    assert student.guidance == 5.0 and student.guidance_interval == () and student.student_steps == 2
     assert student.steps * student.batch_size <= 0.1 * teacher.steps * teacher.batch_size

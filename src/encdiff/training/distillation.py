@@ -80,6 +80,10 @@ def _train_consistency(config: TrainConfig) -> Path:
         raise EncdiffError(f"resolution {config.resolution}: the teacher {config.teacher} makes "
                            f"{teacher.image_size}x{teacher.image_size} images (pass --resolution {teacher.image_size})")
     dist_, dataset = prepare(config, "consistency", factor=teacher.downsample_factor)
+    if dist_.main:
+        source = lambda value: "the teacher's" if value is None else "set"
+        print(f"encdiff: the student learns the teacher's ODE with {describe_guidance(guidance, interval)} (scale: "
+              f"{source(config.guidance)}, interval: {source(config.guidance_interval)})", file=sys.stderr)
     if dataset.num_classes != teacher.num_classes:
         raise EncdiffError(f"{config.data}: {count(dataset.num_classes, 'class folder')}, but the teacher {config.teacher} "
                            f"is conditional on {count(teacher.num_classes, 'class', 'classes')}; distil on its training data")
