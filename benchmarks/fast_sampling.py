@@ -3,6 +3,7 @@
     PYTHONPATH=src python benchmarks/fast_sampling.py [--pairs 5] [--batch 100] [--precision auto]
     PYTHONPATH=src python benchmarks/fast_sampling.py --student DIR --teacher DIR --skip-cli
     PYTHONPATH=src python benchmarks/fast_sampling.py --compile    # also the compiled rows (minutes to compile)
+    PYTHONPATH=src python benchmarks/fast_sampling.py --device cuda --precision bf16   # the GPU row (issue 22)
 
 Rows, each noise (or latents) to the same output on both sides, batch 100 unless told:
 - the consistency student at its own defaults (2 evaluations, its default decoder) against diffusers' EDM
@@ -16,6 +17,10 @@ Rows, each noise (or latents) to the same output on both sides, batch 100 unless
 - with --compile, the student's default row and the teacher's evaluation again through torch.compile'd networks
   (`Generator(compile=True)`, as `encdiff --compile` samples), with the seconds the first call spent compiling;
 - `encdiff sample --fast` as a user runs it (a new process: start-up, loading, 100 images, PNG), wall seconds.
+
+On a GPU (`--device cuda`) both sides run there, and with `--precision bf16` diffusers' networks run under bf16 autocast
+too (GPU users run diffusers in half precision); timings wait for the GPU to finish; the CLI row, which runs on the
+CPU, is left out.
 
 A shared machine moves these numbers by 2-3x between runs, so each row is timed in pairs, the order swapped every
 pair; the ratio of each pair is printed with the median and range, with the load average before and after. A row
@@ -38,7 +43,7 @@ from typing import Callable
 import torch
 
 from encdiff.backbones import backbone_name
-from encdiff.pipeline import Generator
+from encdiff.pipeline import Generator, bundled_path
 from encdiff.precision import autocast, cpu_info, inference_precision, native_bf16
 
 from networks import diffusers_loop, diffusers_unet, diffusers_vae
@@ -56,15 +61,23 @@ def load() -> str:
 
 
 def pairs(ours: Callable[[], object], theirs: Callable[[], object], n: int) -> tuple[list[float], list[float]]:
-    """Seconds of `ours` and `theirs` in n interleaved pairs, the order swapped every pair (after one warm-up each)."""
+    """Seconds of `ours` and `theirs` in n interleaved pairs, the order swapped every pair (after one warm-up each);
+    on a GPU each call is timed to the end of its kernels."""
     ours(), theirs()
     mine, other = [], []
     for i in range(n):
         for f, out in ((ours, mine), (theirs, other)) if i % 2 == 0 else ((theirs, other), (ours, mine)):
+            synchronize()
             start = time.perf_counter()
             f()
+            synchronize()
             out.append(time.perf_counter() - start)
     return mine, other
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def report(name: str, mine: list[float], other: list[float], peer: str, batch: int) -> None:
@@ -75,11 +88,11 @@ def report(name: str, mine: list[float], other: list[float], peer: str, batch: i
           f"**{statistics.median(ratios):.2f}x** | {min(ratios):.2f}-{max(ratios):.2f}x |{flag}", flush=True)
 
 
-def their_network(teacher: Generator):
+def their_network(teacher: Generator, device: torch.device):
     """The teacher's U-Net as diffusers calls a model: (scaled x, timestep, labels) -> .sample, in float32."""
     if backbone_name(teacher.unet) == "unet":
-        return diffusers_unet(teacher.unet), "diffusers UNet2DModel"
-    net = teacher.unet.float().eval()
+        return diffusers_unet(teacher.unet).to(device), "diffusers UNet2DModel"
+    net = teacher.unet.float().to(device).eval()
     null = net.config.num_classes
 
     def call(x, t, labels):
@@ -101,35 +114,48 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add the compiled rows (each new shape compiles "
                         "once: minutes cold, seconds from TorchInductor's on-disk cache)")
     parser.add_argument("--skip-cli", action="store_true", help="do not time `encdiff sample --fast`")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: both sides on the GPU (the CLI row is left out)")
     args = parser.parse_args()
     if args.precision:
         os.environ["ENCDIFF_PRECISION"] = args.precision
-    student = Generator.from_pretrained(args.student) if args.student else Generator.bundled(student=True)
-    teacher = Generator.from_pretrained(args.teacher) if args.teacher else Generator.bundled()
+    device = torch.device(args.device)
+    student = Generator.from_pretrained(args.student or bundled_path(student=True), device=device)
+    teacher = Generator.from_pretrained(args.teacher or bundled_path(), device=device)
     import diffusers
 
-    model, flags = cpu_info()
-    precision = inference_precision("cpu")
-    print(f"{model}, {os.cpu_count()} CPUs, native bf16: {'yes' if native_bf16(flags) else 'no'}; torch "
-          f"{torch.__version__} ({torch.get_num_threads()} threads), diffusers {diffusers.__version__}; encdiff runs "
-          f"its networks in {precision}, diffusers in float32; load average before: {load()}\n")
+    precision = inference_precision(device.type)
+    # diffusers on a GPU runs in half precision when encdiff does: the comparison a GPU user would make
+    their_precision = "bf16" if device.type == "cuda" and precision == "bf16" else "float32"
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)}"
+    else:
+        model, flags = cpu_info()
+        where = (f"{model}, {os.cpu_count()} CPUs, native bf16: {'yes' if native_bf16(flags) else 'no'}; "
+                 f"{torch.get_num_threads()} threads")
+    print(f"{where}; torch {torch.__version__}, diffusers {diffusers.__version__}; encdiff runs its networks in "
+          f"{precision}, diffusers in {their_precision}; load average before: {load()}\n")
     batch = args.batch
-    labels = torch.arange(batch) % max(teacher.num_classes, 1) if teacher.num_classes else None
+    labels = (torch.arange(batch) % max(teacher.num_classes, 1)).to(device) if teacher.num_classes else None
     seeds = list(range(batch))
-    their_unet, their_name = their_network(teacher)
-    their_vae = diffusers_vae(teacher.autoencoder)
+    their_unet, their_name = their_network(teacher, device)
+    their_vae = diffusers_vae(teacher.autoencoder).to(device)
     scheduler = EDMDPMSolverMultistepScheduler(sigma_data=teacher.spec.sigma_data, solver_order=2,
                                                final_sigmas_type="zero")
     w = teacher.sampling.guidance_scale
 
+    def their_precision_context():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=their_precision == "bf16")
+
     def diffusers_teacher():
-        diffusers_loop(their_unet, their_vae, teacher.autoencoder.config, scheduler, labels, teacher.sampling.steps, w)
+        with their_precision_context():
+            diffusers_loop(their_unet, their_vae, teacher.autoencoder.config, scheduler, labels,
+                           teacher.sampling.steps, w)
 
     steps = student.sampling.steps
     print(f"| noise to uint8, batch {batch} | encdiff img/s | peer img/s | ratio (median) | range |")
     print("|---|---|---|---|---|")
     peer = (f"diffusers DPM++(2M) {teacher.sampling.steps} steps, guidance {w or 'none'} "
-            f"({teacher.sampling.steps * (2 if w else 1)} NFE):")
+            f"({teacher.sampling.steps * (2 if w else 1)} NFE, {their_precision}):")
     decoders = ["full"] + (["light"] if student.light_decoder is not None else [])
     for decoder in [student.sampling.decoder] + [d for d in decoders if d != student.sampling.decoder]:
         mine, other = pairs(lambda: student.images(seeds, labels, steps=steps, decoder=decoder), diffusers_teacher,
@@ -139,21 +165,21 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(0)
     c = teacher.unet.config
-    x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
-    sigma = torch.ones(batch)
+    x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g).to(device)
+    sigma = torch.ones(batch, device=device)
     scaled = x / (1 + teacher.spec.sigma_data ** 2) ** 0.5
     t = sigma.log() / 4
 
     def ours_nfe():
-        with torch.inference_mode(), autocast("cpu"):
+        with torch.inference_mode(), autocast(device):
             teacher.denoiser(x, sigma, labels)
 
     def theirs_nfe():
-        with torch.inference_mode():
+        with torch.inference_mode(), their_precision_context():
             their_unet(scaled, t[0], labels)
 
     mine, other = pairs(ours_nfe, theirs_nfe, args.pairs)
-    report(f"teacher, one network evaluation ({precision})", mine, other, f"{their_name}, float32:", batch)
+    report(f"teacher, one network evaluation ({precision})", mine, other, f"{their_name}, {their_precision}:", batch)
 
     if args.compile:
         fast_student, fast_teacher = student.with_compile(), teacher.with_compile()
@@ -163,13 +189,13 @@ def main() -> None:
             fast_student.images(seeds, labels, steps=steps, decoder=decoder)
 
         def nfe_compiled():
-            with torch.inference_mode(), autocast("cpu"):
+            with torch.inference_mode(), autocast(device):
                 fast_teacher.denoiser(x, sigma, labels)
 
         for name, f, peer_f, peer_name in (
                 (f"student, {steps} NFE, {decoder} decoder, compiled", student_compiled, diffusers_teacher, peer),
                 (f"teacher, one network evaluation ({precision}, compiled)", nfe_compiled, theirs_nfe,
-                 f"{their_name}, float32:")):
+                 f"{their_name}, {their_precision}:")):
             start = time.perf_counter()
             f()  # compiles every graph this row runs
             compiling = time.perf_counter() - start
@@ -177,13 +203,13 @@ def main() -> None:
             report(name + f" (first call {compiling:.0f} s)", mine, other, peer_name, batch)
 
     if student.light_decoder is not None:
-        latents = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
+        latents = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g).to(device)
         mine, other = pairs(lambda: student.decode(latents, "light"), lambda: student.decode(latents, "full"),
                             args.pairs)
         report(f"light decoder ({precision})", mine, other, "encdiff's full decoder:", batch)
     print(f"\nload average after: {load()}")
 
-    if not args.skip_cli:
+    if not args.skip_cli and device.type == "cpu":
         src = str(Path(__file__).resolve().parents[1] / "src")
         env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
         walls = []

@@ -180,13 +180,15 @@ def diffusers_vae(autoencoder: Autoencoder) -> AutoencoderKL:
 @torch.inference_mode()
 def diffusers_loop(their_unet, their_vae, ae_config, scheduler, labels, steps: int, guidance: float | None) -> None:
     """A batch from noise to uint8 pixels as a diffusers user writes it: the scheduler's loop, classifier-free
-    guidance by batching the null class, the VAE decoding the unscaled latents."""
+    guidance by batching the null class, the VAE decoding the unscaled latents; on the labels' device."""
     c = their_unet.config
-    shift = torch.as_tensor(ae_config.shift_factor or 0.0, dtype=torch.float32)
+    device = labels.device
+    shift = torch.as_tensor(ae_config.shift_factor or 0.0, dtype=torch.float32, device=device)
     shift = shift.view(1, -1, 1, 1) if shift.ndim else shift
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(steps, device=device)
     g = torch.Generator().manual_seed(0)
-    latents = torch.randn(len(labels), c.in_channels, c.sample_size, c.sample_size, generator=g) * scheduler.init_noise_sigma
+    latents = torch.randn(len(labels), c.in_channels, c.sample_size, c.sample_size, generator=g).to(device)
+    latents = latents * scheduler.init_noise_sigma
     both = torch.cat([labels, torch.full_like(labels, c.num_class_embeds - 1)])
     for t in scheduler.timesteps:
         x = torch.cat([latents, latents]) if guidance else latents

@@ -37,7 +37,19 @@ def test_auto_follows_the_cpu_flags_and_caches_the_probe(monkeypatch, tmp_path):
     assert precision.inference_precision("cpu") == "bf16" and len(probes) == 1  # the cached probe
     cached = json.loads((tmp_path / "encdiff" / "precision.json").read_text())
     assert list(cached.values()) == [{"speedup": 1.7, "choice": "bf16"}]
-    assert precision.inference_precision("cuda") == "float32"
+    assert precision.inference_precision("cuda") == "float32"  # auto keeps a GPU in float32
+
+
+def test_a_forced_bf16_applies_on_a_gpu_and_is_refused_where_the_gpu_has_none(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert precision.inference_precision("cuda", "bf16") == "bf16"
+    assert precision.inference_precision("cuda", "float32") == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Old GPU")
+    precision.inference_precision.cache_clear()
+    with pytest.raises(EncdiffError, match=r"this GPU \(Old GPU\) does not compute bf16"):
+        precision.inference_precision("cuda", "bf16")
+    assert precision.inference_precision("cuda", "auto") == "float32"
 
 
 def test_the_default_is_auto_and_a_slow_probe_keeps_float32(monkeypatch):

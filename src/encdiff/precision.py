@@ -6,7 +6,7 @@ on one without, so the choice follows the machine. Only the networks' matrix pro
 weights stay float32, and the sampler's state, its sigma grid and the preconditioning stay in their own precision
 (Denoiser casts in and out). `ENCDIFF_PRECISION` = float32 | bf16 | auto forces a choice; the default is auto: the
 bundled generator's FID at 10,000 samples is the same in bf16 as in float32 (7.27 against 7.29, BENCHMARKS.md), so the
-faster arithmetic costs nothing measurable where the CPU has it. CUDA runs float32.
+faster arithmetic costs nothing measurable where the CPU has it. A GPU runs float32 unless bf16 is forced.
 """
 
 from __future__ import annotations
@@ -97,13 +97,17 @@ def auto_choice() -> str:
 @functools.lru_cache(maxsize=None)
 def inference_precision(device_type: str = "cpu", requested: str | None = None) -> str:
     """"float32" or "bf16" for inference on `device_type`: `requested`, else ENCDIFF_PRECISION, else the default;
-    "auto" decides from the CPU."""
+    "auto" decides from the CPU, and keeps float32 on a GPU; a forced bf16 applies on a GPU too (refused on one
+    without bf16, rather than ignored)."""
     choice = requested or os.environ.get("ENCDIFF_PRECISION") or DEFAULT
     if choice not in PRECISIONS:
         raise EncdiffError(f"ENCDIFF_PRECISION = {choice!r}: expected one of {', '.join(PRECISIONS)}")
-    if device_type != "cpu":
-        return "float32"
-    return auto_choice() if choice == "auto" else choice
+    if device_type == "cpu":
+        return auto_choice() if choice == "auto" else choice
+    if choice == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise EncdiffError(f"precision bf16: this GPU ({torch.cuda.get_device_name()}) does not compute bf16; use "
+                           "float32 or auto")
+    return "bf16" if choice == "bf16" else "float32"
 
 
 def autocast(device: torch.device | str, requested: str | None = None):
