@@ -96,6 +96,21 @@ def test_flags_and_config_files_override_the_data_defaults(tmp_path):
     assert (config.steps, config.lr, config.resolution, config.ssim_weight) == (7, 1e-3, 64, 0.2)
 
 
+def test_a_config_files_model_overrides_add_to_the_data_defaults_and_another_model_drops_them(tmp_path):
+    # A TOML that changes one model field keeps the widths the data chose (it replaced the whole dict: a guide's
+    # half widths, a sized run's widths, were lost without a word); a file that names another model starts afresh.
+    plan = plan_for_folder(survey(), "autoencoder")
+    chosen = plan.values["model_overrides"]
+    toml = tmp_path / "run.toml"
+    toml.write_text("model_overrides = { dropout = 0.1 }\n")
+    config = load_config(str(toml), None, "autoencoder", {}, base=plan.values)
+    assert config.model_overrides == {**chosen, "dropout": 0.1}
+    same = load_config(str(toml), None, "autoencoder", {"model": plan.values["model"]}, base=plan.values)
+    assert same.model_overrides == {**chosen, "dropout": 0.1}  # naming the same model keeps them
+    toml.write_text('model = "tiny"\n')
+    assert load_config(str(toml), None, "autoencoder", {}, base=plan.values).model_overrides == {}
+
+
 def test_bf16_autocast_only_where_the_cpu_computes_it_natively(monkeypatch):
     import encdiff.training.sizing as sizing
 

@@ -279,15 +279,28 @@ def generator_data_fields(generator) -> dict[str, Any]:
 
 def load_config(path: str | None, preset_name: str | None, stage: str, overrides: dict[str, Any],
                 base: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults < named preset, or `base` (the data's defaults, training/sizing.py) < TOML file < command-line flags."""
+    """Defaults < named preset, or `base` (the data's defaults, training/sizing.py; a guide's or a student's) < TOML
+    file < command-line flags. `model_overrides` is merged field by field while the model stays the one it was made
+    for: a TOML that sets `model_overrides = {dropout = 0.1}` over a guide's half widths keeps the half widths (it
+    replaced the whole dict, so the guide trained at the preset's full widths); a layer that names another `model`
+    leaves the earlier overrides behind."""
     values: dict[str, Any] = dict(base or {})
+
+    def update(layer: dict[str, Any]) -> None:
+        ours, theirs = values.get("model_overrides"), layer.get("model_overrides")
+        if "model" not in layer and isinstance(ours, dict) and isinstance(theirs, dict):
+            layer = {**layer, "model_overrides": {**ours, **theirs}}
+        elif layer.get("model", values.get("model")) != values.get("model") and "model_overrides" not in layer:
+            values.pop("model_overrides", None)  # made for another model
+        values.update(layer)
+
     if preset_name:
         if preset_name not in PRESETS:
             raise EncdiffError(f"unknown training preset {preset_name!r}; valid: {', '.join(sorted(PRESETS))}")
         if stage not in PRESETS[preset_name]:
             raise EncdiffError(f"training preset {preset_name!r} has no {stage} settings; it has "
                                f"{', '.join(PRESETS[preset_name])}")
-        values.update(PRESETS[preset_name][stage])
+        update(PRESETS[preset_name][stage])
     if path:
         try:
             import tomllib
@@ -295,10 +308,10 @@ def load_config(path: str | None, preset_name: str | None, stage: str, overrides
             import tomli as tomllib
         try:
             with open(path, "rb") as f:
-                values.update(tomllib.load(f))
+                update(tomllib.load(f))
         except FileNotFoundError:
             raise EncdiffError(f"{path}: config file not found") from None
         except tomllib.TOMLDecodeError as e:
             raise EncdiffError(f"{path}: not valid TOML ({e})") from None
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    update({k: v for k, v in overrides.items() if v is not None})
     return config_from_dict(TrainConfig, values, path or "training config")
