@@ -368,6 +368,19 @@ def test_an_rgba_autoencoder_reports_colour_and_alpha_apart():
     assert result["psnr_alpha"] != result["psnr_colour"]
 
 
+def test_the_alpha_error_is_split_between_edges_and_flat_regions():
+    from encdiff.evaluate import alpha_edges
+
+    alpha = torch.tensor([[[0, 255, 128, 64]]], dtype=torch.uint8)  # two flat pixels, two edge pixels
+    got = torch.tensor([[[0, 255, 118, 64]]], dtype=torch.uint8)  # all the error on one edge pixel
+    split = alpha_edges(got, alpha)
+    assert split["alpha_edge_pixels"] == 0.5 and split["alpha_edge_error_share"] == 1.0
+    assert split["psnr_alpha_edges_pooled"] == pytest.approx(10 * math.log10(255 ** 2 / 50))
+    assert split["psnr_alpha_flat_pooled"] == float("inf")
+    flat = alpha_edges(torch.full((1, 2, 2), 3, dtype=torch.uint8), torch.zeros(1, 2, 2, dtype=torch.uint8))
+    assert flat["psnr_alpha_edges_pooled"] is None and flat["alpha_edge_error_share"] == 0.0
+
+
 def test_eval_of_an_rgba_autoencoder_reads_the_folder_with_its_alpha(tmp_path):
     """`encdiff eval AUTOENCODER --reference FOLDER` on transparent PNGs: the images are read with the
     autoencoder's 4 channels (they were read as RGB, and the autoencoder refused them)."""
@@ -391,3 +404,4 @@ def test_eval_of_an_rgba_autoencoder_reads_the_folder_with_its_alpha(tmp_path):
                      "--out", str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert {"psnr_colour", "psnr_alpha"} <= set(result) and result["settings"]["num_images"] == 5
+    assert 0 < result["alpha_edge_pixels"] < 1 and result["psnr_alpha_edges_pooled"] > 0
