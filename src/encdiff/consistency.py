@@ -61,8 +61,9 @@ def interval_probabilities(grid: torch.Tensor, p_mean: float, p_std: float) -> t
 
 def distillation_loss(student, teacher, x0: torch.Tensor, generator: torch.Generator, grid: torch.Tensor,
                       probabilities: torch.Tensor, *, class_labels=None, guidance_scale: float | None = None,
-                      guidance_interval: tuple[float, float] | None = None, label_dropout: float = 0.0, solver: str = "heun", huber_c: float | None = None,
-                      target=None, shard=(0, 1), net=None) -> torch.Tensor:
+                      guidance_interval: tuple[float, float] | None = None, label_dropout: float = 0.0,
+                      solver: str = "heun", huber_c: float | None = None, target=None, shard=(0, 1),
+                      net=None) -> torch.Tensor:
     """The mean CD loss (eq. 7 with iCT's weighting and metric) of one batch; randomness only from `generator`.
 
     `student` and `teacher` are denoisers (the student a ConsistencyDenoiser); `net` replaces the student's network

@@ -51,6 +51,7 @@ def check_same_guidance(then: dict, guidance: float | None, interval: tuple[floa
 
 
 def describe_guidance(scale: float | None, interval: tuple[float, float] | None) -> str:
+    """The guidance a student has built in, in words (the run's start, a refused resume, `encdiff info`)."""
     if not scale:
         return "no guidance"
     return f"guidance {scale:g}" + (f" in sigma ({interval[0]:g}, {interval[1]:g}]" if interval else " at every sigma")
