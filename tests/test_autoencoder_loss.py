@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import colour_classes, randomize_, run_encdiff
 from encdiff import Autoencoder, EncdiffError
 from encdiff.autoencoder_loss import (AutoencoderObjective, DiscriminatorConfig, PatchDiscriminator, adaptive_weight,
-                                      focal_frequency_loss, hinge_discriminator_loss, ssim)
+                                      alpha_edges, focal_frequency_loss, hinge_discriminator_loss, ssim)
 from encdiff.training.state import latest_training_state
 from encdiff.presets import AUTOENCODERS
 from encdiff.training import TrainConfig, train_autoencoder
@@ -150,6 +150,59 @@ def test_the_alpha_weight_counts_the_alpha_channel_that_many_times_a_colour_chan
     from encdiff.cli import main
 
     assert main(["train-autoencoder", str(tmp_path), "--model", "tiny", "--alpha-weight", "3", "--dry-run",
+                 "--run-dir", str(tmp_path / "run")]) == 2
+
+
+def test_alpha_edges_are_the_pixels_next_to_a_change_of_alpha_never_a_flat_region():
+    alpha = torch.full((1, 1, 10, 10), -1.0)
+    alpha[..., 1:8, 2:9] = 1.0  # an opaque rectangle on transparency, touching no border but the right-hand one's
+    alpha[..., 4, 4] = 0.2  # a partial pixel inside it
+    edges = alpha_edges(alpha)[0, 0]
+    # the definition, pixel by pixel: more than one alpha value within the 3x3 neighbourhood (clipped at borders)
+    for i in range(10):
+        for j in range(10):
+            window = alpha[0, 0, max(0, i - 1):i + 2, max(0, j - 1):j + 2]
+            assert bool(edges[i, j]) == bool(window.max() > window.min()), (i, j)
+    assert edges[0, 1] and edges[4, 4] and edges[3, 5] and not edges[2, 6] and not edges[9, 0]
+    assert not alpha_edges(torch.full((2, 1, 5, 5), 0.3)).any()  # flat: no edges, borders included
+
+
+def test_the_alpha_edge_weight_weighs_every_channel_at_alpha_edges_and_needs_alpha(tmp_path):
+    def objective(alpha_edge_weight, alpha_weight=1.0, channels=4, recon_loss="l1"):
+        return AutoencoderObjective(recon_loss=recon_loss, kl_weight=0.0, ssim_weight=0.2, fft_weight=0.0,
+                                    adv_weight=0.0, fm_weight=0.0, discriminator=None, last_layer=torch.zeros(1),
+                                    alpha_weight=alpha_weight, alpha_edge_weight=alpha_edge_weight, channels=channels)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((2, 4, 16, 16), -1.0)
+    x[:, :3] = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    x[:, 3, 4:12, 5:11] = 1.0  # opaque squares on transparency: edges on their outlines only
+    rec = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    mask = alpha_edges(x[:, 3:])
+    assert 0 < mask.float().mean() < 0.5
+    # weight 1 is the loss as before, bit for bit
+    assert torch.equal(objective(1.0).loss(x, rec, None, adversarial=False)[1]["rec"], F.l1_loss(rec, x))
+    for recon_loss, distance in (("l1", (rec - x).abs()), ("l2", (rec - x).square())):
+        _, parts = objective(6.0, recon_loss=recon_loss).loss(x, rec, None, adversarial=False)
+        torch.testing.assert_close(parts["rec"], (distance * (1 + 5 * mask)).mean())
+        # only the L1/L2 term: SSIM stays the plain mean
+        torch.testing.assert_close(parts["ssim"], 1 - ssim(rec, x).mean())
+    # with an alpha weight as well: edges weighted in every channel, then alpha's channel weighed
+    _, parts = objective(6.0, alpha_weight=3.0).loss(x, rec, None, adversarial=False)
+    per_channel = ((rec - x).abs() * (1 + 5 * mask)).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(parts["rec"], (per_channel[:3].sum() + 3 * per_channel[3]) / 4)
+    # an error at an edge costs more than the same error on a flat region
+    at_edge, flat = x.clone(), x.clone()
+    at_edge[0, 0, 4, 5] += 0.5
+    flat[0, 0, 8, 8] += 0.5
+    assert objective(6.0).loss(x, at_edge, None, adversarial=False)[1]["rec"] > \
+        objective(6.0).loss(x, flat, None, adversarial=False)[1]["rec"]
+    # a run without alpha refuses it, naming the field, before any data is read (a dry run too)
+    with pytest.raises(EncdiffError, match="alpha_edge_weight 4.0: the images have 3 channels, no alpha"):
+        objective(4.0, channels=3)
+    from encdiff.cli import main
+
+    assert main(["train-autoencoder", str(tmp_path), "--model", "tiny", "--alpha-edge-weight", "4", "--dry-run",
                  "--run-dir", str(tmp_path / "run")]) == 2
 
 

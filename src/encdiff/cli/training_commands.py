@@ -45,9 +45,9 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
         config = load_config(args.config, args.preset, stage, overrides, base=teacher_defaults(config.teacher))
     check_model_name(config, stage)  # a dry run shows only a config that would train
     if stage in ("autoencoder", "light_decoder"):
-        from ..autoencoder_loss import check_alpha_weight
+        from ..autoencoder_loss import check_alpha_weights
 
-        check_alpha_weight(config.alpha_weight, config.channels)
+        check_alpha_weights(config.alpha_weight, config.alpha_edge_weight, config.channels)
     check_writable_folder(Path(config.run_dir), "--run-dir")
     if args.dry_run:
         print(json.dumps({"stage": stage, **config_to_json(config)}, indent=2))

@@ -65,7 +65,8 @@ def _train_autoencoder(config: TrainConfig) -> Path:
         recon_loss=config.recon_loss, kl_weight=config.kl_weight, ssim_weight=config.ssim_weight,
         fft_weight=config.fft_weight, adv_weight=config.adv_weight, fm_weight=config.fm_weight,
         discriminator=run.discriminator, last_layer=run.model.decoder.conv_out.weight, all_reduce=dist_.mean,
-        alpha_weight=config.alpha_weight, channels=config.channels)
+        alpha_weight=config.alpha_weight, channels=config.channels,
+        alpha_edge_weight=config.alpha_edge_weight)
 
     f = ae_config.downsample_factor
 

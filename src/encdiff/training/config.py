@@ -69,6 +69,7 @@ class TrainConfig:
     ssim_weight: float = 0.0  # weight of 1 - SSIM (11x11 Gaussian windows) added to the reconstruction loss
     fft_weight: float = 0.0  # weight of the focal frequency loss (spectrum distance, hard frequencies first)
     alpha_weight: float = 1.0  # RGBA: the alpha channel's weight in the L1/L2 and SSIM terms (each colour channel: 1)
+    alpha_edge_weight: float = 1.0  # RGBA: weight of the pixels at alpha's edges in the L1/L2 term (elsewhere: 1)
     adv_weight: float = 0.0  # weight of the PatchGAN hinge term, times the adaptive gradient-norm ratio; 0: no GAN
     adv_start: int = 0  # optimizer step from which the discriminator trains and the adversarial term counts
     fm_weight: float = 0.0  # weight of feature matching in the discriminator's layers (a perceptual term)
@@ -131,6 +132,7 @@ class TrainConfig:
                      "teacher_weight"):
             check_number(getattr(self, name), name, minimum=0)
         check_number(self.alpha_weight, "alpha_weight", positive=True)
+        check_number(self.alpha_edge_weight, "alpha_edge_weight", positive=True)
         check_tuple(self.phema_sigma_rels, "phema_sigma_rels", None, is_finite_number)
         for value in self.phema_sigma_rels:
             check_sigma_rel(value, "config field 'phema_sigma_rels'")
@@ -205,9 +207,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # Fields that only some stages read; every other field is common to all. A consistency student's model is its
 # teacher's, so it has no model fields.
 STAGE_ONLY = {
-    "autoencoder": frozenset({"recon_loss", "kl_weight", "ssim_weight", "fft_weight", "alpha_weight", "adv_weight",
-                              "adv_start", "fm_weight", "disc_lr", "disc_channels", "disc_layers", "init",
-                              "decoder_only", "model", "model_overrides"}),
+    "autoencoder": frozenset({"recon_loss", "kl_weight", "ssim_weight", "fft_weight", "alpha_weight",
+                              "alpha_edge_weight", "adv_weight", "adv_start", "fm_weight", "disc_lr", "disc_channels",
+                              "disc_layers", "init", "decoder_only", "model", "model_overrides"}),
     "diffusion": frozenset({"autoencoder", "backbone", "uncertainty", "denoiser", "prediction", "train_schedule", "noise_level", "weighting",
                             "sigma_data", "loss_options", "label_dropout", "eval_every", "eval_samples",
                             "model", "model_overrides"}),
@@ -215,8 +217,8 @@ STAGE_ONLY = {
                               "loss_options", "label_dropout", "eval_every", "eval_samples"}),
     # a light decoder for an autoencoder's latents: its objective's terms, the teacher term, its shape
     "light_decoder": frozenset({"autoencoder", "recon_loss", "ssim_weight", "fft_weight", "alpha_weight",
-                                "adv_weight", "adv_start", "fm_weight", "disc_lr", "disc_channels", "disc_layers",
-                                "teacher_weight", "model_overrides"}),
+                                "alpha_edge_weight", "adv_weight", "adv_start", "fm_weight", "disc_lr",
+                                "disc_channels", "disc_layers", "teacher_weight", "model_overrides"}),
 }
 
 

@@ -52,7 +52,8 @@ def _train_light_decoder(config: TrainConfig) -> Path:
         recon_loss=config.recon_loss, kl_weight=0.0, ssim_weight=config.ssim_weight, fft_weight=config.fft_weight,
         adv_weight=config.adv_weight, fm_weight=config.fm_weight,
         discriminator=run.discriminator, last_layer=run.model.layers[-1].weight, all_reduce=dist_.mean,
-        alpha_weight=config.alpha_weight, channels=config.channels)
+        alpha_weight=config.alpha_weight, channels=config.channels,
+        alpha_edge_weight=config.alpha_edge_weight)
     preview = dataset.batch(dataset.sample_indices(8))[0]
 
     def loss(model, x, labels):
