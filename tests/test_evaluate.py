@@ -97,15 +97,26 @@ def test_psnr_ssim_hand_computed():
     target = torch.full((2, 3, 32, 32), 100, dtype=torch.uint8)
     shifted = target + 10
     psnr, ssim = psnr_ssim(shifted, target)
-    assert psnr == pytest.approx(10 * math.log10(255**2 / 100), rel=1e-6)  # MSE 100 (torchmetrics: float32 inside)
+    assert psnr == pytest.approx(10 * math.log10(255**2 / 100), rel=1e-12)  # MSE 100
     c1 = (0.01 * 255) ** 2  # constant images: zero variance, SSIM is its luminance term only
     assert ssim == pytest.approx((2 * 100 * 110 + c1) / (100**2 + 110**2 + c1), abs=1e-9)
     g = torch.Generator().manual_seed(5)
     noisy_target = torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8)
     assert psnr_ssim(noisy_target, noisy_target)[1] == pytest.approx(1.0)
+    # a perfect image counts as one value one level off (3,072 values: 83.0 dB), so a mean over images stays finite
+    assert psnr_ssim(noisy_target, noisy_target)[0] == pytest.approx(10 * math.log10(255**2 * 3072))
+    one_off = noisy_target.clone()
+    one_off[0, 0, 0, 0] ^= 1
+    assert psnr_ssim(one_off[:1], noisy_target[:1])[0] == pytest.approx(10 * math.log10(255**2 * 3072))
+    assert psnr_ssim(torch.cat([one_off[:1], shifted[1:]]), torch.cat([noisy_target[:1], target[1:]]))[0] == \
+        pytest.approx((10 * math.log10(255**2 * 3072) + 10 * math.log10(255**2 / 100)) / 2)
+    peak = pytest.importorskip("torchmetrics.functional.image").peak_signal_noise_ratio
     flipped = 255 - noisy_target
     mse = ((flipped.double() - noisy_target.double()) ** 2).flatten(1).mean(1)
     assert psnr_ssim(flipped, noisy_target)[0] == pytest.approx(float((10 * torch.log10(255**2 / mse)).mean()))
+    # any imperfect image: torchmetrics' PSNR
+    assert psnr_ssim(flipped, noisy_target)[0] == pytest.approx(float(peak(
+        flipped.double(), noisy_target.double(), data_range=255.0, reduction="none", dim=(1, 2, 3)).mean()))
     # chunked (so 10k images fit in memory) is the same per-image mean as all at once
     many = torch.randint(0, 256, (7, 3, 32, 32), generator=g, dtype=torch.uint8)
     others = torch.randint(0, 256, (7, 3, 32, 32), generator=g, dtype=torch.uint8)
@@ -376,7 +387,7 @@ def test_the_alpha_error_is_split_between_edges_and_flat_regions():
     split = alpha_edges(got, alpha)
     assert split["alpha_edge_pixels"] == 0.5 and split["alpha_edge_error_share"] == 1.0
     assert split["psnr_alpha_edges_pooled"] == pytest.approx(10 * math.log10(255 ** 2 / 50))
-    assert split["psnr_alpha_flat_pooled"] == float("inf")
+    assert split["psnr_alpha_flat_pooled"] == pytest.approx(10 * math.log10(255 ** 2 * 2))  # perfect: finite
     flat = alpha_edges(torch.full((1, 2, 2), 3, dtype=torch.uint8), torch.zeros(1, 2, 2, dtype=torch.uint8))
     assert flat["psnr_alpha_edges_pooled"] is None and flat["alpha_edge_error_share"] == 0.0
 

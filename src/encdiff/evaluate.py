@@ -27,7 +27,7 @@ from .data import ImageDataset
 from .errors import EncdiffError, count
 from .images import to_uint8, to_unit
 from .metrics import (KID_SUBSET_SIZE, KID_SUBSETS, PR_K, bits_per_dim, frechet_distance, gaussian_stats, kid,
-                      min_images_for_fid, precision_recall, psnr_ssim)
+                      min_images_for_fid, precision_recall, psnr_from_mse, psnr_ssim)
 
 # --- feature spaces ------------------------------------------------------------------------------------
 def default_feature_net():
@@ -299,10 +299,7 @@ def alpha_edges(reconstructed: torch.Tensor, alpha: torch.Tensor) -> dict[str, f
     edges = (alpha > 0) & (alpha < 255)
 
     def pooled(mask: torch.Tensor) -> float | None:
-        if not mask.any():
-            return None
-        mse = float(se[mask].mean())
-        return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+        return float(psnr_from_mse(se[mask].mean(), int(mask.sum()))) if mask.any() else None
 
     total = float(se.sum())
     return {"alpha_edge_pixels": float(edges.double().mean()),

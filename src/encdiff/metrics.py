@@ -122,11 +122,19 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PR_K) -> t
 SSIM_CHUNK_VALUES = 256 * 3 * 32 * 32  # pixel values per SSIM chunk: its float64 window statistics take ~1.6 GB
 
 
+def psnr_from_mse(mse: torch.Tensor, values: int) -> torch.Tensor:
+    """PSNR (dB) of uint8 images, data range 255, from their mean squared errors over `values` pixel values each.
+    A perfect match counts as the smallest error uint8 can show, one value one level off (MSE 1 / values): its PSNR
+    would otherwise be infinite, and a single such image (an opaque image's alpha channel, which a clamped decoder
+    often gets exactly) would make the mean over thousands infinite."""
+    return 10 * torch.log10(255.0 ** 2 / mse.double().clamp_min(1.0 / values))
+
+
 def psnr_ssim(reconstructions: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> tuple[float, float]:
-    """Mean per-image PSNR (dB) and SSIM (11x11 Gaussian window, sigma 1.5) of uint8 images, via torchmetrics, in
-    chunks of `chunk` images (default: as many as keep the memory bounded whatever the image size)."""
+    """Mean per-image PSNR (dB; `psnr_from_mse`) and SSIM (11x11 Gaussian window, sigma 1.5, via torchmetrics) of
+    uint8 images, in chunks of `chunk` images (default: as many as keep the memory bounded whatever the size)."""
     try:
-        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+        from torchmetrics.functional.image import structural_similarity_index_measure
     except ImportError:
         raise EncdiffError("PSNR/SSIM need torchmetrics: pip install 'encdiff[eval]'") from None
     if reconstructions.shape != targets.shape:
@@ -137,7 +145,7 @@ def psnr_ssim(reconstructions: torch.Tensor, targets: torch.Tensor, chunk: int |
     chunk = chunk or max(1, SSIM_CHUNK_VALUES // max(1, targets[0].numel()))
     for s in range(0, len(targets), chunk):
         x, y = reconstructions[s:s + chunk].double(), targets[s:s + chunk].double()
-        psnr.append(peak_signal_noise_ratio(x, y, data_range=255.0, reduction="none", dim=(1, 2, 3)))
+        psnr.append(psnr_from_mse((x - y).square().flatten(1).mean(1), targets[0].numel()))
         ssim.append(structural_similarity_index_measure(x, y, data_range=255.0, reduction="none"))
     return float(torch.cat(psnr).mean()), float(torch.cat(ssim).mean())
 
