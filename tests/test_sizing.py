@@ -57,6 +57,22 @@ def test_every_resolution_gets_models_that_build_with_latents_of_at_most_32_cell
     assert [side >> i <= 4 for i in range(len(config.attention_levels))] == list(config.attention_levels)
 
 
+@pytest.mark.parametrize("short_side, adversarial", [(32, False), (64, False), (128, True), (256, True)])
+def test_the_gan_trains_at_f8_only_and_the_plan_says_how_to_add_it_at_f4(short_side, adversarial):
+    """At f = 4 the PatchGAN held the reconstruction back (emoji64): the plan leaves it out and says so; the rest
+    of its recipe stays in the plan, so --adv-weight 0.5 alone gives f = 8's GAN."""
+    plan = plan_for_folder(survey(short_side=short_side), "autoencoder")
+    steps, said = plan.values["steps"], "\n".join(plan.lines)
+    assert plan.values["adv_weight"] == (0.5 if adversarial else 0.0)
+    assert (plan.values["adv_start"], plan.values["fm_weight"], plan.values["disc_channels"]) == (steps // 4, 1.0, 32)
+    if adversarial:
+        assert f"PatchGAN and feature matching from step {steps // 4}" in said
+    else:
+        assert "no GAN at f = 4" in said and f"--adv-weight 0.5 adds it from step {steps // 4}" in said
+        with_gan = load_config(None, None, "autoencoder", {"adv_weight": 0.5}, base=plan.values)
+        assert (with_gan.adv_weight, with_gan.adv_start, with_gan.fm_weight) == (0.5, steps // 4, 1.0)
+
+
 def test_the_bundled_shapes_come_out_at_32_pixels():
     """At CIFAR-10's size the rules give the bundled model's shapes (configs/cifar10-v0.4)."""
     assert autoencoder_model(32)["model_overrides"]["block_out_channels"] == [32, 64, 64]
