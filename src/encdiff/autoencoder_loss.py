@@ -168,9 +168,9 @@ class AutoencoderObjective:
         # one channel of four, yet every error in it shows as a halo or a hole on any background (issue 24).
         self.alpha_weight = alpha_weight
         # RGBA: the weight of the pixels at alpha's edges (`alpha_edges`) in the L1/L2 term, every channel, against
-        # 1 elsewhere. Measured on emoji64 (issue 24): 94 % of the alpha error lay on the 12 % of pixels with
-        # partial alpha, and the colour error there was twice that on opaque pixels, while a heavier alpha channel
-        # as a whole traded colour for alpha.
+        # 1 elsewhere: on emoji64 94 % of the alpha error lay on the 12 % of pixels with partial alpha, and the
+        # colour error there was twice that on opaque pixels. Measured (issue 24, BENCHMARKS): W = 4 gained nothing
+        # at 409 steps; what held those edges back was the GAN (no GAN at f = 4 since: alpha 28.6 -> 33.3 dB).
         self.alpha_edge_weight = alpha_edge_weight
         self.kl_weight, self.ssim_weight, self.fft_weight = kl_weight, ssim_weight, fft_weight
         self.adv_weight, self.fm_weight = adv_weight, fm_weight
