@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -299,6 +300,26 @@ def test_a_time_budget_plans_the_steps_and_trains_what_that_step_count_trains(im
     train_autoencoder(budgeted)  # the same command again: resumed with the fitted plan at its end, nothing more to do
     again = json.loads((tmp_path / "budget" / "config.json").read_text())
     assert (again["steps"], again["adv_start"]) == (steps, adv_start)
+
+
+def test_a_time_budget_run_resumed_mid_way_follows_its_fitted_learning_rate_schedule(image_folder, tmp_path):
+    """A budgeted run cut after its first checkpoint and resumed ends bit for bit where the uninterrupted one does:
+    the resumed schedule decays at the fitted `lr_decay_steps`, not at the planned one."""
+    planned = 10_000  # far more than fit in the budget, so the fitted plan differs from it
+    budgeted = TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "budget"), time_budget=2.0, steps=planned,
+                           lr_schedule="inv_sqrt", lr_decay_steps=planned // 4, checkpoint_every=3, keep_last=1000,
+                           **COMMON)
+    train_autoencoder(budgeted)
+    fitted = json.loads((tmp_path / "budget" / "config.json").read_text())
+    steps = fitted["steps"]
+    assert steps >= 8 and fitted["lr_decay_steps"] == round(planned // 4 * steps / planned) < steps
+    whole = final_tensors(tmp_path / "budget", steps)
+    # cut after the first checkpoint: later checkpoints and the model gone, as if killed at step 4
+    shutil.rmtree(tmp_path / "budget" / "model")
+    for later in sorted((tmp_path / "budget" / "checkpoints").iterdir())[1:]:
+        shutil.rmtree(later)
+    train_autoencoder(budgeted)
+    assert_bitwise_equal(final_tensors(tmp_path / "budget", steps), whole)
 
 
 def test_dry_run_prints_the_resolved_config(image_folder):

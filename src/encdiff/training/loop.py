@@ -181,7 +181,9 @@ class Run:
                 discriminator, torch.optim.AdamW(discriminator.parameters(), lr=config.disc_lr or config.lr,
                                                  betas=(0.5, 0.9), fused=True), "disc", "disc_optimizer")
         self.wrapped: dict[str, torch.nn.Module] = {}  # the groups' modules as the loss calls them (DDP, compile)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config))
+        # The schedule reads the run's config at every step, not the one it was built with: a time budget's fitted
+        # steps (`reconfigure`, or taken back from a checkpoint by `resume`) move its decay point and cosine end.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(self.config)(step))
         self.ema = EMA(self.model, config.ema_halflife_images, config.ema_rampup)
         # Post-hoc EMA (EDM2 sec. 3): power-function profiles, snapshotted every `phema_every` steps.
         self.phema = PowerEMA(self.model, tuple(config.phema_sigma_rels)) if config.phema_every else None
@@ -306,15 +308,11 @@ class Run:
         return True
 
     def reconfigure(self, **changes: Any) -> None:
-        """Change resumable fields (a time budget's steps) before the loop starts: the learning-rate schedule is
-        rebuilt for them at its current position, and the run folder's config.json rewritten."""
+        """Change resumable fields (a time budget's steps) before the loop starts: the learning rate is set anew
+        for them at the current step (the schedule follows `self.config`), and the run folder's config.json rewritten."""
         self.config = dataclasses.replace(self.config, **changes)
-        position = self.scheduler.state_dict()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(self.config))
-        self.scheduler.load_state_dict(position)
-        for group, lr in zip(self.optimizer.param_groups, [base * lr_factor(self.config)(self.step)
-                                                             for base in self.scheduler.base_lrs]):
-            group["lr"] = lr
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * lr_factor(self.config)(self.step)
         if self.dist.main:
             write_run_config(self.dir, self.stage, self.config)
 
