@@ -320,6 +320,14 @@ def test_a_time_budget_run_resumed_mid_way_follows_its_fitted_learning_rate_sche
         shutil.rmtree(later)
     train_autoencoder(budgeted)
     assert_bitwise_equal(final_tensors(tmp_path / "budget", steps), whole)
+    # a dry run of the same command shows the config the resume trains, the fitted plan included
+    dry = cli("train-autoencoder", str(image_folder), "--model", "tiny", "--resolution", "16", "--batch-size", "8",
+              "--warmup-steps", "2", "--time", "2s", "--steps", str(planned), "--lr-schedule", "inv_sqrt",
+              "--lr-decay-steps", str(planned // 4), "--run-dir", str(tmp_path / "budget"), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    shown = json.loads(dry.stdout)
+    assert (shown["steps"], shown["lr_decay_steps"]) == (steps, fitted["lr_decay_steps"])
+    assert f"checkpoint at step {steps}: the run resumes from it, with its time budget's steps {steps}" in dry.stderr
 
 
 def test_dry_run_prints_the_resolved_config(image_folder):

@@ -50,6 +50,16 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
         check_alpha_weights(config.alpha_weight, config.alpha_edge_weight, config.channels)
     check_writable_folder(Path(config.run_dir), "--run-dir")
     if args.dry_run:
+        checkpoint = latest_training_state(config.run_dir)
+        if checkpoint is not None:  # the config the resume trains, not the one the command alone would
+            from ..training.budget import resumed_config
+            from ..training.state import training_state_meta
+
+            meta = training_state_meta(checkpoint)
+            config, adopted, _ = resumed_config(config, meta)
+            taken = ", ".join(f"{field} {value}" for field, value in adopted.items())
+            print(f"encdiff: {config.run_dir} holds a checkpoint at step {meta.get('step')}: the run resumes from it"
+                  + (f", with its time budget's {taken}" if taken else ""), file=sys.stderr)
         print(json.dumps({"stage": stage, **config_to_json(config)}, indent=2))
         return 0
     if args.resume and latest_training_state(config.run_dir) is None:

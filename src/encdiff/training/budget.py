@@ -4,6 +4,7 @@ at the start of the run without leaving a trace in it."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import EncdiffError, count
+from .config import config_to_json
 from .step import autocast_of, optimizer_step
 
 
@@ -71,6 +73,13 @@ def resumed_plan(meta: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, A
     if plan is None:
         return {}, None
     return {field: plan["fitted"][field] for field, value in plan["planned"].items() if now.get(field) == value}, plan
+
+
+def resumed_config(config: Any, meta: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
+    """`config` (a TrainConfig) as a resume from a checkpoint with meta `meta` trains it: the time budget's fitted
+    values taken back (`resumed_plan`); returns it, the fields taken back and the plan to keep writing."""
+    adopted, plan = resumed_plan(meta, config_to_json(config))
+    return (dataclasses.replace(config, **adopted) if adopted else config), adopted, plan
 
 
 def probe_step_seconds(run: Any, recipe: Any, at_step: int) -> float:

@@ -26,7 +26,7 @@ from ..data import BatchSampler, ImageDataset
 from ..ema import EMA
 from ..errors import EncdiffError, TrainingInterrupted, count
 from ..phema import PowerEMA
-from .budget import fit_to_time_budget, resumed_plan
+from .budget import fit_to_time_budget, resumed_config
 from .config import PATH_FIELDS, RESUMABLE_CHANGES, TrainConfig, config_to_json, dataset_of
 from .state import (flatten_state, latest_training_state, load_training_state, rng_state, save_training_state,
                     set_rng_state, unflatten_state)
@@ -266,9 +266,8 @@ class Run:
         if meta.get("world_size") != self.dist.world_size:
             raise EncdiffError(f"{path}: written by {count(meta.get('world_size'), 'process', 'processes')}, resumed with "
                                f"{self.dist.world_size}; exact resume needs the same number")
-        adopted, self.budget_plan = resumed_plan(meta, config_to_json(self.config))
-        if adopted:  # the time budget's plan, made when the run started
-            self.config = dataclasses.replace(self.config, **adopted)
+        # the time budget's plan, made when the run started
+        self.config, _, self.budget_plan = resumed_config(self.config, meta)
         # A field added since the checkpoint was written has its default there: such a run resumes unchanged.
         now, then = config_to_json(self.config), {**config_to_json(TrainConfig()), **meta["config"]}
         for field in PATH_FIELDS:  # `data/` and `/abs/data` are the same folder

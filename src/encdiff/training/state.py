@@ -195,6 +195,11 @@ def latest_training_state(run_dir: str | os.PathLike) -> Path | None:
     return complete[-1][1] if complete else None
 
 
+def training_state_meta(path: str | os.PathLike) -> dict:
+    """The meta (state.json) of a complete checkpoint dir alone, unverified: what a dry run says of a resume."""
+    return read_json(Path(path) / STATE_META)
+
+
 def load_training_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """The (tensors, meta) of a complete checkpoint dir, after checking both files against the marker's
     sha256; a missing marker or file, a hash mismatch, a truncated file or bad JSON raise naming the file."""
