@@ -365,11 +365,13 @@ def test_distill_follows_the_teachers_interval_and_resumes_only_with_the_same_gu
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
-def test_the_shipped_distillation_recipe_costs_a_tenth_of_the_teachers_images():
+def test_the_shipped_distillation_recipe_costs_under_a_sixth_of_the_teachers_images():
     from encdiff.training import load_config
 
     configs = Path(__file__).resolve().parents[1] / "configs" / "cifar10"
     student = load_config(str(configs / "distill.toml"), None, "consistency", {})
-    teacher = load_config(str(configs / "diffusion.toml"), None, "diffusion", {})
+    # The shipped teacher's U-Net saw 4,365 x 512 images: the steps its time budget fitted on the H200
+    # (configs/cifar10-v0.5/diffusion.toml plans 20,000; BENCHMARKS.md, the shipped model's stage table).
+    teacher_images = 4_365 * 512
     assert student.guidance == 5.0 and student.guidance_interval == () and student.student_steps == 2
-    assert student.steps * student.batch_size <= 0.1 * teacher.steps * teacher.batch_size
+    assert student.steps * student.batch_size <= teacher_images / 6
