@@ -288,9 +288,10 @@ def test_eval_generator_writes_every_metric_and_setting(tmp_path, reference_fold
     assert "| sampler | ddim |" in (out / "metrics.md").read_text()
 
 
-def test_eval_bpd_of_an_rgba_pixel_generator_scores_the_reference_with_its_alpha(tmp_path):
+def test_eval_of_an_rgba_pixel_generator_reads_the_reference_with_its_alpha(tmp_path):
     # FID's reference is read as RGB (transparency on white); bits/dim scores the images the model was trained on,
-    # so an RGBA model reads them with their alpha (it stopped on a 3-channel batch before).
+    # so an RGBA model reads them with their alpha (it stopped on a 3-channel batch before), and the alpha coverage
+    # of the samples is set beside the reference's.
     from PIL import Image
 
     from encdiff import UNet, UNetConfig, cli
@@ -299,8 +300,12 @@ def test_eval_bpd_of_an_rgba_pixel_generator_scores_the_reference_with_its_alpha
     rng = np.random.default_rng(0)
     reference = tmp_path / "rgba"
     reference.mkdir()
+    alphas = []
     for i in range(260):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8), "RGBA").save(reference / f"{i:04d}.png")
+        pixels = rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)
+        pixels[:, :8, 3] = 0 if i % 2 else 255  # flat halves, so every share is far from the others
+        alphas.append(pixels[..., 3])
+        Image.fromarray(pixels, "RGBA").save(reference / f"{i:04d}.png")
     torch.manual_seed(0)
     unet = UNet(UNetConfig(in_channels=4, out_channels=4, block_out_channels=(8, 16), attention_levels=(False, False),
                            layers_per_block=1, norm_num_groups=4, sample_size=16))
@@ -311,6 +316,19 @@ def test_eval_bpd_of_an_rgba_pixel_generator_scores_the_reference_with_its_alpha
                      "--bpd-images", "4", "--bpd-timesteps", "3", "--out", str(out)]) == 0
     result = json.loads((out / "metrics.json").read_text())
     assert np.isfinite(result["fid"]) and result["bits_per_dim"] > 0
+    alpha = np.stack(alphas)
+    assert result["reference_alpha_coverage"] == pytest.approx(
+        {"transparent": (alpha == 0).mean(), "partial": ((alpha > 0) & (alpha < 255)).mean(),
+         "opaque": (alpha == 255).mean()})
+    assert sum(result["alpha_coverage"].values()) == pytest.approx(1.0)
+    assert "| alpha_coverage: partial |" in (out / "metrics.md").read_text()
+
+
+def test_alpha_coverage_counts_transparent_partial_and_opaque_pixels():
+    from encdiff.evaluate import alpha_coverage
+
+    alpha = torch.tensor([[0, 0, 1, 128], [254, 255, 255, 255]], dtype=torch.uint8)
+    assert alpha_coverage(alpha) == {"transparent": 0.25, "partial": 0.375, "opaque": 0.375}
 
 
 def test_eval_image_folder_and_its_mistakes(tmp_path, reference_folder, capsys):
