@@ -20,7 +20,7 @@ import encdiff.data as data
 from encdiff import EncdiffError
 from conftest import extract_cifar_subset, extract_emoji, needs_cifar, needs_emoji
 from encdiff.data import IMAGE_EXTENSIONS, BatchSampler, ImageDataset, random_flips, scan_folder
-from encdiff.images import load_image, on_checkerboard, png_bytes
+from encdiff.images import ALPHA_SNAP, load_image, on_checkerboard, png_bytes, to_uint8
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -265,6 +265,24 @@ def test_grids_show_transparency_on_a_checkerboard_and_pngs_keep_it():
     assert torch.equal(on_checkerboard(image[:3]), image[:3])
     with Image.open(io.BytesIO(png_bytes(image))) as reread:
         assert reread.mode == "RGBA" and reread.getpixel((6, 0)) == (0, 0, 0, 0)
+
+
+def test_decoded_rgba_alpha_near_transparent_or_opaque_is_written_exactly_so():
+    """A decoder's alpha haze (1-3 over a transparent background) is written as 0 with a cleared colour, as files
+    are read; anything further from 0 or 255 (an anti-aliased edge) and every colour channel stay as rounded."""
+    levels = torch.arange(256, dtype=torch.float32)
+    decoded = torch.stack([levels.flip(0), levels, torch.full_like(levels, 200), levels]).view(1, 4, 16, 16)
+    out = to_uint8(decoded / 127.5 - 1)
+    alpha, colour = out[0, 3].flatten(), out[0, :3].flatten(1)
+    expected = levels.to(torch.uint8).clone()
+    expected[:ALPHA_SNAP + 1], expected[255 - ALPHA_SNAP:] = 0, 255
+    assert torch.equal(alpha, expected)
+    cleared = alpha == 0
+    assert (colour[:, cleared] == 0).all()
+    assert torch.equal(colour[:, ~cleared], decoded[0, :3].flatten(1)[:, ~cleared].to(torch.uint8))
+    # RGB, grayscale and a single image (C, H, W) are not touched
+    assert torch.equal(to_uint8(decoded[:, :3] / 127.5 - 1), decoded[:, :3].to(torch.uint8))
+    assert torch.equal(to_uint8(decoded[0] / 127.5 - 1), decoded[0].to(torch.uint8))
 
 
 @needs_emoji

@@ -306,7 +306,7 @@ def test_a_time_budget_run_resumed_mid_way_follows_its_fitted_learning_rate_sche
     """A budgeted run cut after its first checkpoint and resumed ends bit for bit where the uninterrupted one does:
     the resumed schedule decays at the fitted `lr_decay_steps`, not at the planned one."""
     planned = 10_000  # far more than fit in the budget, so the fitted plan differs from it
-    budgeted = TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "budget"), time_budget=2.0, steps=planned,
+    budgeted = TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "budget"), time_budget=5.0, steps=planned,
                            lr_schedule="inv_sqrt", lr_decay_steps=planned // 4, checkpoint_every=3, keep_last=1000,
                            **COMMON)
     train_autoencoder(budgeted)
@@ -314,6 +314,7 @@ def test_a_time_budget_run_resumed_mid_way_follows_its_fitted_learning_rate_sche
     steps = fitted["steps"]
     assert steps >= 8 and fitted["lr_decay_steps"] == round(planned // 4 * steps / planned) < steps
     whole = final_tensors(tmp_path / "budget", steps)
+    # (a budget of seconds, start-up included: long enough for several checkpoints on a busy machine too)
     # cut after the first checkpoint: later checkpoints and the model gone, as if killed at step 4
     shutil.rmtree(tmp_path / "budget" / "model")
     for later in sorted((tmp_path / "budget" / "checkpoints").iterdir())[1:]:
@@ -322,12 +323,16 @@ def test_a_time_budget_run_resumed_mid_way_follows_its_fitted_learning_rate_sche
     assert_bitwise_equal(final_tensors(tmp_path / "budget", steps), whole)
     # a dry run of the same command shows the config the resume trains, the fitted plan included
     dry = cli("train-autoencoder", str(image_folder), "--model", "tiny", "--resolution", "16", "--batch-size", "8",
-              "--warmup-steps", "2", "--time", "2s", "--steps", str(planned), "--lr-schedule", "inv_sqrt",
+              "--warmup-steps", "2", "--time", "5s", "--steps", str(planned), "--lr-schedule", "inv_sqrt",
               "--lr-decay-steps", str(planned // 4), "--run-dir", str(tmp_path / "budget"), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     shown = json.loads(dry.stdout)
     assert (shown["steps"], shown["lr_decay_steps"]) == (steps, fitted["lr_decay_steps"])
     assert f"checkpoint at step {steps}: the run resumes from it, with its time budget's steps {steps}" in dry.stderr
+    # and the run itself says so too, after the screen of planned sizes (here: resumed at its end, nothing to train)
+    run = cli(*dry.args[3:-1])
+    assert run.returncode == 0, run.stderr
+    assert f"checkpoint at step {steps}: the run resumes from it, with its time budget's steps {steps}" in run.stderr
 
 
 def test_dry_run_prints_the_resolved_config(image_folder):

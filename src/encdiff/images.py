@@ -23,6 +23,8 @@ EXIF_ORIENTATION = 0x0112
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # the channel counts an image is read with, and their PIL modes
 CHECKER = (204, 255)  # the two greys, and the square size below, that show transparency in grids
 CHECKER_SQUARE = 4
+# uint8 levels: a decoded alpha this close to 0 or 255 is written as exactly transparent or opaque (snap_alpha)
+ALPHA_SNAP = 3
 
 
 def to_unit(pixels: torch.Tensor) -> torch.Tensor:
@@ -31,8 +33,24 @@ def to_unit(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Float images nominally in [-1, 1] -> uint8 pixels (clamped, rounded), on the CPU."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    """Float images nominally in [-1, 1] -> uint8 pixels (clamped, rounded), on the CPU; a batch of RGBA images
+    (B, 4, H, W) has its alpha snapped (snap_alpha)."""
+    pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    return snap_alpha(pixels) if pixels.dim() == 4 and pixels.shape[1] == 4 else pixels
+
+
+def snap_alpha(pixels: torch.Tensor, levels: int = ALPHA_SNAP) -> torch.Tensor:
+    """uint8 RGBA images (B, 4, H, W) with every alpha within `levels` of 0 or 255 made exactly 0 or 255, and the
+    colour of the pixels made transparent set to 0, as files are read (module docstring).
+
+    Why: a decoder regresses alpha, so a background that should be transparent comes out at 1-3 rather than 0 where
+    the output hovers just above zero (emoji64 samples: 8 % of all pixels at alpha 1-3, the data 0.6 %). Invisible
+    on any background (at most 1.2 % of a colour), such a haze still makes a sprite's background "not transparent"
+    to every tool that trims, masks or tests alpha > 0. Three levels change no visible pixel."""
+    alpha = pixels[:, 3]
+    snapped = torch.where(alpha <= levels, 0, torch.where(alpha >= 255 - levels, 255, alpha)).to(torch.uint8)
+    colour = pixels[:, :3] * (snapped > 0).unsqueeze(1)
+    return torch.cat([colour, snapped.unsqueeze(1)], dim=1)
 
 
 class UnreadableImageError(EncdiffError):

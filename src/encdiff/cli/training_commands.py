@@ -49,20 +49,24 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
 
         check_alpha_weights(config.alpha_weight, config.alpha_edge_weight, config.channels)
     check_writable_folder(Path(config.run_dir), "--run-dir")
-    if args.dry_run:
-        checkpoint = latest_training_state(config.run_dir)
-        if checkpoint is not None:  # the config the resume trains, not the one the command alone would
-            from ..training.budget import resumed_config
-            from ..training.state import training_state_meta
+    checkpoint = latest_training_state(config.run_dir)
+    if checkpoint is not None:
+        # Said before training as well as in a dry run: the screen above shows the planned steps and decay, but a
+        # resumed time-budget run trains the ones its budget fitted (Run.resume adopts them the same way).
+        from ..training.budget import resumed_config
+        from ..training.state import training_state_meta
 
-            meta = training_state_meta(checkpoint)
-            config, adopted, _ = resumed_config(config, meta)
-            taken = ", ".join(f"{field} {value}" for field, value in adopted.items())
-            print(f"encdiff: {config.run_dir} holds a checkpoint at step {meta.get('step')}: the run resumes from it"
-                  + (f", with its time budget's {taken}" if taken else ""), file=sys.stderr)
+        meta = training_state_meta(checkpoint)
+        resumed, adopted, _ = resumed_config(config, meta)
+        taken = ", ".join(f"{field} {value}" for field, value in adopted.items())
+        print(f"encdiff: {config.run_dir} holds a checkpoint at step {meta.get('step')}: the run resumes from it"
+              + (f", with its time budget's {taken}" if taken else ""), file=sys.stderr)
+        if args.dry_run:  # the config the resume trains, not the one the command alone would
+            config = resumed
+    if args.dry_run:
         print(json.dumps({"stage": stage, **config_to_json(config)}, indent=2))
         return 0
-    if args.resume and latest_training_state(config.run_dir) is None:
+    if args.resume and checkpoint is None:
         raise EncdiffError(f"--resume: no complete checkpoint in {config.run_dir}")
     train = {"autoencoder": train_autoencoder, "diffusion": train_diffusion, "consistency": train_consistency,
              "light_decoder": train_light_decoder}[stage]
