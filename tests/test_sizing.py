@@ -149,6 +149,21 @@ def test_the_diffusion_plan_takes_its_shape_from_the_autoencoder(tmp_path):
     assert len(plan.values["model_overrides"]["block_out_channels"]) == 4  # 16x16 latents: 16, 8, 4, 2
 
 
+def test_the_unet_draws_strongly_unbalanced_classes_equally_often_and_a_flag_keeps_the_proportions():
+    ae = Autoencoder(AutoencoderConfig(**{**autoencoder_model(64)["model_overrides"], "sample_size": 64,
+                                          "norm_num_groups": 16}))
+    emoji = survey(class_counts={"activities": 170, "people": 4522, "smileys": 338})
+    plan = plan_for_folder(emoji, "diffusion", ae)
+    assert plan.values["balance_classes"] is True and any("27x" in line for line in plan.lines)
+    assert load_config(None, None, "diffusion", {}, base=plan.values).balance_classes is True
+    assert load_config(None, None, "diffusion", {"balance_classes": False}, base=plan.values).balance_classes is False
+    # below the ratio, a flat folder, and the autoencoder stage: the data's proportions
+    for counts in ({"a": 100, "b": 399}, {}):
+        plan = plan_for_folder(survey(class_counts=counts), "diffusion", ae)
+        assert "balance_classes" not in plan.values and not any("equally" in line for line in plan.lines)
+    assert "balance_classes" not in plan_for_folder(emoji, "autoencoder").values
+
+
 def test_two_commands_with_no_preset_train_on_transparent_icons_and_sample_rgba(tmp_path):
     data = icons(tmp_path / "icons", n=4, size=(32, 32))
     ae = run_encdiff(["train-autoencoder", str(data), "--run-dir", str(tmp_path / "ae"), "--steps", "2",

@@ -21,6 +21,11 @@ modes, read from the headers only), and these rules, the only place they are wri
                 32: 5), widths 64/128/128..., attention at 4x4 cells and below; bf16 autocast as for the
                 autoencoder (1.7x faster steps on 16x16 latents)
     steps       the autoencoder 30 epochs, the U-Net 100 epochs, each within the bounds below
+    balance     the U-Net draws every class equally often when the largest class has at least 4x the images of
+                the smallest (emoji64, 170 to 4,522 per class, 40 minutes: a held-out-trained classifier recognised
+                the samples as their class at 0.75 on average against 0.65 unbalanced, the smallest class 0.27
+                against 0.09, at a recall of 0.35 against 0.46 in that classifier's features; `--no-balance-classes`
+                keeps the data's proportions)
 
 Stated on one screen before training (`--dry-run` shows it and stops); any flag or config field overrides a choice.
 """
@@ -49,6 +54,7 @@ AUTOENCODER_EPOCHS, AUTOENCODER_STEPS = 30, (1000, 20000)
 DIFFUSION_EPOCHS, DIFFUSION_STEPS = 100, (2000, 100000)
 AUTOENCODER_BATCH, DIFFUSION_BATCH = 64, 128
 NON_SQUARE_SHARE = 0.25  # the share of non-square images from which a folder trains with aspect-ratio buckets
+BALANCE_RATIO = 4  # largest / smallest class from which the U-Net draws the classes equally often
 
 
 @dataclass(frozen=True)
@@ -222,6 +228,11 @@ def plan_for_folder(survey: FolderSurvey, stage: str, autoencoder=None, resoluti
                        loss_options={"p_mean": -0.5, "p_std": 1.2}, phema_every=max(1, steps // 32))
     plan.values.update(machine_bf16())
     buckets_line(plan, survey, res, autoencoder.downsample_factor)
+    counts = sorted(survey.class_counts.values())
+    if len(counts) > 1 and counts[-1] >= BALANCE_RATIO * counts[0]:
+        plan.values["balance_classes"] = True
+        say(f"classes drawn equally often (the largest has {counts[-1] / counts[0]:.0f}x the images of the "
+            f"smallest; --no-balance-classes keeps the data's proportions)")
     levels = model["model_overrides"]["block_out_channels"]
     say(f"U-Net: EDM2 magnitude-preserving on {side}x{side}x{autoencoder.latent_channels} latents (the "
         f"autoencoder's, at {res} px), widths {'/'.join(map(str, levels))}, learned per-sigma weighting"
