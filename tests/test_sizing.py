@@ -169,6 +169,8 @@ def test_two_commands_with_no_preset_train_on_transparent_icons_and_sample_rgba(
     ae = run_encdiff(["train-autoencoder", str(data), "--run-dir", str(tmp_path / "ae"), "--steps", "2",
                       "--batch-size", "4", "--sample-every", "0", "--checkpoint-every", "2"])
     assert "channels 4 (most images are transparent)" in ae.stderr
+    # the flags' values are said beside the data's choices they replace
+    assert "given instead: steps 2 (the data's: 1000), batch_size 4 (the data's: 64)" in ae.stderr
     assert json.loads((tmp_path / "ae" / "model" / "config.json").read_text())["config"]["in_channels"] == 4
     run_encdiff(["train", str(data), "--autoencoder", str(tmp_path / "ae" / "model"), "--run-dir",
                  str(tmp_path / "ldm"), "--steps", "2", "--batch-size", "4", "--sample-every", "2",

@@ -37,8 +37,13 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
         plan = plan_for_folder(survey_folder(args.data, exclude=(Path(config.run_dir),)), stage, autoencoder,
                                resolution=overrides.get("resolution"), channels=overrides.get("channels"))
         config = load_config(args.config, None, stage, overrides, base=plan.values)
+        # The lines above say the data's choices; what a flag or config file changed is said apart, so the screen
+        # never shows a value the run will not train with as the last word.
+        trained = json.loads(json.dumps(config_to_json(config)))
+        given = [f"{field} {json.dumps(trained[field])} (the data's: {json.dumps(value)})"
+                 for field, value in json.loads(json.dumps(plan.values)).items() if trained.get(field) != value]
         print("encdiff: sized from the data (any flag overrides a choice; --dry-run shows the whole config):\n  "
-              + "\n  ".join(plan.lines), file=sys.stderr)
+              + "\n  ".join(plan.lines + ([f"given instead: {', '.join(given)}"] if given else [])), file=sys.stderr)
     if stage == "consistency" and config.teacher:  # the student's size, channels and buckets are its teacher's
         from ..training.distillation import teacher_defaults
 
