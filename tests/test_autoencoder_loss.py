@@ -248,6 +248,38 @@ def test_decoder_only_fine_tune_keeps_the_latent_space_bit_for_bit(image_folder,
         assert torch.equal(tuned.encode(x), base.encode(x))
 
 
+def test_latent_noise_is_added_in_the_unets_units_before_decoding(base_autoencoder):
+    ae = Autoencoder.from_pretrained(base_autoencoder)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    side = 16 // ae.config.downsample_factor
+    noise = 0.3 * torch.randn(2, ae.config.latent_channels, side, side)
+    with torch.no_grad():
+        noisy, _ = ae(x, sample_posterior=False, latent_noise=noise)
+        clean, _ = ae(x, sample_posterior=False)
+        torch.testing.assert_close(noisy, ae.decode(ae.encode(x) + noise))
+        assert not torch.allclose(noisy, clean)
+
+
+def test_decoder_only_fine_tune_with_latent_noise_resumes_bit_for_bit_and_learns_otherwise(
+        image_folder, base_autoencoder, tmp_path):
+    """The noise is drawn from the run's checkpointed stream (2 + 2 steps equal 4); it changes what the decoder
+    learns, never the encoder."""
+    base = dict(data=str(image_folder), init=str(base_autoencoder), decoder_only=True, checkpoint_every=2,
+                keep_last=5, lr=1e-2, **COMMON)
+    noisy = train_autoencoder(TrainConfig(run_dir=str(tmp_path / "whole"), steps=4, latent_noise=0.5, **base))
+    train_autoencoder(TrainConfig(run_dir=str(tmp_path / "parts"), steps=2, latent_noise=0.5, **base))
+    train_autoencoder(TrainConfig(run_dir=str(tmp_path / "parts"), steps=4, latent_noise=0.5, **base))
+    plain = train_autoencoder(TrainConfig(run_dir=str(tmp_path / "plain"), steps=4, **base))
+    whole = load_file(str(latest_training_state(tmp_path / "whole") / "state.safetensors"))
+    parts = load_file(str(latest_training_state(tmp_path / "parts") / "state.safetensors"))
+    for key in whole:
+        assert torch.equal(whole[key], parts[key]), key
+    noisy, plain, init = (Autoencoder.from_pretrained(p) for p in (noisy, plain, base_autoencoder))
+    assert not torch.equal(noisy.decoder.conv_out.weight, plain.decoder.conv_out.weight)
+    for key, value in init.encoder.state_dict().items():
+        assert torch.equal(noisy.encoder.state_dict()[key], value), key
+
+
 def test_decoder_only_needs_init_and_init_excludes_model():
     with pytest.raises(EncdiffError, match="'decoder_only'.*--init"):
         TrainConfig(decoder_only=True)
@@ -255,6 +287,11 @@ def test_decoder_only_needs_init_and_init_excludes_model():
         TrainConfig(init="ae", model="tiny")
     with pytest.raises(EncdiffError, match="'adv_weight' = -1"):
         TrainConfig(adv_weight=-1)
+    # latent noise is measured in a fixed latent space: a decoder-only fine-tune's
+    with pytest.raises(EncdiffError, match="'latent_noise' = 0.5: needs decoder_only"):
+        TrainConfig(latent_noise=0.5)
+    with pytest.raises(EncdiffError, match="latent_noise"):
+        TrainConfig(latent_noise=-0.1, init="ae", decoder_only=True)
 
 
 def test_gan_run_resumes_bit_for_bit(image_folder, tmp_path):

@@ -149,6 +149,22 @@ def test_the_diffusion_plan_takes_its_shape_from_the_autoencoder(tmp_path):
     assert len(plan.values["model_overrides"]["block_out_channels"]) == 4  # 16x16 latents: 16, 8, 4, 2
 
 
+def test_an_autoencoder_run_from_init_keeps_its_models_shape_and_takes_the_rest_from_the_rules():
+    """A fine-tune (`--init`, e.g. decoder-only) has its model: the plan takes resolution and channels from it and
+    names no model, so the run is sized like a fresh one (lr, SSIM, bf16) without a preset the init would refuse."""
+    init = Autoencoder(AutoencoderConfig(**{**autoencoder_model(64)["model_overrides"], "sample_size": 64,
+                                            "in_channels": 4, "out_channels": 4, "latent_channels": 8,
+                                            "norm_num_groups": 16}))
+    plan = plan_for_folder(survey(short_side=128, alpha=0.0), "autoencoder", init)
+    assert plan.values["resolution"] == 64 and plan.values["channels"] == 4
+    assert "model" not in plan.values and "model_overrides" not in plan.values
+    assert plan.values["ssim_weight"] == 0.2 and plan.values["adv_weight"] == 0.0  # f = 4: no GAN
+    assert any("the init autoencoder's" in line for line in plan.lines)
+    assert any("16x16x8 latents" in line for line in plan.lines)
+    config = load_config(None, None, "autoencoder", {"init": "some/folder", "decoder_only": True}, base=plan.values)
+    assert (config.resolution, config.channels, config.model) == (64, 4, "")
+
+
 def test_the_unet_draws_strongly_unbalanced_classes_equally_often_and_a_flag_keeps_the_proportions():
     ae = Autoencoder(AutoencoderConfig(**{**autoencoder_model(64)["model_overrides"], "sample_size": 64,
                                           "norm_num_groups": 16}))

@@ -220,10 +220,14 @@ class Autoencoder(Pretrained, nn.Module):
         return images
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
-                sample_posterior: bool = True, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
-        """Training pass: reconstruction from a posterior sample (or its mode), and the posterior."""
+                sample_posterior: bool = True, noise: torch.Tensor | None = None,
+                latent_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """Training pass: reconstruction from a posterior sample (or its mode), and the posterior. `latent_noise`, in
+        the normalised latents' units (those the U-Net sees), is added to the sample before it is decoded."""
         posterior = self.posterior(images)
         z = posterior.sample(generator, noise) if sample_posterior else posterior.mode()
+        if latent_noise is not None:
+            z = z + latent_noise.to(z) / self.config.scaling_factor
         return self.decode_raw(z), posterior
 
     def _check_images(self, images: torch.Tensor) -> None:

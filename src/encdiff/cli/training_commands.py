@@ -25,7 +25,7 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
         raise EncdiffError("give exactly one of --autoencoder MODEL (latent diffusion) or --pixel")
     overrides = train_overrides(args, stage)
     config = load_config(args.config, args.preset, stage, overrides)
-    if stage in ("autoencoder", "diffusion") and not config.model and not config.init:
+    if stage in ("autoencoder", "diffusion") and not config.model:
         if stage == "diffusion" and args.pixel:
             raise EncdiffError("no model: pass --model NAME or --preset NAME (pixel-space U-Nets are not sized "
                                "from the data; latent diffusion is, with --autoencoder MODEL)")
@@ -33,7 +33,9 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
         from ..autoencoder import Autoencoder
         from ..training.sizing import plan_for_folder, survey_folder
 
-        autoencoder = Autoencoder.from_pretrained(config.autoencoder) if stage == "diffusion" else None
+        # The diffusion stage's autoencoder, or the one an autoencoder run starts from: they fix size and channels.
+        given = config.autoencoder if stage == "diffusion" else config.init
+        autoencoder = Autoencoder.from_pretrained(given) if given else None
         plan = plan_for_folder(survey_folder(args.data, exclude=(Path(config.run_dir),)), stage, autoencoder,
                                resolution=overrides.get("resolution"), channels=overrides.get("channels"))
         config = load_config(args.config, None, stage, overrides, base=plan.values)

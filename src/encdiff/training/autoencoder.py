@@ -73,9 +73,17 @@ def _train_autoencoder(config: TrainConfig) -> Path:
     def loss(model, x, labels):
         B, C, H, W = x.shape
         rank, world_size = run.shard
-        noise = torch.randn((B * world_size, ae_config.latent_channels, H // f, W // f),
-                            generator=run.generators["noise"], device=x.device)[rank::world_size]
-        reconstruction, posterior = model(x, noise=noise)
+        shape = (B * world_size, ae_config.latent_channels, H // f, W // f)
+        noise = torch.randn(shape, generator=run.generators["noise"], device=x.device)[rank::world_size]
+        extra = None
+        if config.latent_noise:
+            # The decoder meets latents off the encoder's manifold as a sampler leaves them (its posterior's own
+            # noise is ~0.006 of the latents' spread: emoji64): sigma ~ U(0, latent_noise) per image, drawn for the
+            # global batch as the posterior's noise is, so every rank count trains alike.
+            gen = run.generators["noise"]
+            sigma = config.latent_noise * torch.rand((B * world_size, 1, 1, 1), generator=gen, device=x.device)
+            extra = (sigma * torch.randn(shape, generator=gen, device=x.device))[rank::world_size]
+        reconstruction, posterior = model(x, noise=noise, latent_noise=extra)
         return objective.loss(x, reconstruction, posterior, run.step >= run.config.adv_start,
                               run.wrapped.get("discriminator"))
 

@@ -79,6 +79,7 @@ class TrainConfig:
     teacher_weight: float = 1.0  # light decoder: weight of the L1 distance to the full decoder's output
     init: str | None = None  # autoencoder folder to start from (its config replaces model / model_overrides)
     decoder_only: bool = False  # with init: train the decoder only; encoder, posterior and latent scale/shift frozen
+    latent_noise: float = 0.0  # decoder-only: decode latents + sigma * noise, sigma ~ U(0, this) in the U-Net's units
     # stage 2: diffusion
     backbone: str = "unet"  # "unet" (ADM-style, presets.UNETS) or "edm2" (magnitude-preserving, presets.MP_UNETS)
     uncertainty: bool = False  # weigh the loss by the backbone's learned u(sigma) (EDM2 eq. 8; edm2 backbone)
@@ -129,7 +130,7 @@ class TrainConfig:
         check_number(self.label_dropout, "label_dropout", minimum=0, below=1)
         check_number(self.time_budget, "time_budget", positive=True, optional=True)
         for name in ("weight_decay", "grad_clip", "kl_weight", "ssim_weight", "fft_weight", "adv_weight", "fm_weight",
-                     "teacher_weight"):
+                     "teacher_weight", "latent_noise"):
             check_number(getattr(self, name), name, minimum=0)
         check_number(self.alpha_weight, "alpha_weight", positive=True)
         check_number(self.alpha_edge_weight, "alpha_edge_weight", positive=True)
@@ -175,6 +176,11 @@ class TrainConfig:
         if self.decoder_only and not self.init:
             raise EncdiffError("config field 'decoder_only' = true needs 'init': the autoencoder whose decoder "
                                "is fine-tuned (--init MODEL)")
+        if self.latent_noise and not self.decoder_only:
+            # Only a frozen encoder keeps the latents' scale where the noise is measured against; a trained one
+            # would outgrow any fixed noise (and the scale is measured after training).
+            raise EncdiffError(f"config field 'latent_noise' = {self.latent_noise}: needs decoder_only = true "
+                               "(--decoder-only --init MODEL), a decoder fine-tune in a fixed latent space")
         if self.init and (self.model or self.model_overrides):
             raise EncdiffError(f"config fields 'init' = {self.init!r} and 'model' = {self.model!r} / "
                                "'model_overrides': give one (the init folder's config is the model's)")
@@ -209,7 +215,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 STAGE_ONLY = {
     "autoencoder": frozenset({"recon_loss", "kl_weight", "ssim_weight", "fft_weight", "alpha_weight",
                               "alpha_edge_weight", "adv_weight", "adv_start", "fm_weight", "disc_lr", "disc_channels",
-                              "disc_layers", "init", "decoder_only", "model", "model_overrides"}),
+                              "disc_layers", "init", "decoder_only", "latent_noise", "model", "model_overrides"}),
     "diffusion": frozenset({"autoencoder", "backbone", "uncertainty", "denoiser", "prediction", "train_schedule", "noise_level", "weighting",
                             "sigma_data", "loss_options", "label_dropout", "eval_every", "eval_samples",
                             "model", "model_overrides"}),

@@ -185,30 +185,38 @@ def bf16_said(plan: Plan) -> str:
 def plan_for_folder(survey: FolderSurvey, stage: str, autoencoder=None, resolution: int | None = None,
                     channels: int | None = None) -> Plan:
     """The defaults of `stage` ("autoencoder" or "diffusion") for a surveyed folder. `resolution` and `channels`,
-    when the user gave them, replace the rule's; a diffusion stage takes both from its autoencoder."""
+    when the user gave them, replace the rule's; a diffusion stage takes both from its `autoencoder`, and so does an
+    autoencoder stage that starts from one (`--init`: its model is that autoencoder's, the rest is the rule's)."""
     plan = Plan()
     say = plan.lines.append
     say(f"data: {count(survey.images, 'image')}; {survey.classes_line()}")
     say(f"  sizes: median shorter side {survey.short_side} px, median aspect {survey.aspect:.2f} (sampled "
         f"{survey.sampled}); transparency in {survey.alpha:.0%}, grayscale {survey.grayscale:.0%}")
     if stage == "autoencoder":
+        init = autoencoder
+        if init is not None:
+            resolution, channels = init.config.sample_size, init.config.in_channels
         res = resolution or default_resolution(survey.short_side)
         ch = channels or default_channels(survey)
-        why_res = "given" if resolution else f"the median shorter side {survey.short_side} rounded down to a " \
-            f"multiple of {MULTIPLE}, within {MIN_RESOLUTION}..{MAX_RESOLUTION}"
-        why_ch = "given" if channels else ("most images are transparent" if ch == 4 else
-                                           "every image is grayscale" if ch == 1 else "colour, no transparency")
+        why_res = "the init autoencoder's" if init else "given" if resolution else \
+            f"the median shorter side {survey.short_side} rounded down to a multiple of {MULTIPLE}, within " \
+            f"{MIN_RESOLUTION}..{MAX_RESOLUTION}"
+        why_ch = "the init autoencoder's" if init else "given" if channels else (
+            "most images are transparent" if ch == 4 else "every image is grayscale" if ch == 1 else
+            "colour, no transparency")
         steps = epochs_to_steps(survey.images, AUTOENCODER_BATCH, AUTOENCODER_EPOCHS, AUTOENCODER_STEPS)
-        model = autoencoder_model(res)
-        f = downsampling(res)
+        model = {} if init else autoencoder_model(res)
+        f = init.downsample_factor if init else downsampling(res)
         plan.values.update(resolution=res, channels=ch, **model, steps=steps, batch_size=AUTOENCODER_BATCH, lr=5e-4,
                            warmup_steps=100, ssim_weight=0.2, adv_weight=0.5 if gan(f) else 0.0,
                            adv_start=steps // 4, fm_weight=1.0, disc_lr=2e-4, disc_channels=32)
         plan.values.update(machine_bf16())
         say(f"resolution {res} ({why_res}); channels {ch} ({why_ch})")
         buckets_line(plan, survey, res, f)
-        say(f"autoencoder: f = {f} -> {res // f}x{res // f}x16 latents, widths "
-            f"{'/'.join(map(str, model['model_overrides']['block_out_channels']))}; L1 + 0.2 SSIM"
+        widths = init.config.block_out_channels if init else model["model_overrides"]["block_out_channels"]
+        latent_channels = init.config.latent_channels if init else model["model_overrides"]["latent_channels"]
+        say(f"autoencoder{' (the init one)' if init else ''}: f = {f} -> {res // f}x{res // f}x{latent_channels} "
+            f"latents, widths {'/'.join(map(str, widths))}; L1 + 0.2 SSIM"
             + (f", PatchGAN and feature matching from step {steps // 4}" if gan(f) else
                f" (no GAN at f = 4: it held the reconstruction back; --adv-weight 0.5 adds it from step "
                  f"{steps // 4})")
