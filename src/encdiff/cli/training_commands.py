@@ -34,8 +34,8 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
         from ..training.sizing import plan_for_folder, survey_folder
 
         # The diffusion stage's autoencoder, or the one an autoencoder run starts from: they fix size and channels.
-        given = config.autoencoder if stage == "diffusion" else config.init
-        autoencoder = Autoencoder.from_pretrained(given) if given else None
+        source = config.autoencoder if stage == "diffusion" else config.init
+        autoencoder = Autoencoder.from_pretrained(source) if source else None
         plan = plan_for_folder(survey_folder(args.data, exclude=(Path(config.run_dir),)), stage, autoencoder,
                                resolution=overrides.get("resolution"), channels=overrides.get("channels"))
         config = load_config(args.config, None, stage, overrides, base=plan.values)
