@@ -284,6 +284,8 @@ def test_eval_generator_writes_every_metric_and_setting(tmp_path, reference_fold
     settings = result["settings"]
     assert (settings["num_samples"], settings["sampler"], settings["steps"], settings["seed"]) == (260, "ddim", 2, 0)
     assert settings["classes"] == ["cat", "ship"] and settings["reference_images"] == 270
+    # the reference holds 90 images of each class: drawn in its proportions, the two requested classes come out even
+    assert settings["class_mix"] == "reference" and settings["samples_per_class"] == {"cat": 130, "ship": 130}
     assert list((tmp_path / "cache").glob("reference-*.safetensors"))
     assert "| sampler | ddim |" in (out / "metrics.md").read_text()
 
@@ -434,3 +436,85 @@ def test_eval_of_an_rgba_autoencoder_reads_the_folder_with_its_alpha(tmp_path):
     result = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert {"psnr_colour", "psnr_alpha"} <= set(result) and result["settings"]["num_images"] == 5
     assert 0 < result["alpha_edge_pixels"] < 1 and result["psnr_alpha_edges_pooled"] > 0
+
+
+# --- which classes a class-conditional generator is evaluated with --------------------------------------
+def test_class_labels_cycle_when_even_and_interleave_in_proportion():
+    from encdiff.evaluate import class_labels
+
+    # equal weights: the plain cycle, so a balanced reference (CIFAR-10's test split) keeps every published number
+    assert class_labels(7, [2, 0, 1]).tolist() == [2, 0, 1, 2, 0, 1, 2]
+    assert class_labels(6, [0, 1, 2], [5, 5, 5]).tolist() == [0, 1, 2, 0, 1, 2]
+    labels = class_labels(100, [0, 1, 2], [60, 30, 10])
+    assert torch.bincount(labels).tolist() == [60, 30, 10]
+    for i in range(1, 101):  # every prefix is within one image per class of its share: no class waits for the end
+        counts = torch.bincount(labels[:i], minlength=3).double()
+        assert (counts - i * torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)).abs().max() < 1
+    assert class_labels(9, [0, 1], [0, 4]).tolist() == [1] * 9  # a class the reference lacks is never drawn
+
+
+def _stats(class_counts=None):
+    from encdiff.evaluate import ReferenceStats
+
+    return ReferenceStats(torch.zeros(4, 2), torch.zeros(2, dtype=torch.float64),
+                          torch.eye(2, dtype=torch.float64), "k", "ref/", 32, class_counts)
+
+
+def test_class_mix_follows_the_reference_where_it_knows_the_classes():
+    from encdiff.errors import EncdiffError
+    from encdiff.evaluate import class_weights
+
+    names = ["cat", "dog", "fox"]
+    counts = {"cat": 10, "dog": 30, "fox": 0, "owl": 5}
+    assert class_weights(None, names, [0, 1], _stats(counts)) == ("reference", [10, 30])
+    assert class_weights("even", names, [0, 1], _stats(counts)) == ("even", None)
+    assert class_weights(None, names, [0, 1], _stats()) == ("even", None)  # a flat folder or an old statistics file
+    assert class_weights(None, names, [0, 1], _stats({"owl": 5})) == ("even", None)  # other classes: no proportions
+    with pytest.raises(EncdiffError, match=r"--class-mix reference: the reference ref/ has no images of class dog"):
+        class_weights("reference", names, [0, 1], _stats({"cat": 3}))
+    with pytest.raises(EncdiffError, match=r"no images of the requested classes fox"):
+        class_weights("reference", names, [2], _stats(counts))
+    with pytest.raises(EncdiffError, match=r"--class-mix 'most'"):
+        class_weights("most", names, [0], _stats(counts))
+
+
+def test_reference_statistics_keep_their_class_counts(tmp_path):
+    from encdiff.evaluate import ReferenceStats, reference_stats
+
+    stats = _stats({"cat": 3, "dog": 1})
+    assert ReferenceStats.load(stats.save(tmp_path / "r.safetensors")).class_counts == {"cat": 3, "dog": 1}
+    assert ReferenceStats.load(_stats().save(tmp_path / "n.safetensors")).class_counts is None
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    first = reference_stats(images, cache_dir=tmp_path)
+    assert first.class_counts is None
+    again = reference_stats(images, cache_dir=tmp_path, class_counts={"a": 12})  # the cached features, labelled now
+    assert again.key == first.key and again.class_counts == {"a": 12}
+    assert reference_stats(images, cache_dir=tmp_path).class_counts == {"a": 12}
+
+
+def test_eval_draws_an_unbalanced_reference_in_its_proportions(tmp_path, capsys):
+    from encdiff import UNet, UNetConfig, cli
+    from encdiff.autoencoder import AUTOENCODERS, Autoencoder
+    from encdiff.pipeline import DenoiserSpec, Generator
+
+    ref = tmp_path / "ref"
+    for name, n in (("airplane", 40), ("cat", 160), ("ship", 20)):
+        write_folder(ref / name, n, seed=len(name))
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(block_out_channels=(8, 16), attention_levels=(False, False), layers_per_block=1,
+                           norm_num_groups=4, sample_size=32, num_classes=3))
+    Generator(unet, DenoiserSpec(kind="vp"), class_names=CLASSES).save_pretrained(tmp_path / "gen")
+    common = ["eval", str(tmp_path / "gen"), "--reference", str(ref), "--workers", "0", "--num", "220", "--steps", "1",
+              "--sampler", "ddim", "--batch-size", "110", "--kid-subsets", "2"]
+    assert cli.main([*common, "--out", str(tmp_path / "data")]) == 0
+    settings = json.loads((tmp_path / "data" / "metrics.json").read_text())["settings"]
+    assert settings["class_mix"] == "reference"
+    assert settings["samples_per_class"] == {"airplane": 40, "cat": 160, "ship": 20}
+    assert cli.main([*common, "--class-mix", "even", "--out", str(tmp_path / "even")]) == 0
+    settings = json.loads((tmp_path / "even" / "metrics.json").read_text())["settings"]
+    assert settings["class_mix"] == "even" and set(settings["samples_per_class"].values()) == {73, 74}
+    # the flag means nothing for an autoencoder: said, not ignored
+    Autoencoder(AUTOENCODERS["tiny"]).save_pretrained(tmp_path / "ae")
+    assert cli.main(["eval", str(tmp_path / "ae"), "--reference", str(ref), "--class-mix", "even",
+                     "--out", str(tmp_path / "ae-eval")]) == 2
+    assert "--class-mix: " in capsys.readouterr().err and not (tmp_path / "ae-eval").exists()

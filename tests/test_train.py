@@ -474,6 +474,11 @@ def test_periodic_evaluation_logs_fid_and_keeps_the_best_generator(tmp_path):
     assert all(np.isfinite(r["fid"]) and np.isfinite(r["kid_mean"]) and 0 <= r["precision"] <= 1 for r in evals)
     best = json.loads((tmp_path / "run" / "best" / "metrics.json").read_text())
     assert best["fid"] == min(r["fid"] for r in evals)
+    # the reference knows its classes, so the samples are drawn in its proportions (here: even)
+    assert best["settings"]["class_mix"] == "reference"
+    from encdiff.evaluate import ReferenceStats
+    stats, = (ReferenceStats.load(f) for f in (tmp_path / "run" / "cache").glob("reference-*.safetensors"))
+    assert stats.class_counts == {"c0": 100, "c1": 100, "c2": 100}
     Generator.from_pretrained(tmp_path / "run" / "best")
 
 

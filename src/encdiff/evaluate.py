@@ -90,13 +90,18 @@ class ReferenceStats:
     key: str  # sha256 of (feature net, images)
     source: str  # where the images came from (for the report)
     resolution: int  # the images' size: samples must match it
+    # images per class name in the reference (a folder with class subfolders); None: unknown. A class-conditional
+    # generator is evaluated with its classes in these proportions, as the reference holds them.
+    class_counts: dict[str, int] | None = None
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_tensors({"features": self.features, "mu": self.mu, "sigma": self.sigma}, path,
-                            metadata={"encdiff_class": "ReferenceStats", "key": self.key, "source": self.source,
-                                      "resolution": str(self.resolution)})
+        metadata = {"encdiff_class": "ReferenceStats", "key": self.key, "source": self.source,
+                    "resolution": str(self.resolution)}
+        if self.class_counts is not None:
+            metadata["class_counts"] = json.dumps(self.class_counts)
+        atomic_save_tensors({"features": self.features, "mu": self.mu, "sigma": self.sigma}, path, metadata=metadata)
         return path
 
     @classmethod
@@ -110,24 +115,31 @@ class ReferenceStats:
         if meta.get("encdiff_class") != "ReferenceStats" or set(tensors) != {"features", "mu", "sigma"}:
             raise EncdiffError(f"{path}: not an encdiff reference-statistics file (written by `encdiff eval` "
                                "into its --cache-dir)")
+        counts = json.loads(meta["class_counts"]) if "class_counts" in meta else None
         return cls(tensors["features"], tensors["mu"], tensors["sigma"], meta["key"], meta["source"],
-                   int(meta["resolution"]))
+                   int(meta["resolution"]), counts)
 
 
 def reference_stats(images: torch.Tensor, net: torch.nn.Module | None = None, cache_dir: str | os.PathLike | None = None,
-                    source: str = "images", batch_size: int = 250, progress: bool = False) -> ReferenceStats:
+                    source: str = "images", batch_size: int = 250, progress: bool = False,
+                    class_counts: dict[str, int] | None = None) -> ReferenceStats:
     """Features and statistics of uint8 reference images; with `cache_dir`, read from / written to
-    `cache_dir/reference-<key>.safetensors`, the key hashing the image bytes and the feature net's config and weights."""
+    `cache_dir/reference-<key>.safetensors`, the key hashing the image bytes and the feature net's config and weights.
+    `class_counts` (images per class name) are recorded with them: see `ReferenceStats.class_counts`."""
     net = net if net is not None else default_feature_net()
     key = hashlib.sha256((feature_net_identity(net) + images_identity(images)).encode()).hexdigest()
     path = Path(cache_dir) / f"reference-{key[:24]}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
         cached = ReferenceStats.load(path)
         if cached.key == key:
+            if class_counts is not None and cached.class_counts != class_counts:
+                # the features are the images'; the labels come from the folder as it is read now
+                cached.class_counts = class_counts
+                cached.save(path)
             return cached
     features = extract_features(net, images, batch_size, progress, desc="reference features")
     mu, sigma = gaussian_stats(features)
-    stats = ReferenceStats(features, mu, sigma, key, source, images.shape[-1])
+    stats = ReferenceStats(features, mu, sigma, key, source, images.shape[-1], class_counts)
     if path is not None:
         stats.save(path)
     return stats
@@ -173,9 +185,46 @@ def sample_images(generator, n: int, *, batch_size: int = 100, sampling=None, se
             yield batch
 
 
-def balanced_labels(n: int, classes: Sequence[int]) -> torch.Tensor:
-    """Class labels cycling through `classes`: every requested class gets n / len(classes) images."""
-    return torch.tensor([classes[i % len(classes)] for i in range(n)])
+CLASS_MIXES = ("reference", "even")
+
+
+def class_labels(n: int, classes: Sequence[int], weights: Sequence[float] | None = None) -> torch.Tensor:
+    """`n` class labels from `classes` in proportion to `weights` (None: equal), interleaved by smooth weighted
+    round-robin: deterministic, every prefix within one image per class of its share, and with equal weights the
+    plain cycle classes[0], classes[1], ... (so a balanced reference gives the same samples as `even`)."""
+    weights = [1.0] * len(classes) if weights is None else [float(w) for w in weights]
+    total = sum(weights)
+    current = [0.0] * len(classes)
+    labels = []
+    for _ in range(n):
+        current = [c + w for c, w in zip(current, weights)]
+        pick = max(range(len(classes)), key=lambda j: (current[j], -j))  # ties: the first class
+        current[pick] -= total
+        labels.append(classes[pick])
+    return torch.tensor(labels, dtype=torch.int64)
+
+
+def class_weights(class_mix: str | None, generator_classes: Sequence[str], requested: Sequence[int],
+                  reference: ReferenceStats) -> tuple[str, list[int] | None]:
+    """Which mix runs and its weights per requested class. `reference`: the reference's class proportions (the FID
+    then compares like with like on an unbalanced folder); `even`: every requested class equally; None: `reference`
+    where the reference knows the generator's classes, else `even`."""
+    if class_mix not in (None, *CLASS_MIXES):
+        raise EncdiffError(f"--class-mix {class_mix!r}: choose one of {', '.join(CLASS_MIXES)}")
+    counts = reference.class_counts or {}
+    names = [generator_classes[c] if generator_classes else str(c) for c in requested]
+    missing = [name for name in names if name not in counts]
+    if class_mix == "even" or (class_mix is None and (missing or not any(counts.get(n) for n in names))):
+        return "even", None
+    if missing:
+        known = ", ".join(counts) if counts else "none: it is not a folder with class subfolders"
+        raise EncdiffError(f"--class-mix reference: the reference {reference.source} has no images of class "
+                           f"{', '.join(missing)} (its classes: {known}); use --class-mix even")
+    weights = [counts[name] for name in names]
+    if not any(weights):
+        raise EncdiffError(f"--class-mix reference: the reference {reference.source} has no images of the requested "
+                           f"classes {', '.join(names)}; use --class-mix even")
+    return "reference", weights
 
 
 def feature_classes(net: torch.nn.Module, generator_classes: Sequence[str], requested: Sequence[int]) -> list[int] | None:
@@ -194,11 +243,12 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
                        guidance_interval: tuple[float, float] | None = None, guidance_kind: str | None = None,
                        decoder: str | None = None,
                        seed: int = 0,
-                       classes: Sequence[int | str] | None = None, kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE, k: int = PR_K,
+                       classes: Sequence[int | str] | None = None, class_mix: str | None = None, kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE, k: int = PR_K,
                        progress: bool = False) -> dict:
     """Generate `n` images and measure them against `reference`: FID, KID, precision, recall and, for a
-    class-conditional model, the feature net's accuracy per requested class. Unset sampler, steps and guidance are
-    the generator's own (`Generator.settings`; guidance_scale=1 for none). The result also records
+    class-conditional model, the feature net's accuracy per requested class. The classes are drawn in the reference's
+    proportions where it knows them, else equally (`class_mix`, see `class_weights`). Unset sampler, steps and
+    guidance are the generator's own (`Generator.settings`; guidance_scale=1 for none). The result also records
     every setting that produced it. This is the call for periodic evaluation during training, e.g.
 
         stats = reference_stats(dataset.images[idx_2k], cache_dir=run_dir / "eval")  # once
@@ -211,12 +261,16 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
                            "use a reference at the model's resolution (encdiff eval --resolution)")
     check_count(n, min_images_for_fid(reference.features.shape[1]),
                 f"FID in a {reference.features.shape[1]}-d feature space", "--num (samples to generate)")
-    labels, requested = None, []
+    labels, requested, mix = None, [], None
     if generator.num_classes:
         requested = [generator.class_index(c) for c in classes] if classes else list(range(generator.num_classes))
-        labels = balanced_labels(n, requested)
+        mix, weights = class_weights(class_mix, generator.class_names, requested, reference)
+        labels = class_labels(n, requested, weights)
+        requested = [c for c in requested if (labels == c).any()]  # a class the reference lacks is not drawn
     elif classes:
         raise EncdiffError("classes were requested but the model is unconditional: it takes no class")
+    elif class_mix is not None:
+        raise EncdiffError(f"--class-mix {class_mix}: the model is unconditional: it takes no class")
     sampling = generator.settings(labels, sampler=sampler, steps=steps, guidance_scale=guidance_scale, sigmas=sigmas,
                                   guidance_interval=guidance_interval, guidance_kind=guidance_kind, decoder=decoder)
     started = time.perf_counter()
@@ -249,6 +303,9 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
                           "seed": seed, "batch_size": batch_size, "classes": [generator.class_names[c] if
                                                                               generator.class_names else c
                                                                               for c in requested] or None,
+                          "class_mix": mix,
+                          "samples_per_class": {(generator.class_names[c] if generator.class_names else str(c)):
+                                                int((labels == c).sum()) for c in requested} if mix else None,
                           "reference": reference.source, "reference_images": len(reference.features),
                           "reference_key": reference.key, "kid_subsets": kid_subsets,
                           "kid_subset_size": min(kid_subset_size, n, len(reference.features)), "k": k,
@@ -407,6 +464,7 @@ class EvalRequest:
     guidance_kind: str | None = None  # classifier-free or auto (the generator's guide); None: the generator's
     decoder: str | None = None  # full or light (the generator's light decoder); None: the generator's
     classes: str | None = None  # comma-separated class names or indices
+    class_mix: str | None = None  # reference (its class proportions) or even; None: reference where it has them
     seed: int = 0  # sample i uses seed + i; also seeds subsets
     batch_size: int = 100
     resolution: int | None = None  # resize and centre-crop reference (and sample-folder) images to this
@@ -496,11 +554,17 @@ def _load_reference(args: "EvalRequest", net, resolution: int, where: str):
             raise EncdiffError(f"mismatched image sizes: the reference {ref} has {native}x{native} images, {where} "
                                f"{resolution}x{resolution}; pass --resolution {resolution} to resize the reference")
     data = ImageDataset(ref, resolution, cache_dir=args.cache_dir, workers=args.workers)
-    return reference_stats(_reference_subset(data.images, args), net, args.cache_dir, str(ref), progress=True), data
+    counts = None
+    if data.labels is not None:
+        kept = _reference_subset(data.labels, args)
+        counts = {name: int((kept == c).sum()) for c, name in enumerate(data.class_names)}
+    return reference_stats(_reference_subset(data.images, args), net, args.cache_dir, str(ref), progress=True,
+                           class_counts=counts), data
 
 
 def _reference_subset(images: torch.Tensor, args: "EvalRequest") -> torch.Tensor:
-    """The reference images `--reference-num` keeps: a seeded random subset (folders are often ordered by class)."""
+    """The reference images (or their labels) that `--reference-num` keeps: a seeded random subset (folders are
+    often ordered by class)."""
     if args.reference_num is None or args.reference_num >= len(images):
         return images
     keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.reference_num]
@@ -519,6 +583,10 @@ def run_evaluation(args: "EvalRequest") -> tuple[Path, Path]:
         raise EncdiffError("give at most one of --inception and --feature-net")
     net = load_inception(args.inception) if args.inception else FeatureNet.load(args.feature_net)
     common = {"kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size, "k": args.k}
+    if kind != "generator" and (args.classes or args.class_mix):
+        flag = "--classes" if args.classes else "--class-mix"
+        raise EncdiffError(f"{flag}: {target} is {'an autoencoder' if kind == 'autoencoder' else 'a folder of images'}"
+                           ", which draws no classes; the flag is for a generator")
     if kind == "generator":
         from .pipeline import Generator
 
@@ -532,7 +600,8 @@ def run_evaluation(args: "EvalRequest") -> tuple[Path, Path]:
                                              sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
                                              sigmas=args.sigmas, guidance_interval=args.guidance_interval,
                                              guidance_kind=args.guidance_kind, decoder=args.decoder,
-                                             seed=args.seed, classes=classes, progress=True, **common)
+                                             seed=args.seed, classes=classes, class_mix=args.class_mix,
+                                             progress=True, **common)
         if generator.image_channels == 4 and ref_data is not None:
             # the same figure for the reference folder, read with its alpha (FID reads it as RGB on white)
             rgba = ImageDataset(ref_data.root, ref_data.resolution, channels=4, cache_dir=args.cache_dir,

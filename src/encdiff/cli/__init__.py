@@ -217,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=10000, help="samples to generate (autoencoder: images to reconstruct)")
     p.add_argument("--reference-num", type=int, help="use a seeded random subset of this many reference images")
     sampling_flags(p)
-    p.add_argument("--classes", help="comma-separated class names or indices to generate (default: all, balanced)")
+    p.add_argument("--classes", help="comma-separated class names or indices to generate (default: all)")
+    p.add_argument("--class-mix", choices=("reference", "even"),
+                   help="how often each class is drawn: in the reference folder's proportions (the default where the "
+                        "reference has the model's class subfolders) or equally")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i; also seeds subsets")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--resolution", type=int, help="resize and centre-crop reference (and sample folder) images to this")

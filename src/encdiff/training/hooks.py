@@ -49,9 +49,15 @@ def evaluation_hook(config: TrainConfig, dataset: ImageDataset, generator_of: Ca
                               f"{dataset.resolution}x{dataset.resolution} that the generator draws by default",
                               stacklevel=2)
                 return
-            images = dataset.parts[dataset.shapes.index(square)]
+            part = dataset.shapes.index(square)
+            images = dataset.parts[part]
             idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))[:10_000]
-            reference.append(reference_stats(images[idx], cache_dir=run.dir / "cache", source=config.data))
+            counts = None  # the subset's classes: an unbalanced folder is sampled in its proportions, as `eval` does
+            if dataset.labels is not None:
+                kept = dataset.labels[dataset.bucket_of == part][idx]
+                counts = {name: int((kept == c).sum()) for c, name in enumerate(dataset.class_names)}
+            reference.append(reference_stats(images[idx], cache_dir=run.dir / "cache", source=config.data,
+                                              class_counts=counts))
         generator = generator_of(run)
         metrics = evaluate_generator(generator, reference[0], config.eval_samples, seed=0, **sampling)
         row = {"step": run.step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
