@@ -50,9 +50,10 @@ def test_every_resolution_gets_models_that_build_with_latents_of_at_most_32_cell
     ae = AutoencoderConfig(**{**model["model_overrides"], "sample_size": resolution, "in_channels": 4,
                               "out_channels": 4, "norm_num_groups": 16})
     side = resolution // ae.downsample_factor
-    assert 8 <= side <= 32 and ae.latent_channels == 16
+    assert 8 <= side <= 32 and ae.latent_channels == (8 if ae.downsample_factor == 4 else 16)
     unet = unet_model(side)
-    config = MPUNetConfig(**{**unet["model_overrides"], "sample_size": side, "in_channels": 16, "out_channels": 16})
+    config = MPUNetConfig(**{**unet["model_overrides"], "sample_size": side, "in_channels": ae.latent_channels,
+                             "out_channels": ae.latent_channels})
     assert side >> (len(config.block_out_channels) - 1) == 2  # down to 2x2 cells
     assert [side >> i <= 4 for i in range(len(config.attention_levels))] == list(config.attention_levels)
 
@@ -153,14 +154,14 @@ def test_an_autoencoder_run_from_init_keeps_its_models_shape_and_takes_the_rest_
     """A fine-tune (`--init`, e.g. decoder-only) has its model: the plan takes resolution and channels from it and
     names no model, so the run is sized like a fresh one (lr, SSIM, bf16) without a preset the init would refuse."""
     init = Autoencoder(AutoencoderConfig(**{**autoencoder_model(64)["model_overrides"], "sample_size": 64,
-                                            "in_channels": 4, "out_channels": 4, "latent_channels": 8,
+                                            "in_channels": 4, "out_channels": 4, "latent_channels": 12,
                                             "norm_num_groups": 16}))
     plan = plan_for_folder(survey(short_side=128, alpha=0.0), "autoencoder", init)
     assert plan.values["resolution"] == 64 and plan.values["channels"] == 4
     assert "model" not in plan.values and "model_overrides" not in plan.values
     assert plan.values["ssim_weight"] == 0.2 and plan.values["adv_weight"] == 0.0  # f = 4: no GAN
     assert any("the init autoencoder's" in line for line in plan.lines)
-    assert any("16x16x8 latents" in line for line in plan.lines)
+    assert any("16x16x12 latents" in line for line in plan.lines)  # the init's, not the rule's 8
     config = load_config(None, None, "autoencoder", {"init": "some/folder", "decoder_only": True}, base=plan.values)
     assert (config.resolution, config.channels, config.model) == (64, 4, "")
 
