@@ -511,6 +511,7 @@ def test_eval_draws_an_unbalanced_reference_in_its_proportions(tmp_path, capsys)
     settings = json.loads((tmp_path / "data" / "metrics.json").read_text())["settings"]
     assert settings["class_mix"] == "reference"
     assert settings["samples_per_class"] == {"airplane": 60, "cat": 240, "ship": 30}
+    assert "| samples_per_class | airplane 60, cat 240, ship 30 |" in (tmp_path / "data" / "metrics.md").read_text()
     assert cli.main([*common, "--class-mix", "even", "--out", str(tmp_path / "even")]) == 0
     settings = json.loads((tmp_path / "even" / "metrics.json").read_text())["settings"]
     assert settings["class_mix"] == "even" and set(settings["samples_per_class"].values()) == {110}

@@ -429,6 +429,8 @@ def write_report(result: dict, out_dir: str | os.PathLike, title: str) -> tuple[
     atomic_write_bytes(json_path, (json.dumps(clean, indent=2) + "\n").encode())
 
     def fmt(v):
+        if isinstance(v, dict):  # e.g. samples per class: "cat 240, ship 30", not Python's repr
+            return ", ".join(f"{k} {fmt(x)}" for k, x in v.items())
         return f"{v:.4f}" if isinstance(v, float) else ("—" if v is None else str(v))
 
     lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
