@@ -188,6 +188,11 @@ def sample_images(generator, n: int, *, batch_size: int = 100, sampling=None, se
 CLASS_MIXES = ("reference", "even")
 
 
+def class_counts(labels: torch.Tensor, class_names: Sequence[str]) -> dict[str, int]:
+    """Images per class name, from a reference's integer labels (what `ReferenceStats.class_counts` records)."""
+    return {name: int((labels == c).sum()) for c, name in enumerate(class_names)}
+
+
 def class_labels(n: int, classes: Sequence[int], weights: Sequence[float] | None = None) -> torch.Tensor:
     """`n` class labels from `classes` in proportion to `weights` (None: equal), interleaved by smooth weighted
     round-robin: deterministic, every prefix within one image per class of its share, and with equal weights the
@@ -305,7 +310,7 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
                                                                               for c in requested] or None,
                           "class_mix": mix,
                           "samples_per_class": {(generator.class_names[c] if generator.class_names else str(c)):
-                                                int((labels == c).sum()) for c in requested} if mix else None,
+                                                int((labels == c).sum()) for c in requested} if labels is not None else None,
                           "reference": reference.source, "reference_images": len(reference.features),
                           "reference_key": reference.key, "kid_subsets": kid_subsets,
                           "kid_subset_size": min(kid_subset_size, n, len(reference.features)), "k": k,
@@ -556,10 +561,7 @@ def _load_reference(args: "EvalRequest", net, resolution: int, where: str):
             raise EncdiffError(f"mismatched image sizes: the reference {ref} has {native}x{native} images, {where} "
                                f"{resolution}x{resolution}; pass --resolution {resolution} to resize the reference")
     data = ImageDataset(ref, resolution, cache_dir=args.cache_dir, workers=args.workers)
-    counts = None
-    if data.labels is not None:
-        kept = _reference_subset(data.labels, args)
-        counts = {name: int((kept == c).sum()) for c, name in enumerate(data.class_names)}
+    counts = None if data.labels is None else class_counts(_reference_subset(data.labels, args), data.class_names)
     return reference_stats(_reference_subset(data.images, args), net, args.cache_dir, str(ref), progress=True,
                            class_counts=counts), data
 

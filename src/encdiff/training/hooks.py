@@ -38,7 +38,7 @@ def evaluation_hook(config: TrainConfig, dataset: ImageDataset, generator_of: Ca
     reference = []  # the data's feature statistics, computed at the first evaluation
 
     def evaluate(run: Run) -> None:
-        from ..evaluate import evaluate_generator, reference_stats
+        from ..evaluate import class_counts, evaluate_generator, reference_stats
 
         if not reference:
             # A seeded random subset (the data may be ordered by class) of the images of the generator's default
@@ -52,10 +52,9 @@ def evaluation_hook(config: TrainConfig, dataset: ImageDataset, generator_of: Ca
             part = dataset.shapes.index(square)
             images = dataset.parts[part]
             idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))[:10_000]
-            counts = None  # the subset's classes: an unbalanced folder is sampled in its proportions, as `eval` does
-            if dataset.labels is not None:
-                kept = dataset.labels[dataset.bucket_of == part][idx]
-                counts = {name: int((kept == c).sum()) for c, name in enumerate(dataset.class_names)}
+            # the subset's classes: an unbalanced folder is sampled in its proportions, as `eval` does
+            counts = None if dataset.labels is None else class_counts(dataset.labels[dataset.bucket_of == part][idx],
+                                                                      dataset.class_names)
             reference.append(reference_stats(images[idx], cache_dir=run.dir / "cache", source=config.data,
                                               class_counts=counts))
         generator = generator_of(run)
