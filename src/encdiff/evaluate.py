@@ -216,16 +216,18 @@ def class_weights(class_mix: str | None, generator_classes: Sequence[str], reque
     where the reference knows the generator's classes, else `even`."""
     if class_mix not in (None, *CLASS_MIXES):
         raise EncdiffError(f"--class-mix {class_mix!r}: choose one of {', '.join(CLASS_MIXES)}")
+    if class_mix == "even":
+        return "even", None
     counts = reference.class_counts or {}
     names = [generator_classes[c] if generator_classes else str(c) for c in requested]
     missing = [name for name in names if name not in counts]
-    if class_mix == "even" or (class_mix is None and (missing or not any(counts.get(n) for n in names))):
+    weights = [counts.get(name, 0) for name in names]
+    if class_mix is None and (missing or not any(weights)):
         return "even", None
     if missing:
         known = ", ".join(counts) if counts else "none: it is not a folder with class subfolders"
         raise EncdiffError(f"--class-mix reference: the reference {reference.source} has no images of class "
                            f"{', '.join(missing)} (its classes: {known}); use --class-mix even")
-    weights = [counts[name] for name in names]
     if not any(weights):
         raise EncdiffError(f"--class-mix reference: the reference {reference.source} has no images of the requested "
                            f"classes {', '.join(names)}; use --class-mix even")
@@ -248,7 +250,8 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
                        guidance_interval: tuple[float, float] | None = None, guidance_kind: str | None = None,
                        decoder: str | None = None,
                        seed: int = 0,
-                       classes: Sequence[int | str] | None = None, class_mix: str | None = None, kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE, k: int = PR_K,
+                       classes: Sequence[int | str] | None = None, class_mix: str | None = None,
+                       kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE, k: int = PR_K,
                        progress: bool = False) -> dict:
     """Generate `n` images and measure them against `reference`: FID, KID, precision, recall and, for a
     class-conditional model, the feature net's accuracy per requested class. The classes are drawn in the reference's
@@ -309,8 +312,9 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
                                                                               generator.class_names else c
                                                                               for c in requested] or None,
                           "class_mix": mix,
-                          "samples_per_class": {(generator.class_names[c] if generator.class_names else str(c)):
-                                                int((labels == c).sum()) for c in requested} if labels is not None else None,
+                          "samples_per_class": None if labels is None else {
+                              generator.class_names[c] if generator.class_names else str(c): int((labels == c).sum())
+                              for c in requested},
                           "reference": reference.source, "reference_images": len(reference.features),
                           "reference_key": reference.key, "kid_subsets": kid_subsets,
                           "kid_subset_size": min(kid_subset_size, n, len(reference.features)), "k": k,

@@ -15,6 +15,7 @@ import os
 import sys
 
 from ..errors import EncdiffError, TrainingInterrupted
+from ..evaluate import CLASS_MIXES
 from ..compilation import ENV as COMPILE_ENV
 from ..precision import PRECISIONS, inference_precision
 from ..schedules import SCHEDULES
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-num", type=int, help="use a seeded random subset of this many reference images")
     sampling_flags(p)
     p.add_argument("--classes", help="comma-separated class names or indices to generate (default: all)")
-    p.add_argument("--class-mix", choices=("reference", "even"),
+    p.add_argument("--class-mix", choices=CLASS_MIXES,
                    help="how often each class is drawn: in the reference folder's proportions (the default where the "
                         "reference has the model's class subfolders) or equally")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i; also seeds subsets")

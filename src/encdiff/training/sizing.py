@@ -9,17 +9,17 @@ modes, read from the headers only), and these rules, the only place they are wri
     autoencoder downsampling f = 4 up to 64 px, 8 above (latents of 8x8 to 32x32 cells); 8 latent channels at
                 f = 4, 16 at f = 8 (emoji64, 64 px, the autoencoder 90 minutes, the U-Net 40: 8 channels generate
                 better from the same U-Net budget, emoji-net FID and class accuracy, and reconstruct alpha at 31.2 dB
-                against 33.3;
-                16 channels at f = 4, 4,096 numbers for 4,096 pixels, left the U-Net a target it learnt worse);
+                against 33.3; 16 channels at f = 4, 4,096 numbers for 4,096 pixels, left the U-Net a target it
+                learnt worse);
                 widths 32/64/64 (f = 4) or 32/64/128/128 (f = 8), one ResNet block per level; the detail-preserving
                 objective of the bundled model, L1 + 0.2 (1 - SSIM), at every size; the PatchGAN with feature
                 matching from a quarter of the run at f = 8 only (at f = 4 `--adv-weight 0.5` adds it): at f = 4,
                 8 or 16 latent values per 4x4 pixels reconstruct closely, and the GAN held the reconstruction
-                where it stood when it started (emoji64, 64 px, 16 channels, `--time 90m`: the training L1 stayed at 0.07-0.10
-                for the 1,700 GAN steps; without the GAN it fell to 0.03, and alpha PSNR rose from 28.6 to 33.3 dB,
-                colour from 27.0 to 32.3, while the relative rFID fell from 0.14 to 0.03); bf16 autocast where this CPU
-                computes bf16 natively (avx512_bf16 / amx_bf16: 1.8x faster steps measured at 64 px; about 10x
-                slower on one without, so never there), and on CUDA as always; the weights stay float32
+                where it stood when it started (emoji64, 64 px, 16 channels, `--time 90m`: the training L1 stayed at
+                0.07-0.10 for the 1,700 GAN steps; without the GAN it fell to 0.03, and alpha PSNR rose from 28.6 to
+                33.3 dB, colour from 27.0 to 32.3, while the relative rFID fell from 0.14 to 0.03); bf16 autocast where
+                this CPU computes bf16 natively (avx512_bf16 / amx_bf16: 1.8x faster steps measured at 64 px; about
+                10x slower on one without, so never there), and on CUDA as always; the weights stay float32
     U-Net       EDM2's magnitude-preserving backbone with its learned per-sigma weighting and the inverse-square-
                 root rate (the bundled model's recipe); levels down to 2x2 cells (8-cell latents: 3 levels, 16: 4,
                 32: 5), widths 64/128/128..., attention at 4x4 cells and below; bf16 autocast as for the
