@@ -492,6 +492,58 @@ def test_reference_statistics_keep_their_class_counts(tmp_path):
     assert reference_stats(images, cache_dir=tmp_path).class_counts == {"a": 12}
 
 
+def test_eval_of_a_labelled_image_folder_reports_its_class_accuracy(tmp_path, reference_folder):
+    # real images the feature net did not train on give the rate a generator's class accuracy is read against
+    from encdiff import cli
+    from encdiff.data import ImageDataset
+    from encdiff.evaluate import class_accuracy
+    from encdiff.featurenet import FeatureNet
+
+    labelled = tmp_path / "labelled"
+    for name, n in (("airplane", 200), ("ship", 60), ("rock", 20)):  # rock: a class the CIFAR-10 net lacks
+        write_folder(labelled / name, n, seed=len(name))
+    common = ["--reference", str(reference_folder), "--workers", "0", "--kid-subsets", "2"]
+    assert cli.main(["eval", str(labelled), *common, "--out", str(tmp_path / "unknown")]) == 0
+    result = json.loads((tmp_path / "unknown" / "metrics.json").read_text())
+    assert "class_accuracy" not in result  # the net cannot say what a rock is: no figure rather than a wrong one
+    assert result["settings"]["images_per_class"] == {"airplane": 200, "rock": 20, "ship": 60}
+
+    for f in (labelled / "rock").iterdir():
+        f.rename(labelled / "ship" / f"rock-{f.name}")
+    (labelled / "rock").rmdir()
+    assert cli.main(["eval", str(labelled), *common, "--out", str(tmp_path / "known")]) == 0
+    result = json.loads((tmp_path / "known" / "metrics.json").read_text())
+    data = ImageDataset(labelled, 32, workers=0, progress=False)
+    net = FeatureNet.load()
+    expected = class_accuracy(net, data.images, torch.tensor([net.config.class_names.index(data.class_names[c])
+                                                              for c in data.labels.tolist()]), net.config.class_names)
+    assert result["class_accuracy"] == {"airplane": expected["airplane"], "ship": expected["ship"]}
+    assert result["class_accuracy_mean"] == pytest.approx((expected["airplane"] + expected["ship"]) / 2)
+    assert result["settings"]["images_per_class"] == {"airplane": 200, "ship": 80}
+
+    flat = write_folder(tmp_path / "flat", 260, seed=9)
+    assert cli.main(["eval", str(flat), *common, "--out", str(tmp_path / "flat-eval")]) == 0
+    result = json.loads((tmp_path / "flat-eval" / "metrics.json").read_text())
+    assert "class_accuracy" not in result and result["settings"]["images_per_class"] is None
+
+
+@needs_cifar
+def test_held_out_real_images_are_recognised_per_class(cifar, tmp_path):
+    # the folder's class indices are not the net's (bird/cat/dog/ship/truck are 0-4 in the folder, 2/3/5/8/9 in the
+    # net): matched by name, real test images score the net's accuracy, where a mix-up would score about chance
+    from encdiff import cli
+
+    _, _, root = cifar
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    for name in ("bird", "cat", "dog", "ship", "truck"):
+        (subset / name).symlink_to(root / "test" / name)
+    assert cli.main(["eval", str(subset), "--reference", str(root / "train"), "--workers", "0", "--kid-subsets", "2",
+                     "--out", str(tmp_path / "eval")]) == 0
+    accuracy = json.loads((tmp_path / "eval" / "metrics.json").read_text())["class_accuracy"]
+    assert set(accuracy) == {"bird", "cat", "dog", "ship", "truck"} and min(accuracy.values()) > 0.6, accuracy
+
+
 def test_eval_draws_an_unbalanced_reference_in_its_proportions(tmp_path, capsys):
     from encdiff import UNet, UNetConfig, cli
     from encdiff.autoencoder import Autoencoder

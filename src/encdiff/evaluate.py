@@ -244,6 +244,21 @@ def feature_classes(net: torch.nn.Module, generator_classes: Sequence[str], requ
     return None if any(m is None for m in mapped) else mapped
 
 
+def class_accuracy_report(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None,
+                          class_names: Sequence[str]) -> dict:
+    """The report's `class_accuracy` (per class of `class_names` present in `labels`, indices into it: the feature
+    net's accuracy on those images, its classes matched by name, `feature_classes`) and `class_accuracy_mean`; empty
+    when there are no labels or the net does not know every one of the classes."""
+    requested = [] if labels is None else sorted(set(labels.tolist()))
+    mapped = feature_classes(net, class_names, requested) if requested else None
+    if mapped is None:
+        return {}
+    lookup = dict(zip(requested, mapped))
+    per_class = class_accuracy(net, images, torch.tensor([lookup[int(c)] for c in labels]), net.config.class_names)
+    accuracy = {class_names[c]: per_class[net.config.class_names[lookup[c]]] for c in requested}
+    return {"class_accuracy": accuracy, "class_accuracy_mean": sum(accuracy.values()) / len(accuracy)}
+
+
 def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: torch.nn.Module | None = None,
                        batch_size: int = 100, sampler: str | None = None, steps: int | None = None,
                        guidance_scale: float | None = None, sigmas: Sequence[float] | None = None,
@@ -290,16 +305,7 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
     features = extract_features(net, images, progress=progress, desc="sample features")
     result = compare_features(reference, features, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, k=k,
                               seed=seed, where="generated samples")
-    if labels is not None:
-        mapped = feature_classes(net, generator.class_names, requested)
-        if mapped is not None:
-            names = [generator.class_names[c] for c in requested]
-            lookup = {c: m for c, m in zip(requested, mapped)}
-            per_class = class_accuracy(net, images, torch.tensor([lookup[int(c)] for c in labels]),
-                                       getattr(net.config, "class_names"))
-            result["class_accuracy"] = {name: per_class[net.config.class_names[lookup[c]]]
-                                        for name, c in zip(names, requested)}
-            result["class_accuracy_mean"] = sum(result["class_accuracy"].values()) / len(requested)
+    result.update(class_accuracy_report(net, images, labels, generator.class_names))
     if images.shape[1] == 4:
         result["alpha_coverage"] = alpha_coverage(images[:, 3])
     guidance = sampling.guidance_scale if sampling.guidance_scale != 1 else None
@@ -324,9 +330,13 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
 
 
 def evaluate_images(images: torch.Tensor, reference: ReferenceStats, *, net: torch.nn.Module | None = None,
-                    source: str = "samples", kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE,
+                    source: str = "samples", labels: torch.Tensor | None = None, class_names: Sequence[str] = (),
+                    kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE,
                     k: int = PR_K, seed: int = 0, progress: bool = False) -> dict:
-    """FID, KID, precision and recall of a set of uint8 images (e.g. a folder of generated images)."""
+    """FID, KID, precision and recall of a set of uint8 images (e.g. a folder of generated images) and, where they
+    are labelled (`labels`: indices into `class_names`, a folder's class subfolders) with classes the feature net
+    knows, its accuracy per class: for generated images the same figure as a generator's, for real images held out
+    from the feature net's training the rate that figure is to be read against."""
     net = net if net is not None else default_feature_net()
     if images.shape[-1] != reference.resolution:
         raise EncdiffError(f"{source}: images are {images.shape[-2]}x{images.shape[-1]}, the reference "
@@ -335,12 +345,15 @@ def evaluate_images(images: torch.Tensor, reference: ReferenceStats, *, net: tor
     features = extract_features(net, images, progress=progress, desc="sample features")
     result = compare_features(reference, features, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, k=k,
                               seed=seed, where=source)
+    result.update(class_accuracy_report(net, images, labels, class_names))
     result["settings"] = {"samples": source, "num_samples": len(images), "reference": reference.source,
                           "reference_images": len(reference.features), "reference_key": reference.key,
                           "kid_subsets": kid_subsets, "kid_subset_size": min(kid_subset_size, len(images),
                                                                              len(reference.features)),
                           "k": k, "seed": seed, "feature_net": getattr(net, "name", type(net).__name__),
-                          "feature_dim": reference.features.shape[1]}
+                          "feature_dim": reference.features.shape[1],
+                          "images_per_class": None if labels is None else {
+                              class_names[c]: int((labels == c).sum()) for c in sorted(set(labels.tolist()))}}
     return result
 
 
@@ -452,8 +465,10 @@ def write_report(result: dict, out_dir: str | os.PathLike, title: str) -> tuple[
             lines.append(f"| {key} | {fmt(value)} |")
     lines += ["", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {fmt(v)} |" for k, v in clean.get("settings", {}).items()]
-    lines += ["", "Feature-space metrics use encdiff's CIFAR-10 feature net unless `feature_net` says "
-              "inception-v3-fid: they are not comparable to published Inception FIDs.", ""]
+    # the net is named, not assumed: the figures mean nothing without the features they were measured in
+    lines += ["", "Feature-space metrics are in the features of `feature_weights` (encdiff's shipped CIFAR-10 net, a "
+              "net from `encdiff train-feature-net`, or Inception v3): only Inception FIDs compare with published "
+              "ones.", ""]
     atomic_write_bytes(md_path, "\n".join(lines).encode())
     return json_path, md_path
 
@@ -637,10 +652,10 @@ def run_evaluation(args: "EvalRequest") -> tuple[Path, Path]:
         result["settings"].update({"model": str(target), "resolution": resolution, "seed": args.seed})
     else:
         resolution = args.resolution or _single_size(target, "samples")
-        samples = ImageDataset(target, resolution, cache_dir=None, workers=args.workers).images
+        samples = ImageDataset(target, resolution, cache_dir=None, workers=args.workers)
         reference, _ = _load_reference(args, net, resolution, f"the samples in {target}")
-        result = evaluate_images(samples, reference, net=net, source=str(target), seed=args.seed,
-                                          progress=True, **common)
+        result = evaluate_images(samples.images, reference, net=net, source=str(target), labels=samples.labels,
+                                 class_names=samples.class_names, seed=args.seed, progress=True, **common)
     result["settings"]["feature_weights"] = str(args.inception or args.feature_net or "shipped encdiff-featurenet")
     out = Path(args.out or f"eval-{target.name}")
     return write_report(result, out, f"encdiff eval {target}")
