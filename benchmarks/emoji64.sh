@@ -29,8 +29,8 @@ if [[ $stage == featurenet || $stage == all ]]; then
   [[ -d $SPLIT ]] || python benchmarks/split_folder.py "$DATA" "$SPLIT" --test 0.15 --seed 0
   encdiff train-feature-net "$SPLIT" --epochs 40 --batch-size 256 --out "$RUNS/featurenet-emoji64.safetensors" \
     --cache-dir "$CACHE"
-  # the held-out real emoji: their class accuracy is the rate the samples' is read against (and their FID against
-  # the whole folder, of which they are a part, a floor for this net)
+  # the held-out real emoji: their class accuracy is the rate the samples' is read against (their FID means little:
+  # they are part of the reference)
   encdiff eval "$SPLIT/test" --reference "$DATA" --cache-dir "$CACHE" \
     --feature-net "$RUNS/featurenet-emoji64.safetensors" --out "$EVAL/emoji-heldout"
 fi
