@@ -352,8 +352,7 @@ def evaluate_images(images: torch.Tensor, reference: ReferenceStats, *, net: tor
                                                                              len(reference.features)),
                           "k": k, "seed": seed, "feature_net": getattr(net, "name", type(net).__name__),
                           "feature_dim": reference.features.shape[1],
-                          "images_per_class": None if labels is None else {
-                              class_names[c]: int((labels == c).sum()) for c in sorted(set(labels.tolist()))}}
+                          "images_per_class": None if labels is None else class_counts(labels, class_names)}
     return result
 
 
