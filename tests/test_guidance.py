@@ -240,3 +240,62 @@ def test_train_guide_trains_a_smaller_model_of_the_generators_data_into_its_fold
     assert not torch.equal(auto, final_latents(guidance_scale=1.0))
     run_encdiff(["sample", str(folder), "--guidance-kind", "auto", "--guidance", "2", "--num", "2", "--steps", "3",
                  "--class", "class0", "--out", str(tmp_path / "auto.png")])
+
+
+def test_a_guide_from_the_runs_own_early_step_is_exported_and_set_and_a_foreign_one_refused(tmp_path, capsys):
+    """Autoguidance's shorter-trained degradation without a second run: `export --at-step` gives the run as it stood at
+    an earlier step (a kept checkpoint's EMA, or a post-hoc EMA from the snapshots up to then) and `set-guide` puts its
+    U-Net into the generator; a generator of another latent space is refused, naming the folder."""
+    from conftest import colour_classes
+    from encdiff.cli import main
+    from encdiff.phema import reconstruct
+    from encdiff.pipeline import Generator
+
+    data = colour_classes(tmp_path / "data", per_class=4, size=16)
+    common = ["--model", "tiny", "--batch-size", "4", "--sample-every", "0", "--resolution", "16"]
+    for run in ("ae", "ae2"):
+        assert main(["train-autoencoder", str(data), "--run-dir", str(tmp_path / run), "--steps", "2",
+                     "--seed", str(len(run)), *common]) == 0
+    assert main(["train", str(data), "--autoencoder", str(tmp_path / "ae" / "model"), "--run-dir", str(tmp_path / "ldm"),
+                 "--steps", "4", "--checkpoint-every", "2", "--keep-last", "1", "--phema-every", "1",
+                 "--phema-sigma-rels", "0.05", "0.1", *common]) == 0
+    run, main_folder = tmp_path / "ldm", tmp_path / "ldm" / "model"
+    capsys.readouterr()
+    assert main(["export", str(run), str(tmp_path / "x"), "--at-step", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint at step 2 (kept: 4)" in err and "--sigma-rel" in err and not (tmp_path / "x").exists()
+    assert main(["export", str(run), str(tmp_path / "x"), "--at-step", "7", "--sigma-rel", "0.1"]) == 2
+    assert "no post-hoc EMA snapshot at it (the nearest: 4, 3, 2)" in capsys.readouterr().err
+
+    assert main(["export", str(run), str(tmp_path / "early"), "--at-step", "2", "--sigma-rel", "0.1"]) == 0
+    state, record = reconstruct(run, 0.1, images=8)  # step 2 of 4 images
+    early = Generator.from_pretrained(tmp_path / "early")
+    assert record["images"] == 8 and all(torch.equal(early.unet.state_dict()[k], v) for k, v in state.items())
+    final = Generator.from_pretrained(main_folder)
+    assert not torch.equal(early.unet.state_dict()["conv_in.weight"], final.unet.state_dict()["conv_in.weight"])
+
+    assert main(["set-guide", str(main_folder), str(tmp_path / "early"), "--out", str(tmp_path / "guided")]) == 0
+    guided = Generator.from_pretrained(tmp_path / "guided")
+    assert guided.guide_info["from"] == str((tmp_path / "early").resolve())
+    assert all(torch.equal(guided.guide.state_dict()[k], v) for k, v in early.unet.state_dict().items())
+    labels = torch.tensor([0, 1])
+
+    def final_latents(generator, **guidance):
+        # the latents, not the pixels: after a few training steps the two nets differ by less than one uint8 level
+        seen = []
+        generator.images([0, 1], labels, steps=3, callback=lambda i, sigma, x, denoised: seen.append(x), **guidance)
+        return seen[-1]
+
+    # guided by the early model itself, the early model's sampling is unchanged; guided away from it, the main one moves
+    assert torch.equal(final_latents(early.with_guide(early.unet), guidance_scale=2.0, guidance_kind="auto"),
+                       final_latents(early, guidance_scale=1.0))
+    assert not torch.equal(final_latents(guided, guidance_scale=2.0, guidance_kind="auto"),
+                           final_latents(guided, guidance_scale=1.0))
+
+    assert main(["train", str(data), "--autoencoder", str(tmp_path / "ae2" / "model"), "--run-dir",
+                 str(tmp_path / "other"), "--steps", "1", *common]) == 0
+    capsys.readouterr()
+    assert main(["set-guide", str(main_folder), str(tmp_path / "other" / "model")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "other" / "model") in err and "encodes otherwise" in err
+    assert Generator.from_pretrained(main_folder).guide is None  # nothing written

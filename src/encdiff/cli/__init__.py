@@ -5,7 +5,7 @@ A user mistake (bad path, value or file) prints one line `encdiff: error: ...` a
     flags.py              the parser, flags declared once, output and number checks
     training_commands.py  train-autoencoder, train, distill, train-guide, export, posthoc-ema, train-feature-net
     image_commands.py     sample, reconstruct, edit
-    model_commands.py     serve, set-autoencoder, set-light-decoder, set-sampling, info, eval
+    model_commands.py     serve, set-autoencoder, set-light-decoder, set-guide, set-sampling, info, eval
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from ..precision import PRECISIONS, inference_precision
 from ..schedules import SCHEDULES
 from .flags import OneLineParser, finite_float, model_flags, sampling_flags, train_flags
 from .image_commands import cmd_edit, cmd_reconstruct, cmd_sample
-from .model_commands import (cmd_eval, cmd_info, cmd_serve, cmd_set_autoencoder, cmd_set_light_decoder,
-                             cmd_set_sampling)
+from .model_commands import (cmd_eval, cmd_info, cmd_serve, cmd_set_autoencoder, cmd_set_guide,
+                             cmd_set_light_decoder, cmd_set_sampling)
 from .training_commands import cmd_export, cmd_posthoc_ema, cmd_train, cmd_train_feature_net, cmd_train_guide
 
 
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_flags(p, "the generator's stored default: ", "the run's")
     p.add_argument("--sigma-rel", type=finite_float, help="export the post-hoc EMA of this relative width "
                    "(EDM2), reconstructed from the run's snapshots, instead of its EMA")
+    p.add_argument("--at-step", type=int, metavar="N", help="the run as it stood at step N (a kept checkpoint's EMA, "
+                   "or with --sigma-rel the snapshots up to N): an early version of the model, e.g. autoguidance's "
+                   "guide (`encdiff set-guide`)")
 
     p = commands.add_parser("posthoc-ema", help="reconstruct a run's EMA at any widths after training (EDM2 "
                             "post-hoc EMA): one model folder per --sigma-rel")
@@ -174,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("light_decoder", help="light decoder folder (train-light-decoder's RUN/model)")
     p.add_argument("--default", action="store_true", help="make it the generator's default decoder (where its FID "
                    "is measured close enough to the full one's; --decoder full still picks the full one)")
+    p.add_argument("--out", help="write the result here instead of replacing the generator folder")
+    p.add_argument("--half", action="store_true",
+                   help="store the weights as float16 (default: the precision the generator is stored in)")
+
+    p = commands.add_parser("set-guide", help="put autoguidance's guide into a generator: another generator of the "
+                            "same latents, e.g. its own run at an early step (`encdiff export RUN OUT --at-step N`)")
+    p.add_argument("generator", help="generator folder")
+    p.add_argument("model", help="generator folder whose U-Net becomes the guide (same denoiser, latents and labels)")
     p.add_argument("--out", help="write the result here instead of replacing the generator folder")
     p.add_argument("--half", action="store_true",
                    help="store the weights as float16 (default: the precision the generator is stored in)")
@@ -260,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "export": cmd_export, "info": cmd_info,
                 "edit": cmd_edit, "posthoc-ema": cmd_posthoc_ema, "serve": cmd_serve,
                 "set-autoencoder": cmd_set_autoencoder, "set-light-decoder": cmd_set_light_decoder,
-                "set-sampling": cmd_set_sampling,
+                "set-guide": cmd_set_guide, "set-sampling": cmd_set_sampling,
                 "train-feature-net": cmd_train_feature_net,
                 "train-guide": cmd_train_guide, "eval": cmd_eval}[args.command](args)
     except TrainingInterrupted as e:

@@ -1,4 +1,4 @@
-"""The commands around a model: serve, set-autoencoder, set-light-decoder, set-sampling, info, eval."""
+"""The commands around a model: serve, set-autoencoder, set-light-decoder, set-guide, set-sampling, info, eval."""
 
 from __future__ import annotations
 
@@ -64,6 +64,44 @@ def cmd_set_light_decoder(args: argparse.Namespace) -> int:
             else "the light decoder (sample with --decoder light)")
     return replace_part(args, args.light_decoder, LightDecoder.from_pretrained,
                         lambda g, m: g.with_light_decoder(m, default=args.default), what)
+
+
+def cmd_set_guide(args: argparse.Namespace) -> int:
+    """Autoguidance's guide from another generator of the same latents (e.g. `encdiff export RUN OUT --at-step N`: the
+    main run's own early version, the paper's shorter-trained degradation without a second run)."""
+    from ..pipeline import Generator
+
+    def attach(generator: Generator, model: Generator) -> Generator:
+        check_same_latents(generator, model)
+        info = {"method": "autoguidance (Karras et al. 2024): a shorter-trained or smaller model of the same data",
+                "block_out_channels": list(model.unet.config.block_out_channels),
+                "from": str(Path(args.model).resolve())}
+        return generator.with_guide(model.unet, info)
+
+    return replace_part(args, args.model, Generator.from_pretrained, attach, "a guide (autoguidance): the U-Net")
+
+
+def check_same_latents(generator, model) -> None:
+    """Refuse a guide generator that denoises otherwise than `generator`, or in another latent space: its
+    denoiser spec, and its encoder and latent normalisation (equal up to float16 storage; the decoders may differ,
+    a guide only denoises latents)."""
+    if model.spec != generator.spec:
+        raise EncdiffError(f"its denoiser {dataclasses.asdict(model.spec)} differs from the generator's "
+                           f"{dataclasses.asdict(generator.spec)}: a guide must denoise the same way")
+    if model.distillation is not None:
+        raise EncdiffError("a distilled student, not a denoiser: guide with a generator trained by `encdiff train`")
+    ours, theirs = generator.autoencoder, model.autoencoder
+    if (ours is None) != (theirs is None) or (ours is not None and not isinstance(ours, torch.nn.Module)):
+        raise EncdiffError("not in the generator's latent space (one is a pixel-space model)")
+    if ours is None:
+        return
+    same = ours.config == theirs.config
+    if same:
+        a, b = ours.state_dict(), theirs.state_dict()
+        same = all(torch.equal(a[k].half(), b[k].half()) for k in a if k.split(".")[0] in ("encoder", "quant_conv"))
+    if not same:
+        raise EncdiffError("its autoencoder encodes otherwise than the generator's (another encoder or latent "
+                           "normalisation): a guide must denoise the same latents")
 
 
 def cmd_set_sampling(args: argparse.Namespace) -> int:

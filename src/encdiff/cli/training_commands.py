@@ -109,9 +109,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.sigmas is not None and args.steps is None:
         sampling["steps"] = len(args.sigmas)
     out = export_run(args.run, args.out, diffusers=args.diffusers, dtype=torch.float16 if args.half else None,
-                     sampling=sampling, sigma_rel=args.sigma_rel)
+                     sampling=sampling, sigma_rel=args.sigma_rel, step=args.at_step)
     what = "EMA" if args.sigma_rel is None else f"post-hoc EMA (sigma_rel {args.sigma_rel})"
-    print(f"exported the {what} weights of {args.run} to {out}")
+    print(f"exported the {what} weights of {args.run}" + (f" at step {args.at_step}" if args.at_step is not None else "")
+          + f" to {out}")
     return 0
 
 

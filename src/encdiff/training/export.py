@@ -1,5 +1,5 @@
-"""`export_run`: the EMA weights (or a post-hoc EMA) of a run's newest checkpoint as a model folder, encdiff's or
-diffusers' format."""
+"""`export_run`: the EMA weights (or a post-hoc EMA) of a run's newest checkpoint, or of the run as it stood at an
+earlier step, as a model folder, encdiff's or diffusers' format."""
 
 from __future__ import annotations
 
@@ -14,30 +14,35 @@ from ..autoencoder import Autoencoder, AutoencoderConfig
 from ..backbones import CONFIGS, backbone_class
 from ..buckets import parse_shape
 from ..errors import EncdiffError, config_from_dict
-from ..phema import reconstruct
+from ..phema import reconstruct, snapshots
 from ..pipeline import DenoiserSpec, Generator, Sampling
 from .config import TrainConfig, dataset_of
 from .latents import measure_latent_statistics
-from .state import latest_training_state, load_training_state
+from .state import complete_checkpoints, latest_training_state, load_training_state, training_state_meta
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bool = False,
                dtype: torch.dtype | None = None, sampling: dict[str, Any] | None = None,
-               sigma_rel: float | None = None) -> Path:
+               sigma_rel: float | None = None, step: int | None = None) -> Path:
     """Write the EMA weights of a run's newest checkpoint as a model folder: an autoencoder (its latent
     statistics measured on the run's data, as at the end of training) or a generator. With `diffusers`,
     the networks are written in diffusers' format (`unet/`, `vae/`); `dtype` (e.g. torch.float16) stores the
     weights in that precision; `sampling` sets a generator's default sampler/steps/guidance_scale; `sigma_rel`
     exports the post-hoc EMA of that width reconstructed from the run's snapshots (phema.reconstruct) instead of
-    the run's EMA."""
+    the run's EMA. `step` exports the run as it stood at that step: the EMA of its checkpoint there, or with
+    `sigma_rel` the post-hoc EMA from the snapshots up to then (a checkpoint or a snapshot of that step gives its
+    time): an early, shorter-trained version of the model, which is what autoguidance's guide is."""
     path = latest_training_state(run_dir)
     if path is None:
         raise EncdiffError(f"{run_dir}: no complete checkpoint to export")
+    images = None
+    if step is not None:
+        path, images = _state_at(run_dir, step, posthoc=sigma_rel is not None, newest=path)
     tensors, meta = load_training_state(path)
     info = meta.get("export", {})
     ema = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
     if sigma_rel is not None:
-        posthoc, record = reconstruct(run_dir, sigma_rel)
+        posthoc, record = reconstruct(run_dir, sigma_rel, images)
         missing = sorted(set(ema) - set(posthoc))
         if missing:
             raise EncdiffError(f"{run_dir}: the post-hoc EMA snapshots lack {missing[0]!r}: not this run's model")
@@ -78,3 +83,24 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bo
     return out
 
 
+
+
+def _state_at(run_dir, step: int, posthoc: bool, newest: Path) -> tuple[Path, int]:
+    """The checkpoint that `export_run(step=...)` reads and the images seen at `step`: the checkpoint of that step;
+    for a post-hoc EMA the newest checkpoint (its model and settings; the weights come from the snapshots) and the
+    time of a checkpoint or snapshot taken at that step."""
+    checkpoints = dict(complete_checkpoints(run_dir))
+    if step in checkpoints:
+        return (newest if posthoc else checkpoints[step]), int(training_state_meta(checkpoints[step])["images_seen"])
+    # snapshot-<step>.safetensors (PowerEMA.save_snapshot)
+    taken = {int(p.stem[len("snapshot-"):]): images for p, images, _ in (snapshots(run_dir) if posthoc else [])
+             if p.stem[len("snapshot-"):].isdigit()}
+    if step in taken:
+        return newest, taken[step]
+    kept = ", ".join(str(s) for s in checkpoints)
+    if not posthoc:
+        raise EncdiffError(f"{run_dir}: no checkpoint at step {step} (kept: {kept}); with --sigma-rel, a post-hoc "
+                           "EMA snapshot of that step serves (train with --phema-every N to store them)")
+    near = ", ".join(str(s) for s in sorted(taken, key=lambda s: abs(s - step))[:3]) or "none"
+    raise EncdiffError(f"{run_dir}: no checkpoint at step {step} (kept: {kept}) and no post-hoc EMA snapshot at it "
+                       f"(the nearest: {near})")
