@@ -130,8 +130,13 @@ def main() -> None:
         where = f"{torch.cuda.get_device_name(device)}"
     else:
         model, flags = cpu_info()
+        # An instruction-set limit emulates an older CPU on this one (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2:
+        # no usable bf16): said, since the flags still read as this CPU's.
+        limits = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+                  if os.environ.get(k)]
         where = (f"{model}, {os.cpu_count()} CPUs, native bf16: {'yes' if native_bf16(flags) else 'no'}; "
-                 f"{torch.get_num_threads()} threads")
+                 f"{torch.get_num_threads()} threads; ATen vector ISA {torch.backends.cpu.get_cpu_capability()}"
+                 + (f", limited by {' '.join(limits)}" if limits else ""))
     print(f"{where}; torch {torch.__version__}, diffusers {diffusers.__version__}; encdiff runs its networks in "
           f"{precision}, diffusers in {their_precision}; load average before: {load()}\n")
     batch = args.batch

@@ -138,3 +138,20 @@ def test_bf16_attention_over_a_short_map_runs_in_float32(monkeypatch):
             block(torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last))
     assert calls == [torch.float32, torch.float32, torch.bfloat16]  # float32 run, 16 pixels, 64 pixels
     assert (fast.float() - exact).abs().max() < 0.1
+
+
+def test_the_cached_probe_is_per_instruction_set_limit(monkeypatch):
+    """A process whose oneDNN is limited (ONEDNN_MAX_CPU_ISA, e.g. to emulate a CPU without bf16) probes anew rather
+    than reusing the unlimited process's choice."""
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("New CPU", frozenset({"avx512_bf16"})))
+    speedups = iter([1.7, 0.03])
+    monkeypatch.setattr(precision, "probe_speedup", lambda: next(speedups))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert precision.inference_precision("cpu") == "bf16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    precision.inference_precision.cache_clear()
+    assert precision.inference_precision("cpu") == "float32"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    precision.inference_precision.cache_clear()
+    assert precision.inference_precision("cpu") == "bf16"  # each answer cached under its own key

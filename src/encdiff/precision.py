@@ -72,12 +72,20 @@ def cache_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "encdiff" / "precision.json"
 
 
+def probe_key(model: str) -> str:
+    """What the probe's answer depends on: the CPU, torch, and the instruction sets this process may use (ATen's
+    vector kernels and oneDNN's, which ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA can lower: without AVX-512 bf16
+    autocast measured 40x slower on the same CPU), so a limited process never reuses an unlimited one's choice."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "all"
+    return f"{model} | torch {torch.__version__} | {torch.backends.cpu.get_cpu_capability()} | oneDNN {isa}"
+
+
 def auto_choice() -> str:
     """bf16 where the CPU has native bf16 and the probe measures it faster, cached per CPU model and torch version."""
     model, flags = cpu_info()
     if not native_bf16(flags):
         return "float32"
-    key = f"{model} | torch {torch.__version__}"
+    key = probe_key(model)
     path = cache_path()
     try:
         cached = json.loads(path.read_text())
