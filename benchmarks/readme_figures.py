@@ -80,6 +80,11 @@ GUIDANCE_ROWS = [
     ("autoguidance 1.5", dict(guidance_scale=1.5, guidance_kind="auto", guidance_interval=None)),
     ("autoguidance 2", dict(guidance_scale=2.0, guidance_kind="auto", guidance_interval=None)),
 ]
+# The unconditional figure's last row: the best measured autoguidance with a guide from the main run's own early step
+# (BENCHMARKS.md, session 23); a class-conditional model at this scale is far past its best.
+UNCONDITIONAL_ROWS = [
+    ("autoguidance 4, sigma in (0.5, 10]", dict(guidance_scale=4.0, guidance_kind="auto", guidance_interval=(0.5, 10.0))),
+]
 
 
 def guidance_figure(generator_folder: Path | None) -> Path:
@@ -95,7 +100,7 @@ def guidance_figure(generator_folder: Path | None) -> Path:
     seeds = list(range(100, 100 + columns))
     labels = torch.arange(columns) if conditional else None
     rows = []
-    for caption, overrides in GUIDANCE_ROWS:
+    for caption, overrides in GUIDANCE_ROWS + ([] if conditional else UNCONDITIONAL_ROWS):
         if not conditional and overrides.get("guidance_kind") == "classifier-free":
             continue
         images = generator.images(seeds, labels, **overrides)
