@@ -292,6 +292,22 @@ def test_a_guide_from_the_runs_own_early_step_is_exported_and_set_and_a_foreign_
     assert not torch.equal(final_latents(guided, guidance_scale=2.0, guidance_kind="auto"),
                            final_latents(guided, guidance_scale=1.0))
 
+    # --guide-float16: the guide alone at half the bytes, kept so when the folder is rewritten
+    from encdiff.pipeline import stored_dtype
+    from safetensors import safe_open
+
+    def guide_dtype(folder):
+        with safe_open(str(next((folder / "guide").glob("*.safetensors"))), framework="pt") as f:
+            return f.get_tensor(next(iter(f.keys()))).dtype
+
+    assert main(["set-guide", str(main_folder), str(tmp_path / "early"), "--out", str(tmp_path / "half"),
+                 "--guide-float16"]) == 0
+    assert guide_dtype(tmp_path / "half") == torch.float16 and stored_dtype(tmp_path / "half") is None
+    assert main(["set-sampling", str(tmp_path / "half"), "--steps", "5"]) == 0
+    assert guide_dtype(tmp_path / "half") == torch.float16 and guide_dtype(tmp_path / "guided") == torch.float32
+    half = Generator.from_pretrained(tmp_path / "half")
+    assert all(torch.equal(half.guide.state_dict()[k], v.half().float()) for k, v in early.unet.state_dict().items())
+
     assert main(["train", str(data), "--autoencoder", str(tmp_path / "ae2" / "model"), "--run-dir",
                  str(tmp_path / "other"), "--steps", "1", *common]) == 0
     capsys.readouterr()

@@ -429,7 +429,10 @@ class Generator:
         if isinstance(self.autoencoder, Autoencoder):
             self.autoencoder.save_pretrained(folder / "autoencoder", dtype=dtype)
         if self.guide is not None:
-            self.guide.save_pretrained(folder / "guide", dtype=dtype)
+            # A guide recorded as float16-stored stays so (set-guide --guide-float16: a guide of the main model's own
+            # size at half the bytes); otherwise it is stored as the rest.
+            half = (self.guide_info or {}).get("weights") == "float16"
+            self.guide.save_pretrained(folder / "guide", dtype=torch.float16 if half else dtype)
         if self.light_decoder is not None:
             self.light_decoder.save_pretrained(folder / "light_decoder", dtype=dtype)
         info = {"encdiff_class": "Generator", "format_version": 1, "denoiser": dataclasses.asdict(self.spec),

@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result here instead of replacing the generator folder")
     p.add_argument("--half", action="store_true",
                    help="store the weights as float16 (default: the precision the generator is stored in)")
+    p.add_argument("--guide-float16", action="store_true", help="store the guide alone as float16, now and whenever "
+                   "the folder is rewritten (a guide of the main model's size at half the bytes)")
 
     p = commands.add_parser("set-sampling", help="change the sampling a generator stores (its defaults for sample, "
                             "eval, edit and serve)")

@@ -76,6 +76,8 @@ def cmd_set_guide(args: argparse.Namespace) -> int:
         info = {"method": "autoguidance (Karras et al. 2024): a shorter-trained or smaller model of the same data",
                 "block_out_channels": list(model.unet.config.block_out_channels),
                 "from": str(Path(args.model).resolve())}
+        if args.guide_float16:
+            info["weights"] = "float16"
         return generator.with_guide(model.unet, info)
 
     return replace_part(args, args.model, Generator.from_pretrained, attach, "a guide (autoguidance): the U-Net")
