@@ -315,3 +315,21 @@ def test_a_guide_from_the_runs_own_early_step_is_exported_and_set_and_a_foreign_
     err = capsys.readouterr().err
     assert str(tmp_path / "other" / "model") in err and "encodes otherwise" in err
     assert Generator.from_pretrained(main_folder).guide is None  # nothing written
+
+
+def test_set_guide_refuses_a_model_of_another_space_or_denoiser():
+    """A pixel-space model cannot guide a latent one (nor the reverse), nor one that denoises otherwise."""
+    import dataclasses
+
+    from encdiff.cli.model_commands import check_same_latents
+
+    latent, pixel = tiny_generator(), tiny_generator(latent=False)
+    check_same_latents(latent, tiny_generator())  # the same autoencoder: accepted
+    check_same_latents(pixel, tiny_generator(latent=False))
+    for a, b in ((latent, pixel), (pixel, latent)):
+        with pytest.raises(EncdiffError, match="one is a pixel-space model"):
+            check_same_latents(a, b)
+    other = tiny_generator()
+    other.spec = dataclasses.replace(other.spec, sigma_data=0.5)
+    with pytest.raises(EncdiffError, match="a guide must denoise the same way"):
+        check_same_latents(latent, other)

@@ -81,7 +81,7 @@ def probe_key(model: str) -> str:
 
 
 def auto_choice() -> str:
-    """bf16 where the CPU has native bf16 and the probe measures it faster, cached per CPU model and torch version."""
+    """bf16 where the CPU has native bf16 and the probe measures it faster, cached under `probe_key`."""
     model, flags = cpu_info()
     if not native_bf16(flags):
         return "float32"

@@ -92,8 +92,11 @@ def check_same_latents(generator, model) -> None:
                            f"{dataclasses.asdict(generator.spec)}: a guide must denoise the same way")
     if model.distillation is not None:
         raise EncdiffError("a distilled student, not a denoiser: guide with a generator trained by `encdiff train`")
-    ours, theirs = generator.autoencoder, model.autoencoder
-    if (ours is None) != (theirs is None) or (ours is not None and not isinstance(ours, torch.nn.Module)):
+    from ..autoencoder import Autoencoder
+
+    # a pixel-space generator holds an identity in place of an autoencoder
+    ours, theirs = (a if isinstance(a, Autoencoder) else None for a in (generator.autoencoder, model.autoencoder))
+    if (ours is None) != (theirs is None):
         raise EncdiffError("not in the generator's latent space (one is a pixel-space model)")
     if ours is None:
         return

@@ -83,8 +83,6 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bo
     return out
 
 
-
-
 def _state_at(run_dir, step: int, posthoc: bool, newest: Path) -> tuple[Path, int]:
     """The checkpoint that `export_run(step=...)` reads and the images seen at `step`: the checkpoint of that step;
     for a post-hoc EMA the newest checkpoint (its model and settings; the weights come from the snapshots) and the
