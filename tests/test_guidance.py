@@ -333,3 +333,11 @@ def test_set_guide_refuses_a_model_of_another_space_or_denoiser():
     other.spec = dataclasses.replace(other.spec, sigma_data=0.5)
     with pytest.raises(EncdiffError, match="a guide must denoise the same way"):
         check_same_latents(latent, other)
+
+
+
+def test_each_guidance_kind_is_offered_where_the_model_can_give_it():
+    generator, guided = guided_pair()
+    _, unconditional = guided_pair(conditional=False)
+    assert guided.guidance_kinds == ["classifier-free", "auto"]
+    assert generator.guidance_kinds == ["classifier-free"] and unconditional.guidance_kinds == ["auto"]

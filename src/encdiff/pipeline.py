@@ -232,11 +232,18 @@ class Generator:
             return
         if settings.guidance_kind == "auto" and self.guide is None:
             raise EncdiffError(f"{prefix}guidance_kind = 'auto': this generator has no guide model (train one with "
-                               "`encdiff train-guide GENERATOR DATA`), or use classifier-free guidance")
+                               "`encdiff train-guide GENERATOR DATA`, or `encdiff set-guide`), or use classifier-free "
+                               "guidance")
         if settings.guidance_kind == "classifier-free" and not self.unet.config.num_classes:
             raise EncdiffError(f"{prefix}guidance_scale = {settings.guidance_scale}: an unconditional model has no "
                                "classifier-free guidance" + ("; its guide gives autoguidance (guidance_kind 'auto')"
                                                               if self.guide is not None else ""))
+
+    @property
+    def guidance_kinds(self) -> list[str]:
+        """The guidance kinds this generator can give: classifier-free with classes, auto with a guide model."""
+        possible = {"classifier-free": bool(self.unet.config.num_classes), "auto": self.guide is not None}
+        return [kind for kind in GUIDANCE_KINDS if possible[kind]]
 
     def guidance(self, settings: Sampling) -> dict[str, Any]:
         """The guidance arguments of `samplers.generate` for these settings: the one place a guidance kind becomes

@@ -262,9 +262,7 @@ def create_app(generator: Generator, limits: ServerLimits = ServerLimits(), allo
                 "latent": generator.downsample_factor > 1, "sampling": dataclasses.asdict(defaults),
                 "sigma_max": generator.denoiser.sigma_max,
                 "samplers": list(sampler_names), "limits": dataclasses.asdict(limits), "seed_max": SEED_MAX,
-                # the guidance kinds this model offers: classifier-free with classes, auto with a guide model
-                "guidance_kinds": (["classifier-free"] if generator.num_classes else [])
-                + (["auto"] if generator.guide is not None else []),
+                "guidance_kinds": generator.guidance_kinds,
                 "decoders": ["full"] + (["light"] if generator.light_decoder is not None else []),
                 # a consistency student's guidance scale, fixed at distillation: the page then offers no guidance
                 "guidance_built_in": (generator.distillation or {}).get("guidance_scale")
