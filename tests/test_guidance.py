@@ -335,7 +335,6 @@ def test_set_guide_refuses_a_model_of_another_space_or_denoiser():
         check_same_latents(latent, other)
 
 
-
 def test_each_guidance_kind_is_offered_where_the_model_can_give_it():
     generator, guided = guided_pair()
     _, unconditional = guided_pair(conditional=False)
