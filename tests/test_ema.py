@@ -143,3 +143,37 @@ def test_bad_update_counts_are_refused():
     ema = EMA(model, halflife_images=10)
     with pytest.raises(EncdiffError, match="images_seen"):
         ema.update(model, images_seen=4, batch_images=8)
+
+
+def test_fused_update_equals_the_per_tensor_loop_and_follows_the_live_model():
+    # The update gathers the live model's tensors once; the optimizer changes them in place, and a different live
+    # model (same shapes) is followed from its first update on. Bits equal to lerp_/copy_ tensor by tensor.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.LazyLinear(5)).train()
+    model(torch.randn(2, 3, 6, 6))
+    ema = EMA(model, halflife_images=50, rampup_ratio=None)
+    reference = [t.clone() for t in (*ema.model.parameters(), *ema.model.buffers())]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(128, 5)).train()
+    for k in range(1, 7):
+        live = model if k <= 4 else other
+        optimizer.zero_grad()
+        live(torch.randn(4, 3, 6, 6)).square().mean().backward()
+        optimizer.step()
+        optimizer = torch.optim.SGD(other.parameters(), lr=0.1) if k == 4 else optimizer
+        ema.update(live, images_seen=8 * k, batch_images=8)
+        weight = 1.0 - ema.beta(8 * k, 8)
+        params, buffers = list(live.parameters()), list(live.buffers())
+        for i, target in enumerate(reference):
+            if i < len(params):
+                target.lerp_(params[i].detach(), weight)
+            else:
+                target.copy_(buffers[i - len(params)])
+        for i, (got, want) in enumerate(zip((*ema.model.parameters(), *ema.model.buffers()), reference)):
+            assert torch.equal(got, want), (k, i)
+
+
+def test_update_from_a_model_of_another_shape_is_refused():
+    ema = EMA(nn.Linear(3, 4), halflife_images=100)
+    with pytest.raises(EncdiffError, match="2 parameters and 0 buffers updated from one with 4"):
+        ema.update(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4)), images_seen=8, batch_images=8)

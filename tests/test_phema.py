@@ -11,7 +11,7 @@ import torch
 
 from encdiff import EncdiffError
 from encdiff.phema import (PowerEMA, gamma_to_sigma_rel, power_beta, profile_dot, reconstruct, sigma_rel_to_gamma,
-                           snapshots, solve_coefficients)
+                           snapshot_nearest, snapshots, solve_coefficients)
 
 
 def test_sigma_rel_and_gamma_are_each_others_inverse_with_edm2s_values():
@@ -116,6 +116,13 @@ def test_the_trainer_stores_snapshots_that_resume_exactly_and_export(tmp_path, c
     for (a, _, _), (b, _, _) in zip(whole, split):
         ta, tb = load_file(str(a)), load_file(str(b))
         assert sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    # the run's early states by fraction of its length (snapshots at 16, 32, 48 images = steps 2, 4, 6)
+    assert [snapshot_nearest(tmp_path / "whole", f) for f in (0.1, 0.375, "0.6", 0.9, 1)] == [2, 2, 4, 6, 6]
+    for bad in (0, 1.5, "half", math.nan):
+        with pytest.raises(EncdiffError, match="snapshot fraction"):
+            snapshot_nearest(tmp_path / "whole", bad)
+    with pytest.raises(EncdiffError, match="no post-hoc EMA snapshots"):
+        snapshot_nearest(tmp_path / "data", 0.5)
     state, record = reconstruct(tmp_path / "whole", 0.07)
     assert record["images"] == 48 and record["fit_error"] < 0.05
     out = export_run(tmp_path / "whole", tmp_path / "exported", sigma_rel=0.07)

@@ -495,3 +495,38 @@ def test_a_resumed_run_takes_its_time_budget_plan_back():
     adopted, _ = resumed_plan(old, {"steps": 3545, "adv_start": 886, "time_budget": 2700.0})
     assert adopted == {"steps": 619}
     assert resumed_plan({"config": {"steps": 5, "time_budget": None}}, {"steps": 9, "time_budget": None}) == ({}, None)
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.toml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_recipe_in_configs_resolves_to_a_buildable_model(path):
+    # A typo in a recipe (a field, a width no norm group divides) would otherwise surface minutes into a lent GPU's
+    # one call, after the stages before it.
+    from encdiff.autoencoder import AutoencoderConfig
+    from encdiff.backbones import CONFIGS
+    from encdiff.presets import AUTOENCODERS
+    from encdiff.training.config import backbone_presets, model_config
+
+    stage = {"autoencoder": "autoencoder", "decoder": "autoencoder", "distill": "distill",
+             "light-decoder": "light_decoder"}.get(path.stem, "diffusion")
+    config = load_config(str(path), None, stage, {})
+    assert config.steps > 0 and config.batch_size > 0
+    if stage == "autoencoder" and not config.model:  # a fine-tune: the model is the one it starts from
+        assert (Path(__file__).resolve().parents[1] / config.init).is_dir(), config.init
+    elif stage == "autoencoder":
+        model_config(AUTOENCODERS, config, AutoencoderConfig)
+    elif stage == "diffusion":
+        model_config(backbone_presets(config.backbone), config, CONFIGS[config.backbone])
+
+
+def test_a_recipe_with_a_width_no_norm_group_divides_is_refused(tmp_path):
+    from encdiff.backbones import CONFIGS
+    from encdiff.training.config import backbone_presets, model_config
+
+    bad = tmp_path / "diffusion.toml"
+    bad.write_text('model = "cifar10_latent"\nmodel_overrides = { block_out_channels = [80, 160, 160] }\n')
+    config = load_config(str(bad), None, "diffusion", {})
+    with pytest.raises(EncdiffError, match="norm_num_groups"):
+        model_config(backbone_presets(config.backbone), config, CONFIGS[config.backbone])

@@ -18,7 +18,6 @@ Everything here is float64 and free of torch's state, except the small `PowerEMA
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_save_tensors, check_state_dict
+from .ema import AveragedCopy
 from .errors import EncdiffError, count, is_finite_number
 
 SIGMA_REL_MAX = 1 / math.sqrt(12)  # sigma_rel of gamma = 0 (a plain running mean); longer profiles do not exist
@@ -98,7 +98,8 @@ class PowerEMA:
             raise EncdiffError("post-hoc EMA needs at least one sigma_rel to track (EDM2: 0.05 and 0.10)")
         self.sigma_rels = tuple(check_sigma_rel(s, "phema_sigma_rels") for s in sigma_rels)
         self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
-        self.models = [copy.deepcopy(model).eval().requires_grad_(False) for _ in self.sigma_rels]
+        self._averages = [AveragedCopy(model) for _ in self.sigma_rels]
+        self.models = [average.model for average in self._averages]
 
     @torch.no_grad()
     def update(self, model: nn.Module, images_seen: int, batch_images: int) -> None:
@@ -106,12 +107,8 @@ class PowerEMA:
         if batch_images < 1 or images_seen < batch_images:
             raise EncdiffError(f"post-hoc EMA update with images_seen = {images_seen!r}, batch_images = "
                                f"{batch_images!r}: expected 1 <= batch_images <= images_seen")
-        for gamma, ema in zip(self.gammas, self.models):
-            weight = 1.0 - power_beta(gamma, images_seen, batch_images)
-            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-                e.lerp_(p.detach(), weight)
-            for e, b in zip(ema.buffers(), model.buffers(), strict=True):
-                e.copy_(b)
+        for gamma, average in zip(self.gammas, self._averages):
+            average.lerp_(model, 1.0 - power_beta(gamma, images_seen, batch_images))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every profile's weights as `{i}.{name}`: the checkpoint's part (exact resume)."""
@@ -155,6 +152,23 @@ def snapshots(run_dir: str | Path) -> list[tuple[Path, int, tuple[float, ...]]]:
             raise EncdiffError(f"{path}: images_seen {images}: expected at least 1")
         found.append((path, images, sigma_rels))
     return found
+
+
+def snapshot_nearest(run_dir: str | Path, fraction: float | str) -> int:
+    """The step of the run's snapshot taken nearest `fraction` of the way to its newest (in images): the run as it
+    stood early on, to export with `encdiff export RUN OUT --sigma-rel S --at-step N` (autoguidance's guide, EDM2's
+    own-early-state variant)."""
+    try:
+        value = float(fraction)
+    except ValueError:
+        value = math.nan
+    if not (is_finite_number(value) and 0 < value <= 1):
+        raise EncdiffError(f"snapshot fraction {fraction!r}: expected a number in (0, 1]")
+    stored = snapshots(run_dir)
+    if not stored:
+        raise EncdiffError(f"{Path(run_dir) / SNAPSHOT_DIR}: no post-hoc EMA snapshots (train with phema_every > 0)")
+    path = min(stored, key=lambda s: abs(s[1] - value * stored[-1][1]))[0]
+    return int(path.stem[len("snapshot-"):])
 
 
 def reconstruct(run_dir: str | Path, sigma_rel: float, images: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:

@@ -4,6 +4,7 @@ with their optimizers, exact checkpoints, logs, and the optimizer loop that runs
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -138,8 +139,10 @@ class OptimizerGroup:
     optimizer_key: str
     clip: float = math.inf  # the global gradient-norm bound; inf: measured (for the divergence check), not clipped
 
-    @property
+    @functools.cached_property
     def trainable(self) -> list[torch.nn.Parameter]:
+        # Gathered once: a stage freezes what it freezes before its run is built, and walking the module tree
+        # twice a step is host time a GPU waits for.
         return [p for p in self.module.parameters() if p.requires_grad]
 
 
