@@ -114,9 +114,7 @@ if [ -n "$PHEMA_PACK" ]; then
     PHEMA_PID=$!
 fi
 for f in $EARLY_GUIDES; do  # the run's own early state (EDM2's autoguidance guide), from its snapshots
-    step=$(python3 -c "import sys; from encdiff.phema import snapshot_nearest; print(snapshot_nearest(*sys.argv[1:]))" \
-        "$RUNS/ldm" "$f") && run "early-$f" $ENCDIFF export "$RUNS/ldm" "$RUNS/early-$f" --half \
-        --sigma-rel "$EARLY_SIGMA_REL" --at-step "$step"
+    run "early-$f" $ENCDIFF export "$RUNS/ldm" "$RUNS/early-$f" --half --sigma-rel "$EARLY_SIGMA_REL" --at-fraction "$f"
 done
 wait $STUDENT && run export-student $ENCDIFF export "$RUNS/student" "$RUNS/student-gen" --half
 # shellcheck disable=SC2086

@@ -267,7 +267,16 @@ def test_a_guide_from_the_runs_own_early_step_is_exported_and_set_and_a_foreign_
     assert main(["export", str(run), str(tmp_path / "x"), "--at-step", "7", "--sigma-rel", "0.1"]) == 2
     assert "no post-hoc EMA snapshot at it (the nearest: 4, 3, 2)" in capsys.readouterr().err
 
+    assert main(["export", str(run), str(tmp_path / "x"), "--at-fraction", "0.5"]) == 2
+    assert "give --sigma-rel too" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["export", str(run), str(tmp_path / "x"), "--at-fraction", "2", "--sigma-rel", "0.1"]) == 2
+    assert "snapshot fraction '2': expected a number in (0, 1]" in capsys.readouterr().err
+    # snapshots at steps 1-4 (4 images each): half the run is step 2, the same export as --at-step 2 below
+    assert main(["export", str(run), str(tmp_path / "half"), "--at-fraction", "0.5", "--sigma-rel", "0.1"]) == 0
+    assert "at step 2 to" in capsys.readouterr().out
     assert main(["export", str(run), str(tmp_path / "early"), "--at-step", "2", "--sigma-rel", "0.1"]) == 0
+    assert ((tmp_path / "half" / "unet" / "model.safetensors").read_bytes()
+            == (tmp_path / "early" / "unet" / "model.safetensors").read_bytes())
     state, record = reconstruct(run, 0.1, images=8)  # step 2 of 4 images
     early = Generator.from_pretrained(tmp_path / "early")
     assert record["images"] == 8 and all(torch.equal(early.unet.state_dict()[k], v) for k, v in state.items())

@@ -114,9 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_flags(p, "the generator's stored default: ", "the run's")
     p.add_argument("--sigma-rel", type=finite_float, help="export the post-hoc EMA of this relative width "
                    "(EDM2), reconstructed from the run's snapshots, instead of its EMA")
-    p.add_argument("--at-step", type=int, metavar="N", help="the run as it stood at step N (a kept checkpoint's EMA, "
-                   "or with --sigma-rel the snapshots up to N): an early version of the model, e.g. autoguidance's "
-                   "guide (`encdiff set-guide`)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--at-step", type=int, metavar="N", help="the run as it stood at step N (a kept checkpoint's "
+                      "EMA, or with --sigma-rel the snapshots up to N): an early version of the model, e.g. "
+                      "autoguidance's guide (`encdiff set-guide`)")
+    when.add_argument("--at-fraction", metavar="F", help="with --sigma-rel: the run at its post-hoc EMA snapshot "
+                      "nearest F (0 < F <= 1) of its length, e.g. 0.25 for a guide")
 
     p = commands.add_parser("posthoc-ema", help="reconstruct a run's EMA at any widths after training (EDM2 "
                             "post-hoc EMA): one model folder per --sigma-rel")
@@ -182,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the weights as float16 (default: the precision the generator is stored in)")
 
     p = commands.add_parser("set-guide", help="put autoguidance's guide into a generator: another generator of the "
-                            "same latents, e.g. its own run at an early step (`encdiff export RUN OUT --at-step N`)")
+                            "same latents, e.g. its own run at an early step (`encdiff export RUN OUT --at-step N`, or "
+                            "`--sigma-rel S --at-fraction F`)")
     p.add_argument("generator", help="generator folder")
     p.add_argument("model", help="generator folder whose U-Net becomes the guide (same denoiser, latents and labels)")
     p.add_argument("--out", help="write the result here instead of replacing the generator folder")

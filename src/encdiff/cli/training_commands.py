@@ -108,10 +108,18 @@ def cmd_export(args: argparse.Namespace) -> int:
                 if v is not None}
     if args.sigmas is not None and args.steps is None:
         sampling["steps"] = len(args.sigmas)
+    step = args.at_step
+    if args.at_fraction is not None:
+        if args.sigma_rel is None:
+            raise EncdiffError("--at-fraction picks one of the run's post-hoc EMA snapshots: give --sigma-rel too "
+                               "(or --at-step N for a kept checkpoint)")
+        from ..phema import snapshot_nearest
+
+        step = snapshot_nearest(args.run, args.at_fraction)
     out = export_run(args.run, args.out, diffusers=args.diffusers, dtype=torch.float16 if args.half else None,
-                     sampling=sampling, sigma_rel=args.sigma_rel, step=args.at_step)
+                     sampling=sampling, sigma_rel=args.sigma_rel, step=step)
     what = "EMA" if args.sigma_rel is None else f"post-hoc EMA (sigma_rel {args.sigma_rel})"
-    print(f"exported the {what} weights of {args.run}" + (f" at step {args.at_step}" if args.at_step is not None else "")
+    print(f"exported the {what} weights of {args.run}" + (f" at step {step}" if step is not None else "")
           + f" to {out}")
     return 0
 
