@@ -87,7 +87,7 @@ else
 fi
 # Stage 2 alone, so that its time budget measures the machine as the run will find it.
 run ldm $ENCDIFF train $CHECK_FLAGS "$DATA" --autoencoder "$RUNS/ae/model" --config $CFG/diffusion.toml --run-dir "$RUNS/ldm" \
-    --time "$(budget "$LDM_SECONDS")" || say "the U-Net run stopped early: its newest checkpoint is exported"
+    --time "$(budget "$LDM_SECONDS")" || say "the U-Net run stopped early: exporting its newest checkpoint, if it has one"
 run export $ENCDIFF export "$RUNS/ldm" "$RUNS/gen" --half || finish 1
 # The same weights with classifier-free guidance 4 in (0.5, 10] as the stored default (session 9's best on the
 # 8-channel latent): only its generator.json is kept, to be chosen by measurement against the run's own default.

@@ -5,7 +5,7 @@
 # On a lent GPU (the device tool: one call, the data carried as its 20 MB archive in the git-ignored data/):
 #   mkdir -p data && cp ../shared/data/cifar10-jpeg.tar.gz data/
 #   run(command="mkdir -p /tmp/c && tar -xzf data/cifar10-jpeg.tar.gz -C /tmp/c && PYTHONPATH=src
-#       configs/cifar10-v0.6/train.sh /tmp/c/train /tmp/runs $OUT", carry=["data"], timeout_s=600)
+#       bash configs/cifar10-v0.6/train.sh /tmp/c/train /tmp/runs $OUT", carry=["data"], timeout_s=600)
 # Checked on a CPU (session 25) with 500 images, SCALE 0.12 and CHECK_FLAGS="--batch-size 16 --no-bf16": every
 # stage ran and the six tar files came to 57 MB.
-exec "$(dirname "$0")/../train-bundled.sh" "$(dirname "$0")" "$@"
+exec bash "$(dirname "$0")/../train-bundled.sh" "$(dirname "$0")" "$@"
