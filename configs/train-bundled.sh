@@ -10,15 +10,17 @@
 # the knobs below (its defaults are version 0.5's run); the device tool brings back at most 8 files, 64 MiB.
 set -u
 CFG=$1 DATA=$2 RUNS=$3 OUT=$4 SCALE=${5:-1}
-AE_SECONDS=140 LDM_SECONDS=250 LIGHT_SECONDS=75 STUDENT_SECONDS=75 GUIDE_SECONDS=45
-GUIDE=1               # train-guide: a separate, half-width guide (0: none)
-EARLY_GUIDES=""       # fractions of the U-Net run: its post-hoc EMA at the snapshot nearest each, as a guide
-EARLY_SIGMA_REL=0.05  # the width of those early EMAs
-PHEMA_PACK="0.05 0.1" # post-hoc EMA profiles of the whole run to bring back
-# Flags added to every training command, for a check of this script on a CPU (e.g. "--batch-size 16 --no-bf16").
-CHECK_FLAGS=${CHECK_FLAGS:-}
+# The knobs: a variable set in the environment wins, then CFG/train.env's value, then the default here.
 # shellcheck source=/dev/null
 [ -f "$CFG/train.env" ] && . "$CFG/train.env"
+AE_SECONDS=${AE_SECONDS:-140} LDM_SECONDS=${LDM_SECONDS:-250} LIGHT_SECONDS=${LIGHT_SECONDS:-75}
+STUDENT_SECONDS=${STUDENT_SECONDS:-75} GUIDE_SECONDS=${GUIDE_SECONDS:-45}
+GUIDE=${GUIDE:-1}                         # train-guide: a separate, half-width guide (0: none)
+EARLY_GUIDES=${EARLY_GUIDES-}             # fractions of the U-Net run: its post-hoc EMA at the snapshot nearest each
+EARLY_SIGMA_REL=${EARLY_SIGMA_REL:-0.05}  # the width of those early EMAs
+PHEMA_PACK=${PHEMA_PACK-"0.05 0.1"}       # post-hoc EMA profiles of the whole run to bring back ("": none)
+# Flags added to every training command, for a check of this script on a CPU (e.g. "--batch-size 16 --no-bf16").
+CHECK_FLAGS=${CHECK_FLAGS:-}
 ENCDIFF="python3 -m encdiff"
 mkdir -p "$RUNS" "$OUT"
 budget() { python3 -c "print(f'{max(1, round($1 * $SCALE))}s')"; }
