@@ -16,6 +16,7 @@ from encdiff.denoiser import (
     denoising_loss,
     loss_weight_edm,
     loss_weight_min_snr,
+    nearest_noise,
     training_loss,
 )
 from encdiff.errors import EncdiffError
@@ -410,6 +411,82 @@ def test_training_loss_bad_input(kwargs, match):
     denoiser = VPDenoiser(Recorder(), alpha_bars_linear())
     with pytest.raises(EncdiffError, match=match):
         training_loss(denoiser, torch.zeros((2, 1, 2, 2)), torch.Generator(), **kwargs)
+
+
+class NoiseSpy:
+    """A denoiser-like callable that returns zeros and keeps the noise each call was given: eps = (x - x0) / sigma."""
+
+    def __init__(self, x0):
+        self.x0, self.eps, self.sigma = x0, None, None
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.sigma = sigma
+        self.eps = (x - self.x0) / sigma.reshape(-1, *[1] * (x.ndim - 1))
+        return torch.zeros_like(x)
+
+
+def drawn_noise(x0, seed, **kw):
+    spy = NoiseSpy(x0)
+    training_loss(spy, x0, torch.Generator().manual_seed(seed), noise_level="lognormal", **kw)
+    return spy.eps
+
+
+def test_plain_noise_is_drawn_as_before_the_noise_candidates_option():
+    """One candidate is the Gaussian draw right after the noise levels, in float32: runs and checkpoints written
+    before the option existed resume on the same random stream."""
+    x0 = torch.randn((6, 2, 4, 4), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    NOISE_LEVELS["lognormal"](None, 6, g)
+    expected = torch.randn((6, 2, 4, 4), generator=g, dtype=torch.float32).double()
+    torch.testing.assert_close(drawn_noise(x0, 3), expected)
+    torch.testing.assert_close(drawn_noise(x0, 3, noise_candidates=1), expected)
+
+
+def test_noise_candidates_keep_each_images_nearest_draw():
+    """Immiscible Diffusion (KNN): of k draws per image, made right after the noise levels, the nearest is kept."""
+    x0 = torch.randn((6, 2, 4, 4), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    NOISE_LEVELS["lognormal"](None, 6, g)
+    candidates = torch.randn((6, 4, 2, 4, 4), generator=g, dtype=torch.float32).double()
+    distances = (candidates - x0.unsqueeze(1)).square().sum((2, 3, 4))
+    expected = candidates[torch.arange(6), distances.argmin(1)]
+    assert len(set(distances.argmin(1).tolist())) > 1  # not always the first: the choice is per image
+    torch.testing.assert_close(drawn_noise(x0, 3, noise_candidates=4), expected)
+    torch.testing.assert_close(nearest_noise(x0, candidates), expected)
+
+
+def test_more_noise_candidates_bring_the_noise_nearer_the_images_and_shorten_it_a_little():
+    x0 = 0.5 * torch.randn((256, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+
+    def mean_distance(eps):
+        return (eps - x0).square().flatten(1).sum(1).mean().item()
+
+    plain, k4, k16 = (drawn_noise(x0, 1, noise_candidates=k) for k in (1, 4, 16))
+    assert mean_distance(k16) < mean_distance(k4) < mean_distance(plain)
+    # |x0 - eps|^2 includes |eps|^2, so the nearest draw is also a shorter one: the noise's variance falls below 1
+    # as k grows (nearest_noise's docstring), by a few per cent at these k
+    assert 0.85 < k16.var().item() < k4.var().item() < plain.var().item() < 1.05
+
+
+def test_noise_candidates_split_over_processes_equal_one_process():
+    """Each process draws the global batch's candidates and chooses for its own rows (rank::world_size), so the
+    noise of two processes interleaved is the noise of one process with the whole batch."""
+    x0 = torch.randn((8, 2, 4, 4), generator=torch.Generator().manual_seed(1))
+    whole = drawn_noise(x0, 7, noise_candidates=5)
+    parts = [drawn_noise(x0[rank::2], 7, noise_candidates=5, shard=(rank, 2)) for rank in (0, 1)]
+    torch.testing.assert_close(torch.stack(parts, 1).flatten(0, 1), whole)
+
+
+@pytest.mark.parametrize("k", [0, -2, 2.0, True])
+def test_noise_candidates_must_be_a_positive_integer(k):
+    with pytest.raises(EncdiffError, match=f"noise_candidates {k!r}: expected an integer >= 1"):
+        drawn_noise(torch.zeros((2, 1, 2, 2)), 0, noise_candidates=k)
+
+
+def test_nearest_noise_refuses_candidates_of_another_shape():
+    with pytest.raises(EncdiffError, match=r"noise candidates of shape \(2, 3, 1, 4, 4\) do not match images of "
+                                           r"shape \(2, 1, 2, 2\)"):
+        nearest_noise(torch.zeros((2, 1, 2, 2)), torch.zeros((2, 3, 1, 4, 4)))
 
 
 def test_uniform_t_needs_a_discrete_model():

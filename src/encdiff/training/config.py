@@ -91,6 +91,7 @@ class TrainConfig:
     sigma_data: float = 0.5  # edm: data standard deviation (0.5 for pixels in [-1, 1]; 1 for encdiff's unit-variance latents)
     loss_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # noise-level/weighting options, e.g. p_mean, p_std
     label_dropout: float = 0.1  # probability of training on the null class (classifier-free guidance)
+    noise_candidates: int = 1  # noises drawn per image, the nearest kept (Immiscible Diffusion, KNN); 1: plain noise
     # consistency distillation (encdiff distill)
     teacher: str | None = None  # generator folder distilled: its U-Net initialises the student, its autoencoder is kept
     guidance: float | None = None  # guidance scale built into the student; None: the teacher's default (1: none)
@@ -115,7 +116,8 @@ class TrainConfig:
     def __post_init__(self):
         """Every field is checked here, before any data is read or any step is taken."""
         for name in ("steps", "batch_size", "grad_accum", "resolution", "log_every", "checkpoint_every", "keep_last",
-                     "sample_steps", "disc_channels", "disc_layers", "intervals", "student_steps", "lr_decay_steps"):
+                     "sample_steps", "disc_channels", "disc_layers", "intervals", "student_steps", "lr_decay_steps",
+                     "noise_candidates"):
             check_int(getattr(self, name), name, 1)
         for name in ("warmup_steps", "sample_every", "eval_every", "adv_start", "phema_every"):
             check_int(getattr(self, name), name, 0)
@@ -217,8 +219,8 @@ STAGE_ONLY = {
                               "alpha_edge_weight", "adv_weight", "adv_start", "fm_weight", "disc_lr", "disc_channels",
                               "disc_layers", "init", "decoder_only", "latent_noise", "model", "model_overrides"}),
     "diffusion": frozenset({"autoencoder", "backbone", "uncertainty", "denoiser", "prediction", "train_schedule", "noise_level", "weighting",
-                            "sigma_data", "loss_options", "label_dropout", "eval_every", "eval_samples",
-                            "model", "model_overrides"}),
+                            "sigma_data", "loss_options", "label_dropout", "noise_candidates", "eval_every",
+                            "eval_samples", "model", "model_overrides"}),
     "consistency": frozenset({"teacher", "guidance", "guidance_interval", "intervals", "solver", "huber_c", "student_steps",
                               "loss_options", "label_dropout", "eval_every", "eval_samples"}),
     # a light decoder for an autoencoder's latents: its objective's terms, the teacher term, its shape

@@ -81,7 +81,8 @@ def _train_diffusion(config: TrainConfig) -> Path:
         # DDP syncs gradients only for calls through its wrapper: the loss runs the network it is given.
         return training_loss(denoiser, x, run.generators["noise"], class_labels=labels, noise_level=config.noise_level,
                              weighting=config.weighting, label_dropout=label_dropout, shard=run.shard, net=model,
-                             uncertainty=config.uncertainty, **config.loss_options)
+                             uncertainty=config.uncertainty, noise_candidates=config.noise_candidates,
+                             **config.loss_options)
 
     def generator_of(run: Run) -> Generator:
         return Generator(run.ema.model, spec, autoencoder, dataset.class_names, sampling, sizes=sizes)
