@@ -179,3 +179,45 @@ def test_both_stages_train_on_buckets_and_the_generator_draws_at_every_trained_s
     square = json.loads(cli("distill", str(out), str(folder), "--run-dir", str(tmp_path / "student"),
                             "--buckets", "none", "--dry-run").stdout)
     assert square["buckets"] == []
+
+
+def test_a_generator_trained_on_buckets_is_evaluated_at_every_shape_in_the_data_s_proportions(tmp_path):
+    """In training (eval_every) and in `encdiff eval`, a bucketed generator is sampled at each of its shapes, as
+    many as the reference holds of each (interleaved), against the reference read in the same buckets; with
+    --resolution the reference is read as squares and the generator draws its square."""
+    rng = np.random.default_rng(4)
+    data = tmp_path / "data"
+    for c in range(2):  # 270 images: the statistics need at least 257
+        (data / f"c{c}").mkdir(parents=True)
+        for i, (width, height) in enumerate([(30, 50)] * 75 + [(24, 24)] * 30 + [(50, 30)] * 30):
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(data / f"c{c}" / f"{i:03d}.png")
+    config = TrainConfig(data=str(data), run_dir=str(tmp_path / "run"), steps=2, checkpoint_every=2,
+                         eval_every=2, eval_samples=260, **{**COMMON, "sample_steps": 2})
+    out = train_diffusion(config)
+    shapes = {"12x20": 150, "16x16": 60, "20x12": 60}  # (width x height) tall, square, wide
+    assert Generator.from_pretrained(out).sizes == [(20, 12), (16, 16), (12, 20)]
+    row, = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+            if "fid" in line]
+    assert row["step"] == 2 and np.isfinite(row["fid"]) and 0 <= row["precision"] <= 1
+    from encdiff.evaluate import ReferenceStats
+    stats, = (ReferenceStats.load(f) for f in (tmp_path / "run" / "cache").glob("reference-*.safetensors"))
+    assert stats.shape_counts == shapes and stats.resolution == 16 and len(stats.features) == 270
+    best = json.loads((tmp_path / "run" / "best" / "metrics.json").read_text())
+    assert best["settings"]["samples_per_shape"] == {"12x20": 144, "16x16": 58, "20x12": 58}  # 260 in 150:60:60
+    # the command: the reference folder read in the generator's buckets, the same shares
+    done = cli("eval", str(out), "--reference", str(data), "--num", "260", "--steps", "2",
+               "--out", str(tmp_path / "eval"))
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["settings"]["samples_per_shape"] == best["settings"]["samples_per_shape"]
+    assert report["fid"] == pytest.approx(best["fid"], rel=1e-6)  # the same images, seeds and statistics
+    square = cli("eval", str(out), "--reference", str(data), "--num", "260", "--steps", "2", "--resolution", "16",
+                 "--out", str(tmp_path / "square"))
+    assert square.returncode == 0, square.stderr
+    assert "samples_per_shape" not in json.loads((tmp_path / "square" / "metrics.json").read_text())["settings"]
+    # a reference of a shape the generator never trained at is refused, naming it
+    from encdiff.evaluate import evaluate_generator
+    odd = ReferenceStats(stats.features, stats.mu, stats.sigma, stats.key, "odd", 16, None, {"24x8": 270})
+    with pytest.raises(EncdiffError, match="holds 24x8 images, a shape the generator was not trained at"):
+        evaluate_generator(Generator.from_pretrained(out), odd, 260, steps=2)

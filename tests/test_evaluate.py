@@ -492,6 +492,37 @@ def test_reference_statistics_keep_their_class_counts(tmp_path):
     assert reference_stats(images, cache_dir=tmp_path).class_counts == {"a": 12}
 
 
+def test_reference_statistics_of_several_shapes_record_them_and_one_shape_keeps_its_cache_key(tmp_path):
+    import hashlib
+
+    from encdiff.evaluate import default_feature_net, feature_net_identity, images_identity
+
+    g = torch.Generator().manual_seed(1)
+    square, tall = (torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=g)
+                    for n, h, w in ((6, 32, 32), (4, 40, 24)))
+    net = default_feature_net()
+    # one tensor hashes as before parts existed: reference caches written by earlier versions are found again
+    one = reference_stats(square, net)
+    assert one.key == hashlib.sha256((feature_net_identity(net) + images_identity(square)).encode()).hexdigest()
+    assert one.shape_counts is None and one.resolution == 32
+    assert reference_stats([square], net).key == one.key
+    both = reference_stats([square, tall], net, cache_dir=tmp_path, resolution=32)
+    assert both.shape_counts == {"32x32": 6, "24x40": 4} and both.resolution == 32 and len(both.features) == 10
+    torch.testing.assert_close(both.features[6:], net.features(tall.float() / 127.5 - 1).float())
+    loaded, = (ReferenceStats.load(f) for f in tmp_path.glob("reference-*.safetensors"))
+    assert loaded.shape_counts == both.shape_counts and loaded.key == both.key != one.key
+    with pytest.raises(ValueError, match="several shapes need the square `resolution`"):
+        reference_stats([square, tall], net)
+
+
+def test_interleave_draws_shapes_and_classes_in_proportion_with_every_prefix_close():
+    from encdiff.evaluate import interleave
+
+    picks = interleave(260, [150, 60, 60])
+    assert torch.bincount(picks).tolist() == [144, 58, 58]
+    assert interleave(5, [1, 1]).tolist() == [0, 1, 0, 1, 0] and interleave(3, [0, 2]).tolist() == [1, 1, 1]
+
+
 def test_eval_of_a_labelled_image_folder_reports_its_class_accuracy(tmp_path, reference_folder):
     # real images the feature net did not train on give the rate a generator's class accuracy is read against
     from encdiff import cli

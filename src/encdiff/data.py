@@ -317,6 +317,14 @@ class ImageDataset:
         """The indices of the images in bucket `bucket` (a position in `shapes`), in file order."""
         return torch.nonzero(self.bucket_of == bucket).flatten()
 
+    def images_by_bucket(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        """The uint8 images `indices` (of any buckets), one tensor per bucket that holds any of them, in `shapes`
+        order, and within a bucket in the order of `indices` (a set of one shape: the one tensor images[indices])."""
+        if len(self.parts) == 1:
+            return [self.parts[0][indices]]
+        buckets = self.bucket_of[indices]
+        return [self.parts[b][self.row[indices[buckets == b]]] for b in range(len(self.shapes)) if (buckets == b).any()]
+
     def rows_of(self, indices: torch.Tensor) -> tuple[int, torch.Tensor]:
         """The bucket of images `indices` (all of one bucket: a batch is drawn within one) and their rows in its
         part; whatever is stored per bucket (images, latents) is read with them."""

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .buckets import format_shape, parse_shape
 from .checkpoint import atomic_save_tensors, atomic_write_bytes, read_weights
 from .data import ImageDataset
 from .errors import EncdiffError, count
@@ -93,6 +94,10 @@ class ReferenceStats:
     # images per class name in the reference (a folder with class subfolders); None: unknown. A class-conditional
     # generator is evaluated with its classes in these proportions, as the reference holds them.
     class_counts: dict[str, int] | None = None
+    # images per shape ("WxH") where the reference holds several (a folder read in a generator's aspect-ratio
+    # buckets); None: every image is resolution x resolution. A generator is then sampled at those shapes in these
+    # proportions.
+    shape_counts: dict[str, int] | None = None
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -101,6 +106,8 @@ class ReferenceStats:
                     "resolution": str(self.resolution)}
         if self.class_counts is not None:
             metadata["class_counts"] = json.dumps(self.class_counts)
+        if self.shape_counts is not None:
+            metadata["shape_counts"] = json.dumps(self.shape_counts)
         atomic_save_tensors({"features": self.features, "mu": self.mu, "sigma": self.sigma}, path, metadata=metadata)
         return path
 
@@ -116,18 +123,33 @@ class ReferenceStats:
             raise EncdiffError(f"{path}: not an encdiff reference-statistics file (written by `encdiff eval` "
                                "into its --cache-dir)")
         counts = json.loads(meta["class_counts"]) if "class_counts" in meta else None
+        shapes = json.loads(meta["shape_counts"]) if "shape_counts" in meta else None
         return cls(tensors["features"], tensors["mu"], tensors["sigma"], meta["key"], meta["source"],
-                   int(meta["resolution"]), counts)
+                   int(meta["resolution"]), counts, shapes)
 
 
-def reference_stats(images: torch.Tensor, net: torch.nn.Module | None = None, cache_dir: str | os.PathLike | None = None,
-                    source: str = "images", batch_size: int = 250, progress: bool = False,
-                    class_counts: dict[str, int] | None = None) -> ReferenceStats:
+def reference_stats(images: torch.Tensor | Sequence[torch.Tensor], net: torch.nn.Module | None = None,
+                    cache_dir: str | os.PathLike | None = None, source: str = "images", batch_size: int = 250,
+                    progress: bool = False, class_counts: dict[str, int] | None = None,
+                    resolution: int | None = None) -> ReferenceStats:
     """Features and statistics of uint8 reference images; with `cache_dir`, read from / written to
     `cache_dir/reference-<key>.safetensors`, the key hashing the image bytes and the feature net's config and weights.
-    `class_counts` (images per class name) are recorded with them: see `ReferenceStats.class_counts`."""
+    `class_counts` (images per class name) are recorded with them: see `ReferenceStats.class_counts`.
+
+    `images` may be a list of parts of different shapes (a folder's aspect-ratio buckets): their images per shape
+    are recorded (`ReferenceStats.shape_counts`), and `resolution` names the square size they belong to."""
     net = net if net is not None else default_feature_net()
-    key = hashlib.sha256((feature_net_identity(net) + images_identity(images)).encode()).hexdigest()
+    parts = [images] if isinstance(images, torch.Tensor) else [p for p in images if len(p)]
+    if not parts:
+        raise EncdiffError(f"{source}: no reference images")
+    shapes: dict[str, int] = {}
+    for part in parts:
+        shapes[format_shape(tuple(part.shape[-2:]))] = shapes.get(format_shape(tuple(part.shape[-2:])), 0) + len(part)
+    if len(shapes) > 1 and resolution is None:
+        raise ValueError("reference images of several shapes need the square `resolution` they were read at")
+    resolution = resolution if resolution is not None else parts[0].shape[-1]
+    # one part hashes as the tensor alone did, so caches written before parts existed are found again
+    key = hashlib.sha256((feature_net_identity(net) + "".join(images_identity(p) for p in parts)).encode()).hexdigest()
     path = Path(cache_dir) / f"reference-{key[:24]}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
         cached = ReferenceStats.load(path)
@@ -137,9 +159,11 @@ def reference_stats(images: torch.Tensor, net: torch.nn.Module | None = None, ca
                 cached.class_counts = class_counts
                 cached.save(path)
             return cached
-    features = extract_features(net, images, batch_size, progress, desc="reference features")
+    features = torch.cat([extract_features(net, part, batch_size, progress, desc="reference features")
+                          for part in parts])
     mu, sigma = gaussian_stats(features)
-    stats = ReferenceStats(features, mu, sigma, key, source, images.shape[-1], class_counts)
+    stats = ReferenceStats(features, mu, sigma, key, source, resolution, class_counts,
+                           shapes if len(shapes) > 1 else None)
     if path is not None:
         stats.save(path)
     return stats
@@ -160,28 +184,34 @@ def compare_features(reference: ReferenceStats, features: torch.Tensor, *, kid_s
             "kid_std": kid_std, "precision": precision, "recall": recall}
 
 
-def class_accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+def class_accuracy(net: torch.nn.Module, images: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor,
                    class_names: Sequence[str]) -> dict[str, float]:
-    """Per class: the fraction of images of that (requested) class that the feature net classifies as it."""
+    """Per class: the fraction of images of that (requested) class that the feature net classifies as it.
+    `images` may be a list of parts of different shapes, `labels` then those of the parts in order."""
     logits = []
     with torch.inference_mode():
-        for s in range(0, len(images), 250):
-            logits.append(net(to_unit(images[s:s + 250])).float())
+        for part in [images] if isinstance(images, torch.Tensor) else images:
+            for s in range(0, len(part), 250):
+                logits.append(net(to_unit(part[s:s + 250])).float())
     predicted = torch.cat(logits).argmax(1)
     return {class_names[c]: float((predicted[labels == c] == c).double().mean())
             for c in sorted(set(labels.tolist()))}
 
 
 def sample_images(generator, n: int, *, batch_size: int = 100, sampling=None, seed: int = 0,
-                  class_labels: torch.Tensor | None = None, progress: bool = False):
+                  class_labels: torch.Tensor | None = None, progress: bool = False,
+                  which: Sequence[int] | None = None, size: tuple[int, int] | None = None):
     """Yield uint8 batches of `n` generated images; image i uses seed `seed + i` (and class_labels[i]), with
-    `sampling` (a pipeline.Sampling; default: the generator's)."""
-    with tqdm(total=n, desc="sampling", unit="img", disable=not progress) as bar:
-        for s in range(0, n, batch_size):
-            seeds = list(range(seed + s, seed + min(n, s + batch_size)))
-            labels = None if class_labels is None else class_labels[s:s + len(seeds)]
-            batch = generator.images(seeds, labels, sampling)
-            bar.update(len(seeds))
+    `sampling` (a pipeline.Sampling; default: the generator's). `which` makes only those of the n images, in that
+    order; `size` (height, width) draws them at one of the generator's shapes (default its square)."""
+    which = list(range(n)) if which is None else [int(i) for i in which]
+    desc = "sampling" if size is None else f"sampling {format_shape(size)}"
+    with tqdm(total=len(which), desc=desc, unit="img", disable=not progress) as bar:
+        for s in range(0, len(which), batch_size):
+            chosen = which[s:s + batch_size]
+            labels = None if class_labels is None else class_labels[chosen]
+            batch = generator.images([seed + i for i in chosen], labels, sampling, size=size)
+            bar.update(len(chosen))
             yield batch
 
 
@@ -193,20 +223,27 @@ def class_counts(labels: torch.Tensor, class_names: Sequence[str]) -> dict[str, 
     return {name: int((labels == c).sum()) for c, name in enumerate(class_names)}
 
 
-def class_labels(n: int, classes: Sequence[int], weights: Sequence[float] | None = None) -> torch.Tensor:
-    """`n` class labels from `classes` in proportion to `weights` (None: equal), interleaved by smooth weighted
-    round-robin: deterministic, every prefix within one image per class of its share, and with equal weights the
-    plain cycle classes[0], classes[1], ... (so a balanced reference gives the same samples as `even`)."""
-    weights = [1.0] * len(classes) if weights is None else [float(w) for w in weights]
+def interleave(n: int, weights: Sequence[float]) -> torch.Tensor:
+    """`n` picks among len(weights) choices in proportion to `weights`, interleaved by smooth weighted round-robin:
+    deterministic, every prefix within one pick per choice of its share, and with equal weights the plain cycle
+    0, 1, 2, ...; a choice of weight 0 is never picked."""
+    weights = [float(w) for w in weights]
     total = sum(weights)
-    current = [0.0] * len(classes)
-    labels = []
+    current = [0.0] * len(weights)
+    picks = []
     for _ in range(n):
         current = [c + w for c, w in zip(current, weights)]
-        pick = max(range(len(classes)), key=lambda j: (current[j], -j))  # ties: the first class
+        pick = max(range(len(weights)), key=lambda j: (current[j], -j))  # ties: the first choice
         current[pick] -= total
-        labels.append(classes[pick])
-    return torch.tensor(labels, dtype=torch.int64)
+        picks.append(pick)
+    return torch.tensor(picks, dtype=torch.int64)
+
+
+def class_labels(n: int, classes: Sequence[int], weights: Sequence[float] | None = None) -> torch.Tensor:
+    """`n` class labels from `classes` in proportion to `weights` (None: equal), `interleave`d (so a balanced
+    reference gives the same samples as `even`)."""
+    picks = interleave(n, [1.0] * len(classes) if weights is None else weights)
+    return torch.tensor(classes, dtype=torch.int64)[picks] if n else torch.zeros(0, dtype=torch.int64)
 
 
 def class_weights(class_mix: str | None, generator_classes: Sequence[str], requested: Sequence[int],
@@ -244,8 +281,8 @@ def feature_classes(net: torch.nn.Module, generator_classes: Sequence[str], requ
     return None if any(m is None for m in mapped) else mapped
 
 
-def class_accuracy_report(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None,
-                          class_names: Sequence[str]) -> dict:
+def class_accuracy_report(net: torch.nn.Module, images: torch.Tensor | Sequence[torch.Tensor],
+                          labels: torch.Tensor | None, class_names: Sequence[str]) -> dict:
     """The report's `class_accuracy` (per class of `class_names` present in `labels`, indices into it: the feature
     net's accuracy on those images, its classes matched by name, `feature_classes`) and `class_accuracy_mean`; empty
     when there are no labels or the net does not know every one of the classes."""
@@ -270,9 +307,11 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
                        progress: bool = False) -> dict:
     """Generate `n` images and measure them against `reference`: FID, KID, precision, recall and, for a
     class-conditional model, the feature net's accuracy per requested class. The classes are drawn in the reference's
-    proportions where it knows them, else equally (`class_mix`, see `class_weights`). Unset sampler, steps and
-    guidance are the generator's own (`Generator.settings`; guidance_scale=1 for none). The result also records
-    every setting that produced it. This is the call for periodic evaluation during training, e.g.
+    proportions where it knows them, else equally (`class_mix`, see `class_weights`). A reference of several shapes
+    (`ReferenceStats.shape_counts`) is matched shape for shape: the samples are drawn at those shapes, `interleave`d in
+    the reference's proportions. Unset sampler, steps and guidance are the generator's own (`Generator.settings`;
+    guidance_scale=1 for none). The result also records every setting that produced it. This is the call for
+    periodic evaluation during training, e.g.
 
         stats = reference_stats(dataset.images[idx_2k], cache_dir=run_dir / "eval")  # once
         evaluate_generator(generator, stats, 2000, steps=20)                          # every N steps
@@ -284,6 +323,15 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
                            "use a reference at the model's resolution (encdiff eval --resolution)")
     check_count(n, min_images_for_fid(reference.features.shape[1]),
                 f"FID in a {reference.features.shape[1]}-d feature space", "--num (samples to generate)")
+    shapes = [parse_shape(s) for s in reference.shape_counts] if reference.shape_counts else [None]
+    for shape in shapes:
+        if shape is not None and shape not in generator.sizes:
+            raise EncdiffError(f"the reference ({reference.source}) holds {format_shape(shape)} images, a shape the "
+                               f"generator was not trained at (its shapes: "
+                               f"{', '.join(format_shape(s) for s in generator.sizes)}); read the reference in the "
+                               "generator's shapes, or at its square with --resolution")
+    shape_of = interleave(n, list(reference.shape_counts.values())) if reference.shape_counts else \
+        torch.zeros(n, dtype=torch.int64)
     labels, requested, mix = None, [], None
     if generator.num_classes:
         requested = [generator.class_index(c) for c in classes] if classes else list(range(generator.num_classes))
@@ -298,16 +346,20 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
                                   guidance_interval=guidance_interval, guidance_kind=guidance_kind, decoder=decoder)
     started = time.perf_counter()
     generator.reset_evaluations()  # counted as they run: a guided pair is two, a step outside the interval one
-    images = torch.cat(list(sample_images(generator, n, batch_size=batch_size, sampling=sampling, seed=seed,
-                                          class_labels=labels, progress=progress)))
+    which = [torch.nonzero(shape_of == j).flatten() for j in range(len(shapes))]
+    parts = [torch.cat(list(sample_images(generator, n, batch_size=batch_size, sampling=sampling, seed=seed,
+                                          class_labels=labels, progress=progress, which=chosen, size=shape)))
+             for shape, chosen in zip(shapes, which) if len(chosen)]
     sample_seconds = time.perf_counter() - started
     nfe = generator.evaluations / n
-    features = extract_features(net, images, progress=progress, desc="sample features")
+    features = torch.cat([extract_features(net, part, progress=progress, desc="sample features") for part in parts])
     result = compare_features(reference, features, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, k=k,
                               seed=seed, where="generated samples")
-    result.update(class_accuracy_report(net, images, labels, generator.class_names))
-    if images.shape[1] == 4:
-        result["alpha_coverage"] = alpha_coverage(images[:, 3])
+    in_part_order = None if labels is None else labels[torch.cat(which)]
+    result.update(class_accuracy_report(net, parts[0] if len(parts) == 1 else parts, in_part_order,
+                                        generator.class_names))
+    if parts[0].shape[1] == 4:
+        result["alpha_coverage"] = alpha_coverage(torch.cat([part[:, 3].flatten() for part in parts]))
     guidance = sampling.guidance_scale if sampling.guidance_scale != 1 else None
     result["settings"] = {"num_samples": n, "sampler": sampling.sampler, "steps": sampling.steps,
                           "schedule": sampling.schedule, "sigmas": sampling.sigmas, "guidance_scale": guidance,
@@ -326,6 +378,9 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
                           "kid_subset_size": min(kid_subset_size, n, len(reference.features)), "k": k,
                           "feature_net": getattr(net, "name", type(net).__name__),
                           "feature_dim": reference.features.shape[1], "sample_seconds": round(sample_seconds, 1)}
+    if reference.shape_counts:
+        result["settings"]["samples_per_shape"] = {format_shape(shape): len(chosen)
+                                                   for shape, chosen in zip(shapes, which)}
     return result
 
 
@@ -558,9 +613,12 @@ def _eval_kind(path: Path) -> str:
     raise EncdiffError(f"{path}: not a generator folder, an autoencoder folder or a folder of images")
 
 
-def _load_reference(args: "EvalRequest", net, resolution: int, where: str):
-    """The reference: a statistics file from a previous run, or an image folder (at `resolution`)."""
-    
+def _load_reference(args: "EvalRequest", net, resolution: int, where: str,
+                    sizes: Sequence[tuple[int, int]] = ()):
+    """The reference: a statistics file from a previous run, or an image folder (at `resolution`). With `sizes`
+    (a generator's shapes, several: it was trained with aspect-ratio buckets) and no --resolution, the folder is read
+    in those shapes, each image in the one nearest its aspect ratio, as training read it."""
+
     if not args.reference:
         raise EncdiffError(f"--reference is required to evaluate {where}: an image folder (e.g. the training "
                            "or test split) or a reference-*.safetensors file from --cache-dir")
@@ -573,6 +631,12 @@ def _load_reference(args: "EvalRequest", net, resolution: int, where: str):
         return stats, None
     if not ref.is_dir():
         raise EncdiffError(f"{ref}: reference not found (give an image folder or a reference statistics file)")
+    if args.resolution is None and len(sizes) > 1:
+        data = ImageDataset(ref, resolution, cache_dir=args.cache_dir, workers=args.workers, buckets=list(sizes))
+        keep = _reference_keep(len(data), args)
+        counts = None if data.labels is None else class_counts(data.labels[keep], data.class_names)
+        return reference_stats(data.images_by_bucket(keep), net, args.cache_dir, str(ref), progress=True,
+                               class_counts=counts, resolution=resolution), data
     if args.resolution is None:
         native = _single_size(ref, "reference")
         if native != resolution:
@@ -584,13 +648,17 @@ def _load_reference(args: "EvalRequest", net, resolution: int, where: str):
                            class_counts=counts), data
 
 
+def _reference_keep(n: int, args: "EvalRequest") -> torch.Tensor:
+    """The indices of the n reference images that `--reference-num` keeps: a seeded random subset (folders are
+    often ordered by class), in file order."""
+    if args.reference_num is None or args.reference_num >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:args.reference_num].sort().values
+
+
 def _reference_subset(images: torch.Tensor, args: "EvalRequest") -> torch.Tensor:
-    """The reference images (or their labels) that `--reference-num` keeps: a seeded random subset (folders are
-    often ordered by class)."""
-    if args.reference_num is None or args.reference_num >= len(images):
-        return images
-    keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.reference_num]
-    return images[keep.sort().values]
+    """The reference images (or their labels) that `--reference-num` keeps (`_reference_keep`)."""
+    return images[_reference_keep(len(images), args)]
 
 
 def run_evaluation(args: "EvalRequest") -> tuple[Path, Path]:
@@ -616,7 +684,8 @@ def run_evaluation(args: "EvalRequest") -> tuple[Path, Path]:
         if args.resolution is not None and args.resolution != generator.image_size:
             raise EncdiffError(f"--resolution {args.resolution}: the generator makes {generator.image_size}x"
                                f"{generator.image_size} images; compare at that size")
-        reference, ref_data = _load_reference(args, net, generator.image_size, f"the generator {target}")
+        reference, ref_data = _load_reference(args, net, generator.image_size, f"the generator {target}",
+                                              sizes=generator.sizes)
         classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
         result = evaluate_generator(generator, reference, args.num, net=net, batch_size=args.batch_size,
                                              sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
@@ -627,8 +696,9 @@ def run_evaluation(args: "EvalRequest") -> tuple[Path, Path]:
         if generator.image_channels == 4 and ref_data is not None:
             # the same figure for the reference folder, read with its alpha (FID reads it as RGB on white)
             rgba = ImageDataset(ref_data.root, ref_data.resolution, channels=4, cache_dir=args.cache_dir,
-                                workers=args.workers).images
-            result["reference_alpha_coverage"] = alpha_coverage(_reference_subset(rgba, args)[:, 3])
+                                workers=args.workers, buckets=list(generator.sizes) if ref_data.bucketed else None)
+            alpha = [part[:, 3].flatten() for part in rgba.images_by_bucket(_reference_keep(len(rgba), args))]
+            result["reference_alpha_coverage"] = alpha_coverage(torch.cat(alpha))
         if args.bpd:
             result.update(_bits_per_dim(args, generator, ref_data))
         result["settings"]["model"] = str(target)
@@ -672,6 +742,10 @@ def _bits_per_dim(args: "EvalRequest", generator, ref_data) -> dict:
                            "is not defined by this bound")
     if ref_data is None:
         raise EncdiffError("--bpd needs the reference as an image folder (the images to score), not a statistics file")
+    if ref_data.bucketed and len(ref_data.shapes) > 1:
+        raise EncdiffError(f"--bpd: the reference {ref_data.root} was read in the generator's "
+                           f"{len(ref_data.shapes)} shapes, and bits/dim is scored at one: pass --resolution "
+                           f"{generator.image_size} to read it as squares")
     if ref_data.channels != generator.image_channels:  # FID's reference is read as RGB; the model scores its own
         ref_data = ImageDataset(ref_data.root, ref_data.resolution, channels=generator.image_channels,
                                 cache_dir=args.cache_dir, workers=args.workers)

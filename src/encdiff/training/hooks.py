@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from typing import Any, Callable
 
 import torch
@@ -41,22 +40,15 @@ def evaluation_hook(config: TrainConfig, dataset: ImageDataset, generator_of: Ca
         from ..evaluate import class_counts, evaluate_generator, reference_stats
 
         if not reference:
-            # A seeded random subset (the data may be ordered by class) of the images of the generator's default
-            # size, the square: with aspect-ratio buckets, the square bucket's.
-            square = (dataset.resolution, dataset.resolution)
-            if square not in dataset.shapes:
-                warnings.warn(f"step {run.step}: no evaluation, no image of the data is in the square bucket "
-                              f"{dataset.resolution}x{dataset.resolution} that the generator draws by default",
-                              stacklevel=2)
-                return
-            part = dataset.shapes.index(square)
-            images = dataset.parts[part]
-            idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))[:10_000]
+            # A seeded random subset (the data may be ordered by class) of up to 10,000 images, each in its
+            # aspect-ratio bucket: the generator is sampled at every shape it trains at, in the data's proportions.
+            idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))[:10_000]
+            parts = dataset.images_by_bucket(idx)
             # the subset's classes: an unbalanced folder is sampled in its proportions, as `eval` does
-            counts = None if dataset.labels is None else class_counts(dataset.labels[dataset.bucket_of == part][idx],
-                                                                      dataset.class_names)
-            reference.append(reference_stats(images[idx], cache_dir=run.dir / "cache", source=config.data,
-                                              class_counts=counts))
+            counts = None if dataset.labels is None else class_counts(dataset.labels[idx], dataset.class_names)
+            reference.append(reference_stats(parts[0] if len(parts) == 1 else parts, cache_dir=run.dir / "cache",
+                                              source=config.data, class_counts=counts,
+                                              resolution=dataset.resolution))
         generator = generator_of(run)
         metrics = evaluate_generator(generator, reference[0], config.eval_samples, seed=0, **sampling)
         row = {"step": run.step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
