@@ -326,6 +326,47 @@ def test_a_guide_from_the_runs_own_early_step_is_exported_and_set_and_a_foreign_
     assert Generator.from_pretrained(main_folder).guide is None  # nothing written
 
 
+def test_guide_at_gives_a_run_its_own_early_state_as_guide_in_one_command(tmp_path, capsys):
+    """`train --guide-at F` (with post-hoc EMA snapshots): the model folder holds the run's own post-hoc EMA (sigma_rel
+    0.05) at F of the way as its guide, in float16, exactly what `export --at-fraction F --sigma-rel 0.05` and
+    `set-guide --guide-float16` give; an unconditional model then samples with autoguidance 5 in (0.5, 10], a
+    class-conditional one keeps classifier-free guidance and offers the guide."""
+    import shutil
+
+    from conftest import colour_classes
+    from encdiff.cli import main
+    from encdiff.pipeline import Generator
+
+    labelled = colour_classes(tmp_path / "data", per_class=4, size=16)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for image in labelled.rglob("*.png"):
+        shutil.copy(image, flat / f"{image.parent.name}-{image.name}")
+    common = ["--model", "tiny", "--batch-size", "4", "--sample-every", "0", "--resolution", "16"]
+    assert main(["train-autoencoder", str(labelled), "--run-dir", str(tmp_path / "ae"), "--steps", "2", *common]) == 0
+    ae = str(tmp_path / "ae" / "model")
+    capsys.readouterr()
+    assert main(["train", str(flat), "--autoencoder", ae, "--run-dir", str(tmp_path / "x"), "--guide-at", "0.5",
+                 *common]) == 2
+    assert "'guide_at' = 0.5" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    run = ["--steps", "4", "--phema-every", "1", "--guide-at", "0.5", *common]
+    assert main(["train", str(flat), "--autoencoder", ae, "--run-dir", str(tmp_path / "u"), *run]) == 0
+    model = Generator.from_pretrained(tmp_path / "u" / "model")
+    assert (model.sampling.guidance_kind, model.sampling.guidance_scale) == ("auto", 5.0)
+    assert tuple(model.sampling.guidance_interval) == (0.5, 10.0)
+    assert model.guide_info["weights"] == "float16" and "at step 2 (0.5 of the run)" in model.guide_info["from"]
+    assert main(["export", str(tmp_path / "u"), str(tmp_path / "early"), "--at-fraction", "0.5", "--sigma-rel",
+                 "0.05"]) == 0
+    early = Generator.from_pretrained(tmp_path / "early")
+    assert all(torch.equal(model.guide.state_dict()[k], v.half().float()) for k, v in early.unet.state_dict().items())
+    assert model.images([0], steps=3).shape == (1, 3, 16, 16)  # samples with its guide by default
+
+    assert main(["train", str(labelled), "--autoencoder", ae, "--run-dir", str(tmp_path / "c"), *run]) == 0
+    conditional = Generator.from_pretrained(tmp_path / "c" / "model")
+    assert conditional.guide is not None and conditional.sampling.guidance_kind == "classifier-free"
+    assert "auto" in conditional.guidance_kinds
+
+
 def test_set_guide_refuses_a_model_of_another_space_or_denoiser():
     """A pixel-space model cannot guide a latent one (nor the reverse), nor one that denoises otherwise."""
     import dataclasses

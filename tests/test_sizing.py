@@ -181,6 +181,18 @@ def test_the_unet_draws_strongly_unbalanced_classes_equally_often_and_a_flag_kee
     assert "balance_classes" not in plan_for_folder(emoji, "autoencoder").values
 
 
+def test_a_flat_folder_s_plan_names_the_run_s_own_early_state_as_its_guide():
+    """An unconditional model has no classifier-free guidance: the plan says how to give it autoguidance, and the
+    flag it names trains with the plan's snapshots as it stands."""
+    ae = Autoencoder(AutoencoderConfig(**{**autoencoder_model(64)["model_overrides"], "sample_size": 64,
+                                          "norm_num_groups": 16}))
+    flat = plan_for_folder(survey(), "diffusion", ae)
+    assert any("--guide-at 0.375" in line for line in flat.lines)
+    assert load_config(None, None, "diffusion", {"guide_at": 0.375}, base=flat.values).guide_at == 0.375
+    labelled = plan_for_folder(survey(class_counts={"a": 10, "b": 12}), "diffusion", ae)
+    assert not any("--guide-at" in line for line in labelled.lines)
+
+
 def test_two_commands_with_no_preset_train_on_transparent_icons_and_sample_rgba(tmp_path):
     data = icons(tmp_path / "icons", n=4, size=(32, 32))
     ae = run_encdiff(["train-autoencoder", str(data), "--run-dir", str(tmp_path / "ae"), "--steps", "2",

@@ -153,6 +153,16 @@ def check_sampler_fits(sampler: str, kind: str, name: str = "sampler") -> None:
                            + f": use {' or '.join(fits) if len(fits) == 1 else 'one of ' + ', '.join(fits)}")
 
 
+def guide_record(guide: torch.nn.Module, source: str, float16: bool = False) -> dict[str, Any]:
+    """What generator.json records of an autoguidance guide (`Generator.with_guide`'s info): the method, the guide's
+    widths, where it came from, and "weights": "float16" where it is stored at half the bytes."""
+    record = {"method": "autoguidance (Karras et al. 2024): a shorter-trained or smaller model of the same data",
+              "block_out_channels": list(guide.config.block_out_channels), "from": source}
+    if float16:
+        record["weights"] = "float16"
+    return record
+
+
 class Generator:
     """Everything needed to turn noise into images; `images()` is the one call that does it."""
 
@@ -397,7 +407,8 @@ class Generator:
         return self._replaced(autoencoder=autoencoder)
 
     def with_guide(self, guide: torch.nn.Module, info: dict[str, Any] | None = None) -> "Generator":
-        """The same generator with an autoguidance guide (checked to share its latents and labels)."""
+        """The same generator with an autoguidance guide (checked to share its latents and labels); `info` is what
+        generator.json records of how the guide was made ("weights": "float16" stores it in float16)."""
         return self._replaced(guide=guide, guide_info=info)
 
     def with_light_decoder(self, light_decoder: LightDecoder, default: bool = False) -> "Generator":

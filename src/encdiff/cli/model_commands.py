@@ -69,16 +69,12 @@ def cmd_set_light_decoder(args: argparse.Namespace) -> int:
 def cmd_set_guide(args: argparse.Namespace) -> int:
     """Autoguidance's guide from another generator of the same latents (e.g. `encdiff export RUN OUT --at-step N`: the
     main run's own early version, the paper's shorter-trained degradation without a second run)."""
-    from ..pipeline import Generator
+    from ..pipeline import Generator, guide_record
 
     def attach(generator: Generator, model: Generator) -> Generator:
         check_same_latents(generator, model)
-        info = {"method": "autoguidance (Karras et al. 2024): a shorter-trained or smaller model of the same data",
-                "block_out_channels": list(model.unet.config.block_out_channels),
-                "from": str(Path(args.model).resolve())}
-        if args.guide_float16:
-            info["weights"] = "float16"
-        return generator.with_guide(model.unet, info)
+        return generator.with_guide(model.unet, guide_record(model.unet, str(Path(args.model).resolve()),
+                                                             args.guide_float16))
 
     return replace_part(args, args.model, Generator.from_pretrained, attach, "a guide (autoguidance): the U-Net")
 

@@ -92,6 +92,7 @@ class TrainConfig:
     loss_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # noise-level/weighting options, e.g. p_mean, p_std
     label_dropout: float = 0.1  # probability of training on the null class (classifier-free guidance)
     noise_candidates: int = 1  # noises drawn per image, the nearest kept (Immiscible Diffusion, KNN); 1: plain noise
+    guide_at: float | None = None  # the run's post-hoc EMA this far into it becomes its guide (needs phema_every)
     # consistency distillation (encdiff distill)
     teacher: str | None = None  # generator folder distilled: its U-Net initialises the student, its autoencoder is kept
     guidance: float | None = None  # guidance scale built into the student; None: the teacher's default (1: none)
@@ -130,6 +131,10 @@ class TrainConfig:
         for name in ("disc_lr", "ema_rampup", "guidance", "huber_c"):
             check_number(getattr(self, name), name, positive=True, optional=True)
         check_number(self.label_dropout, "label_dropout", minimum=0, below=1)
+        check_number(self.guide_at, "guide_at", positive=True, below=1, optional=True)
+        if self.guide_at is not None and not self.phema_every:
+            raise EncdiffError(f"config field 'guide_at' = {self.guide_at}: the guide is the run's own post-hoc EMA at "
+                               "that point, which needs its snapshots: set phema_every (e.g. --phema-every 250)")
         check_number(self.time_budget, "time_budget", positive=True, optional=True)
         for name in ("weight_decay", "grad_clip", "kl_weight", "ssim_weight", "fft_weight", "adv_weight", "fm_weight",
                      "teacher_weight", "latent_noise"):
@@ -219,8 +224,8 @@ STAGE_ONLY = {
                               "alpha_edge_weight", "adv_weight", "adv_start", "fm_weight", "disc_lr", "disc_channels",
                               "disc_layers", "init", "decoder_only", "latent_noise", "model", "model_overrides"}),
     "diffusion": frozenset({"autoencoder", "backbone", "uncertainty", "denoiser", "prediction", "train_schedule", "noise_level", "weighting",
-                            "sigma_data", "loss_options", "label_dropout", "noise_candidates", "eval_every",
-                            "eval_samples", "model", "model_overrides"}),
+                            "sigma_data", "loss_options", "label_dropout", "noise_candidates", "guide_at",
+                            "eval_every", "eval_samples", "model", "model_overrides"}),
     "consistency": frozenset({"teacher", "guidance", "guidance_interval", "intervals", "solver", "huber_c", "student_steps",
                               "loss_options", "label_dropout", "eval_every", "eval_samples"}),
     # a light decoder for an autoencoder's latents: its objective's terms, the teacher term, its shape
@@ -239,7 +244,8 @@ def stage_fields(stage: str) -> list[str]:
 
 # Fields a resumed run may change: more steps extend training, the rest only touch logging and files.
 RESUMABLE_CHANGES = frozenset({"steps", "time_budget", "log_every", "checkpoint_every", "keep_last", "sample_every",
-                               "sample_steps", "workers", "eval_every", "eval_samples", "run_dir", "accept_data_change"})
+                               "sample_steps", "workers", "eval_every", "eval_samples", "run_dir", "accept_data_change",
+                               "guide_at"})
 # Fields holding paths: a resumed run compares the folders they name, not their spelling.
 PATH_FIELDS = ("data", "autoencoder", "init", "teacher")
 

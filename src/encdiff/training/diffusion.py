@@ -18,6 +18,7 @@ from ..errors import EncdiffError
 from ..pipeline import DenoiserSpec, Generator, Sampling
 from ..presets import preset
 from .config import TrainConfig, backbone_presets, model_config
+from .export import with_own_guide
 from .hooks import evaluation_hook, sample_grid
 from .latents import cached_latents, latent_batches
 from .loop import Recipe, Run, RunLock, prepare, train_loop
@@ -91,8 +92,12 @@ def _train_diffusion(config: TrainConfig) -> Path:
                            evaluate=evaluation_hook(config, dataset, generator_of, steps=config.sample_steps)))
     out = run.dir / "model"
     if dist_.main:
-        generator_of(run).save_pretrained(out)
-        print(f"generator written to {out}", file=sys.stderr)
+        generator = generator_of(run)
+        if config.guide_at is not None:
+            generator = with_own_guide(generator, run.dir, config.guide_at)
+        generator.save_pretrained(out)
+        print(f"generator written to {out}" + (f", its guide the run at {config.guide_at:g} of the way"
+                                               if config.guide_at is not None else ""), file=sys.stderr)
     dist_.barrier()
     return out
 

@@ -252,4 +252,7 @@ def plan_for_folder(survey: FolderSurvey, stage: str, autoencoder=None, resoluti
         + bf16_said(plan))
     say(f"steps {steps} x batch {DIFFUSION_BATCH} ({DIFFUSION_EPOCHS} epochs within "
         f"{DIFFUSION_STEPS[0]}..{DIFFUSION_STEPS[1]} steps), post-hoc EMA snapshots every {max(1, steps // 32)}")
+    if not survey.class_counts:
+        say("no classes, so no classifier-free guidance: --guide-at 0.375 makes the run's own state 3/8 of the way "
+            "its guide (autoguidance 5; unconditional CIFAR-10: FID -31 %)")
     return plan
