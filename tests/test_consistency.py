@@ -330,6 +330,41 @@ def test_distillation_guides_the_teacher_only_inside_its_interval(teacher):
     assert not torch.equal(middle, plain) and not torch.equal(middle, unguided)
 
 
+def test_an_autoguided_unconditional_teacher_distils_its_autoguidance_into_the_student(tmp_path):
+    """A teacher that samples with autoguidance (its guide, e.g. from `train --guide-at`) is distilled along the
+    autoguided ODE: guided by the teacher itself it is the unguided loss, by another guide not; the student records
+    the kind and `info` says it."""
+    uncond = UNetConfig(**{**TINY.__dict__, "num_classes": 0, "null_class": False})
+    main, other = randomize_(UNet(uncond)), randomize_(UNet(uncond), seed=1)
+    spec = DenoiserSpec(kind="edm", sigma_data=0.5)
+    denoiser, guide = spec.build(main), spec.build(other)
+    student = ConsistencyDenoiser(main, sigma_data=0.5)
+    grid = distillation_grid(6, denoiser)
+    probabilities = interval_probabilities(grid, -1.1, 2.0)
+    x0 = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def loss(**guidance):
+        return distillation_loss(student, denoiser, x0, torch.Generator().manual_seed(2), grid, probabilities,
+                                 **guidance)
+
+    assert torch.equal(loss(guidance_scale=3.0, guide=denoiser), loss())
+    assert not torch.equal(loss(guidance_scale=3.0, guide=guide), loss())
+
+    teacher = Generator(main, spec, None, sampling=Sampling(steps=4, guidance_scale=2.0, guidance_kind="auto"),
+                        guide=other).save_pretrained(tmp_path / "teacher")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((16, 16, 3), 30 * i, np.uint8)).save(flat / f"{i}.png")
+    result = cli(*distill_args(teacher, flat, tmp_path / "student", 2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "with autoguidance 2 at every sigma" in result.stderr
+    distilled = Generator.from_pretrained(tmp_path / "student" / "model").distillation
+    assert (distilled["guidance_kind"], distilled["guidance_scale"]) == ("auto", 2.0)
+    described = cli("info", str(tmp_path / "student" / "model"))
+    assert "distilled: autoguidance 2 at every sigma built in" in described.stdout, described.stdout
+
+
 def test_distill_follows_the_teachers_interval_and_resumes_only_with_the_same_guidance(teacher, image_folder,
                                                                                         tmp_path):
     with_interval = tmp_path / "teacher"

@@ -513,6 +513,9 @@ def test_reference_statistics_of_several_shapes_record_them_and_one_shape_keeps_
     assert loaded.shape_counts == both.shape_counts and loaded.key == both.key != one.key
     with pytest.raises(ValueError, match="several shapes need the square `resolution`"):
         reference_stats([square, tall], net)
+    # a folder all in one non-square bucket is sampled at that shape; a list of squares is the tensor it always was
+    assert reference_stats([tall], net, resolution=32).shape_counts == {"24x40": 4}
+    assert reference_stats([square], net, resolution=32).shape_counts is None
 
 
 def test_interleave_draws_shapes_and_classes_in_proportion_with_every_prefix_close():

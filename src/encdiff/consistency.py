@@ -63,7 +63,7 @@ def distillation_loss(student, teacher, x0: torch.Tensor, generator: torch.Gener
                       probabilities: torch.Tensor, *, class_labels=None, guidance_scale: float | None = None,
                       guidance_interval: tuple[float, float] | None = None, label_dropout: float = 0.0,
                       solver: str = "heun", huber_c: float | None = None, target=None, shard=(0, 1),
-                      net=None) -> torch.Tensor:
+                      net=None, guide=None) -> torch.Tensor:
     """The mean CD loss (eq. 7 with iCT's weighting and metric) of one batch; randomness only from `generator`.
 
     `student` and `teacher` are denoisers (the student a ConsistencyDenoiser); `net` replaces the student's network
@@ -72,8 +72,10 @@ def distillation_loss(student, teacher, x0: torch.Tensor, generator: torch.Gener
     the null class (probability `label_dropout`) is distilled from the unguided teacher: the student then also
     generates without a class. With `guidance_interval` (lo, hi) the teacher is guided only where lo < sigma <= hi
     (GuidedDenoiser), per image and per evaluation of the ODE step: the student learns the ODE the teacher samples
-    along with that interval. `shard = (rank, world_size)` as in denoiser.training_loss: every rank draws the
-    whole global batch's randomness and keeps its rows, so K processes equal one.
+    along with that interval. With a `guide` (a denoiser of the same data: autoguidance) the teacher is guided away
+    from it instead of from its unconditional output, which needs no classes. `shard = (rank, world_size)` as in
+    denoiser.training_loss: every rank draws the whole global batch's randomness and keeps its rows, so K processes
+    equal one.
     """
     lookup(dict.fromkeys(ODE_SOLVERS), solver, "ODE solver")
     rank, world_size = shard
@@ -89,8 +91,8 @@ def distillation_loss(student, teacher, x0: torch.Tensor, generator: torch.Gener
                     dtype=torch.float32)[rank::world_size].to(x0)
     sigma, sigma_next = grid[n].to(x0.device), grid[n + 1].to(x0.device)
     x_next = x0 + _per_image(sigma_next, x0) * z
-    guided = (GuidedDenoiser(teacher, guidance_scale, guidance_interval) if guidance_scale not in (None, 1)
-              else teacher)
+    guided = (GuidedDenoiser(teacher, guidance_scale, guidance_interval, guide=guide)
+              if guidance_scale not in (None, 1) else teacher)
     with torch.no_grad():
         x_hat, _ = ode_step(guided, x_next, sigma_next, sigma, class_labels, solver)
         target_f = (target or student)(x_hat, sigma, class_labels)

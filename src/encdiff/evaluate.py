@@ -137,17 +137,24 @@ def reference_stats(images: torch.Tensor | Sequence[torch.Tensor], net: torch.nn
     `class_counts` (images per class name) are recorded with them: see `ReferenceStats.class_counts`.
 
     `images` may be a list of parts of different shapes (a folder's aspect-ratio buckets): their images per shape
-    are recorded (`ReferenceStats.shape_counts`), and `resolution` names the square size they belong to."""
+    are recorded (`ReferenceStats.shape_counts`) unless all are the square, and `resolution` names the square size
+    they belong to."""
     net = net if net is not None else default_feature_net()
-    parts = [images] if isinstance(images, torch.Tensor) else [p for p in images if len(p)]
+    listed = not isinstance(images, torch.Tensor)
+    parts = [p for p in images if len(p)] if listed else [images]
     if not parts:
         raise EncdiffError(f"{source}: no reference images")
     shapes: dict[str, int] = {}
     for part in parts:
-        shapes[format_shape(tuple(part.shape[-2:]))] = shapes.get(format_shape(tuple(part.shape[-2:])), 0) + len(part)
-    if len(shapes) > 1 and resolution is None:
-        raise ValueError("reference images of several shapes need the square `resolution` they were read at")
-    resolution = resolution if resolution is not None else parts[0].shape[-1]
+        name = format_shape(tuple(part.shape[-2:]))
+        shapes[name] = shapes.get(name, 0) + len(part)
+    if resolution is None:
+        if len(shapes) > 1:
+            raise ValueError("reference images of several shapes need the square `resolution` they were read at")
+        resolution = parts[0].shape[-1]
+    # parts record their shapes unless every image is the square (a folder all in one non-square bucket is sampled
+    # at that shape); a tensor is images at `resolution`, as it always was
+    shape_counts = shapes if listed and list(shapes) != [format_shape((resolution, resolution))] else None
     # one part hashes as the tensor alone did, so caches written before parts existed are found again
     key = hashlib.sha256((feature_net_identity(net) + "".join(images_identity(p) for p in parts)).encode()).hexdigest()
     path = Path(cache_dir) / f"reference-{key[:24]}.safetensors" if cache_dir is not None else None
@@ -162,8 +169,7 @@ def reference_stats(images: torch.Tensor | Sequence[torch.Tensor], net: torch.nn
     features = torch.cat([extract_features(net, part, batch_size, progress, desc="reference features")
                           for part in parts])
     mu, sigma = gaussian_stats(features)
-    stats = ReferenceStats(features, mu, sigma, key, source, resolution, class_counts,
-                           shapes if len(shapes) > 1 else None)
+    stats = ReferenceStats(features, mu, sigma, key, source, resolution, class_counts, shape_counts)
     if path is not None:
         stats.save(path)
     return stats

@@ -173,7 +173,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             from ..training.distillation import describe_guidance
 
             d = generator.distillation
-            built_in = describe_guidance(d.get("guidance_scale"), d.get("guidance_interval"))
+            built_in = describe_guidance(d.get("guidance_scale"), d.get("guidance_interval"), d.get("guidance_kind"))
             print(f"  distilled: {built_in} built in, {d.get('images')} images, "
                   f"{d.get('intervals')} intervals, {d.get('solver')} teacher steps")
         for sub in ("unet", "autoencoder", "guide", "light_decoder"):

@@ -39,22 +39,28 @@ def guidance_interval(config: TrainConfig, teacher: Generator, guidance: float |
     return tuple(config.guidance_interval) or None
 
 
-def check_same_guidance(then: dict, guidance: float | None, interval: tuple[float, float] | None, run_dir) -> None:
+def check_same_guidance(then: dict, guidance: float | None, interval: tuple[float, float] | None, run_dir,
+                        kind: str | None = None) -> None:
     """A resumed distillation keeps the guidance it started with: the teacher's stored defaults may have changed
     since (set-sampling), and a checkpoint from before intervals existed was guided at every sigma."""
     was = then.get("guidance_scale"), tuple(then["guidance_interval"]) if then.get("guidance_interval") else None
-    if was != (guidance, interval):
+    was_kind = then.get("guidance_kind")  # recorded for autoguidance only: absent, classifier-free
+    if (*was, was_kind) != (guidance, interval, kind):
         flags = f"--guidance {was[0] or 1}" + (f" --guidance-interval {was[1][0]:g} {was[1][1]:g}" if was[1] else
                                                " --no-guidance-interval" if was[0] else "")
-        raise EncdiffError(f"{run_dir}: this run was distilling with {describe_guidance(*was)}, now with "
-                           f"{describe_guidance(guidance, interval)}; resume with {flags} or use another --run-dir")
+        if was_kind != kind:
+            flags = f"a teacher that samples with {'autoguidance' if was_kind else 'classifier-free guidance'}"
+        raise EncdiffError(f"{run_dir}: this run was distilling with {describe_guidance(*was, was_kind)}, now with "
+                           f"{describe_guidance(guidance, interval, kind)}; resume with {flags} or use another "
+                           "--run-dir")
 
 
-def describe_guidance(scale: float | None, interval: tuple[float, float] | None) -> str:
+def describe_guidance(scale: float | None, interval: tuple[float, float] | None, kind: str | None = None) -> str:
     """The guidance a student has built in, in words (the run's start, a refused resume, `encdiff info`)."""
     if not scale:
         return "no guidance"
-    return f"guidance {scale:g}" + (f" in sigma ({interval[0]:g}, {interval[1]:g}]" if interval else " at every sigma")
+    return (f"{'autoguidance' if kind == 'auto' else 'guidance'} {scale:g}"
+            + (f" in sigma ({interval[0]:g}, {interval[1]:g}]" if interval else " at every sigma"))
 
 
 def train_consistency(config: TrainConfig) -> Path:
@@ -74,8 +80,11 @@ def _train_consistency(config: TrainConfig) -> Path:
                            "(its probability-flow ODE is the student's target)")
     guidance = config.guidance if config.guidance is not None else teacher.sampling.guidance_scale
     guidance = None if guidance == 1 else guidance
-    if guidance is not None and not teacher.num_classes:
-        raise EncdiffError(f"guidance {guidance}: the teacher {config.teacher} is unconditional")
+    # the kind the teacher samples with: autoguidance (its own guide, e.g. `train --guide-at`) is built in as it is
+    kind = "auto" if guidance is not None and teacher.sampling.guidance_kind == "auto" else None
+    if guidance is not None and not teacher.num_classes and kind is None:
+        raise EncdiffError(f"guidance {guidance}: the teacher {config.teacher} is unconditional (it has no guide "
+                           "for autoguidance: encdiff set-guide)")
     interval = guidance_interval(config, teacher, guidance)
     if config.resolution != teacher.image_size:
         raise EncdiffError(f"resolution {config.resolution}: the teacher {config.teacher} makes "
@@ -83,13 +92,14 @@ def _train_consistency(config: TrainConfig) -> Path:
     dist_, dataset = prepare(config, "consistency", factor=teacher.downsample_factor)
     if dist_.main:
         source = lambda value: "the teacher's" if value is None else "set"
-        print(f"encdiff: the student learns the teacher's ODE with {describe_guidance(guidance, interval)} (scale: "
+        print(f"encdiff: the student learns the teacher's ODE with {describe_guidance(guidance, interval, kind)} (scale: "
               f"{source(config.guidance)}, interval: {source(config.guidance_interval)})", file=sys.stderr)
     if dataset.num_classes != teacher.num_classes:
         raise EncdiffError(f"{config.data}: {count(dataset.num_classes, 'class folder')}, but the teacher {config.teacher} "
                            f"is conditional on {count(teacher.num_classes, 'class', 'classes')}; distil on its training data")
     teacher_net = teacher.unet.to(dist_.device).requires_grad_(False)
     teacher_denoiser = teacher.spec.build(teacher_net)
+    guide = teacher.spec.build(teacher.guide.to(dist_.device).requires_grad_(False)) if kind == "auto" else None
     latent = isinstance(teacher.autoencoder, Autoencoder)
     autoencoder = teacher.autoencoder.to(dist_.device) if latent else None
     spec = dataclasses.replace(teacher.spec, kind="consistency")
@@ -105,7 +115,7 @@ def _train_consistency(config: TrainConfig) -> Path:
     distillation = {"method": "consistency distillation (Song et al. 2023) with iCT's metric and weighting",
                     "teacher_unet_sha256": sha256_file(Path(config.teacher) / "unet" / "model.safetensors"),
                     "guidance_scale": guidance, "guidance_interval": interval, "intervals": config.intervals,
-                    "solver": config.solver}
+                    "solver": config.solver, **({"guidance_kind": kind} if kind else {})}
     ae_folder = Path(config.teacher) / "autoencoder"
     # the shapes the student can draw at: those it was tuned on that its teacher was trained at
     sizes = [shape for shape in dataset.shapes if shape in teacher.sizes] if dataset.bucketed else None
@@ -120,7 +130,7 @@ def _train_consistency(config: TrainConfig) -> Path:
             raise EncdiffError(f"{config.teacher}: not the teacher this run was distilling (its U-Net's sha256 "
                                f"{distillation['teacher_unet_sha256'][:16]}, the checkpoint's {str(then)[:16]}); "
                                "resume with the original teacher or use another --run-dir")
-        check_same_guidance(run.resumed_export.get("distillation", {}), guidance, interval, config.run_dir)
+        check_same_guidance(run.resumed_export.get("distillation", {}), guidance, interval, config.run_dir, kind)
 
     batch = (latent_batches(cached_latents(autoencoder, dataset, Path(config.run_dir) / "cache", str(ae_folder),
                                            dist_), dataset)
@@ -141,8 +151,8 @@ def _train_consistency(config: TrainConfig) -> Path:
         # stop-gradient target the plain module.
         return distillation_loss(student_denoiser, teacher_denoiser, x, run.generators["noise"], grid, probabilities,
                                  class_labels=labels, guidance_scale=guidance, guidance_interval=interval,
-                                 label_dropout=label_dropout,
-                                 solver=config.solver, huber_c=config.huber_c, shard=run.shard, net=model)
+                                 label_dropout=label_dropout, solver=config.solver, huber_c=config.huber_c,
+                                 shard=run.shard, net=model, guide=guide)
 
     def student_of(run: Run) -> Generator:
         return Generator(run.ema.model, spec, autoencoder, teacher.class_names, sampling,

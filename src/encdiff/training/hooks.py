@@ -43,12 +43,10 @@ def evaluation_hook(config: TrainConfig, dataset: ImageDataset, generator_of: Ca
             # A seeded random subset (the data may be ordered by class) of up to 10,000 images, each in its
             # aspect-ratio bucket: the generator is sampled at every shape it trains at, in the data's proportions.
             idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))[:10_000]
-            parts = dataset.images_by_bucket(idx)
             # the subset's classes: an unbalanced folder is sampled in its proportions, as `eval` does
             counts = None if dataset.labels is None else class_counts(dataset.labels[idx], dataset.class_names)
-            reference.append(reference_stats(parts[0] if len(parts) == 1 else parts, cache_dir=run.dir / "cache",
-                                              source=config.data, class_counts=counts,
-                                              resolution=dataset.resolution))
+            reference.append(reference_stats(dataset.images_by_bucket(idx), cache_dir=run.dir / "cache",
+                                              source=config.data, class_counts=counts, resolution=dataset.resolution))
         generator = generator_of(run)
         metrics = evaluate_generator(generator, reference[0], config.eval_samples, seed=0, **sampling)
         row = {"step": run.step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
