@@ -329,8 +329,8 @@ def test_a_guide_from_the_runs_own_early_step_is_exported_and_set_and_a_foreign_
 def test_guide_at_gives_a_run_its_own_early_state_as_guide_in_one_command(tmp_path, capsys):
     """`train --guide-at F` (with post-hoc EMA snapshots): the model folder holds the run's own post-hoc EMA (sigma_rel
     0.05) at F of the way as its guide, in float16, exactly what `export --at-fraction F --sigma-rel 0.05` and
-    `set-guide --guide-float16` give; an unconditional model then samples with autoguidance 5 in (0.5, 10], a
-    class-conditional one keeps classifier-free guidance and offers the guide."""
+    `set-guide --guide-float16` give; an unconditional model then samples with autoguidance 5 in (0.5, 10] x
+    sigma_data, a class-conditional one keeps classifier-free guidance and offers the guide."""
     import shutil
 
     from conftest import colour_classes
@@ -353,7 +353,8 @@ def test_guide_at_gives_a_run_its_own_early_state_as_guide_in_one_command(tmp_pa
     assert main(["train", str(flat), "--autoencoder", ae, "--run-dir", str(tmp_path / "u"), *run]) == 0
     model = Generator.from_pretrained(tmp_path / "u" / "model")
     assert (model.sampling.guidance_kind, model.sampling.guidance_scale) == ("auto", 5.0)
-    assert tuple(model.sampling.guidance_interval) == (0.5, 10.0)
+    # the interval measured on unit-variance latents, in units of the model's sigma_data (here the default 0.5)
+    assert model.spec.sigma_data == 0.5 and tuple(model.sampling.guidance_interval) == (0.25, 5.0)
     assert model.guide_info["weights"] == "float16" and "at step 2 (0.5 of the run)" in model.guide_info["from"]
     assert main(["export", str(tmp_path / "u"), str(tmp_path / "early"), "--at-fraction", "0.5", "--sigma-rel",
                  "0.05"]) == 0

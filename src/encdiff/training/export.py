@@ -88,17 +88,18 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, diffusers: bo
 # The run's own early state as its guide (`guide_at`), as measured on unconditional CIFAR-10 (BENCHMARKS.md, "Guides
 # from the main run's own early steps"): its post-hoc EMA at sigma_rel 0.05 (as good as the run's EMA there), stored
 # in float16 (+42 % of the folder instead of +83 %, the same samples), sampled with autoguidance 5 in (0.5, 10]: FID
-# -31 % against unguided at 3/8 of a 2.56 M-image run (4-5 were best from 1 M images on).
+# -31 % against unguided at 3/8 of a 2.56 M-image run (4-5 were best from 1 M images on). The interval was measured on
+# latents of unit standard deviation; it is taken in units of the model's sigma_data.
 OWN_GUIDE_SIGMA_REL = 0.05
-OWN_GUIDANCE = {"guidance_kind": "auto", "guidance_scale": 5.0, "guidance_interval": (0.5, 10.0)}
+OWN_GUIDANCE_SCALE, OWN_GUIDANCE_INTERVAL = 5.0, (0.5, 10.0)
 
 
 def with_own_guide(generator: Generator, run_dir: str | os.PathLike, fraction: float) -> Generator:
     """`generator` (the run's final model) with the run's own post-hoc EMA at `fraction` of the way through it (the
     snapshot nearest, phema.snapshot_nearest) as its autoguidance guide, in float16: the paper's shorter-trained
     degradation of the model itself, at no training cost. An unconditional generator samples with it by default
-    (OWN_GUIDANCE); a class-conditional one keeps classifier-free guidance (on CIFAR-10 it measured better) and
-    offers the guide as --guidance-kind auto."""
+    (autoguidance OWN_GUIDANCE_SCALE in OWN_GUIDANCE_INTERVAL times its sigma_data); a class-conditional one keeps
+    classifier-free guidance (on CIFAR-10 it measured better) and offers the guide as --guidance-kind auto."""
     step = snapshot_nearest(run_dir, fraction)
     with tempfile.TemporaryDirectory(dir=run_dir, prefix="own-guide-") as tmp:
         early = Generator.from_pretrained(export_run(run_dir, Path(tmp) / "early", sigma_rel=OWN_GUIDE_SIGMA_REL,
@@ -108,7 +109,9 @@ def with_own_guide(generator: Generator, run_dir: str | os.PathLike, fraction: f
     guided = generator.with_guide(early.unet, guide_record(early.unet, source, float16=True))
     if guided.num_classes:
         return guided
-    return guided.with_sampling(dataclasses.replace(guided.sampling, **OWN_GUIDANCE))
+    interval = tuple(level * generator.spec.sigma_data for level in OWN_GUIDANCE_INTERVAL)
+    return guided.with_sampling(dataclasses.replace(guided.sampling, guidance_kind="auto",
+                                                    guidance_scale=OWN_GUIDANCE_SCALE, guidance_interval=interval))
 
 
 def _state_at(run_dir, step: int, posthoc: bool, newest: Path) -> tuple[Path, int]:
