@@ -26,6 +26,9 @@ from ..schedules import TRAIN_SCHEDULES
 
 
 LR_SCHEDULES = ("constant", "cosine", "inv_sqrt")  # after the warm-up (loop.lr_factor)
+# The most noises drawn per training image (Immiscible Diffusion's candidates): all are held at once, and the kept
+# one's length shrinks with their number (denoiser.nearest_noise); the papers' choices are far below it.
+MAX_NOISE_CANDIDATES = 64
 
 
 @dataclass(frozen=True)
@@ -117,9 +120,10 @@ class TrainConfig:
     def __post_init__(self):
         """Every field is checked here, before any data is read or any step is taken."""
         for name in ("steps", "batch_size", "grad_accum", "resolution", "log_every", "checkpoint_every", "keep_last",
-                     "sample_steps", "disc_channels", "disc_layers", "intervals", "student_steps", "lr_decay_steps",
-                     "noise_candidates"):
+                     "sample_steps", "disc_channels", "disc_layers", "intervals", "student_steps", "lr_decay_steps"):
             check_int(getattr(self, name), name, 1)
+        check_int(self.noise_candidates, "noise_candidates", 1, MAX_NOISE_CANDIDATES,
+                  note="all are held at once")
         for name in ("warmup_steps", "sample_every", "eval_every", "adv_start", "phema_every"):
             check_int(getattr(self, name), name, 0)
         check_int(self.seed, "seed", 0, 2**63 // 1000 - 1)  # the RNG streams are seeded with seed * 1000 + k
