@@ -65,7 +65,8 @@ def test_a_symlink_loop_is_read_once_and_said(tmp_path):
     ("grad_clip", -1.0), ("grad_clip", float("nan")), ("lr", float("inf")), ("kl_weight", -1e-6),
     ("warmup_steps", -5), ("sample_every", -1), ("sample_steps", 0), ("eval_samples", 100), ("seed", 2**64),
     ("ema_halflife_images", 0.0), ("label_dropout", 1.0), ("betas", (0.9, 1.5)), ("resolution", 10**6),
-    ("denoiser", "ddpm"), ("noise_level", "uniform?"), ("workers", -1), ("steps", True), ("noise_candidates", 0), ("noise_candidates", 65),
+    ("denoiser", "ddpm"), ("noise_level", "uniform?"), ("workers", -1), ("steps", True), ("noise_candidates", 0),
+    ("noise_candidates", 65), ("guide_at", 1.0),
 ])
 def test_every_numeric_option_is_range_checked_up_front(field, value):
     with pytest.raises(EncdiffError, match=f"'{field}'"):
