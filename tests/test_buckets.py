@@ -221,3 +221,29 @@ def test_a_generator_trained_on_buckets_is_evaluated_at_every_shape_in_the_data_
     odd = ReferenceStats(stats.features, stats.mu, stats.sigma, stats.key, "odd", 16, None, {"24x8": 270})
     with pytest.raises(EncdiffError, match="holds 24x8 images, a shape the generator was not trained at"):
         evaluate_generator(Generator.from_pretrained(out), odd, 260, steps=2)
+
+
+def test_an_autoencoder_is_evaluated_on_a_non_square_folder_in_its_buckets(folder, tmp_path):
+    """`encdiff eval AE --reference FOLDER` of a folder of several sizes reads it as training does (`--buckets auto` at
+    the autoencoder's size) instead of refusing it: PSNR/SSIM are means over every image, the report says the shapes;
+    --resolution still reads squares."""
+    ae = train_autoencoder(TrainConfig(data=str(folder), run_dir=str(tmp_path / "ae"), steps=2, checkpoint_every=2,
+                                       **COMMON))
+    done = cli("eval", str(ae), "--reference", str(folder), "--out", str(tmp_path / "eval"))
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["settings"]["images_per_shape"] == {"12x20": 8, "16x16": 12, "20x12": 8}
+    assert report["settings"]["num_images"] == 28 and report["rfid"] is None  # too few images for FID
+    from encdiff.autoencoder import Autoencoder
+    from encdiff.evaluate import evaluate_autoencoder, reconstruct
+    from encdiff.metrics import psnr_ssim
+
+    model = Autoencoder.from_pretrained(ae).eval()
+    data = ImageDataset(folder, 16, workers=0, progress=False, buckets=[(20, 12), (16, 16), (12, 20)])
+    per_part = [psnr_ssim(reconstruct(model, part), part)[0] for part in data.parts]
+    expected = sum(p * len(part) for p, part in zip(per_part, data.parts)) / 28
+    assert report["psnr"] == pytest.approx(expected, rel=1e-6)
+    assert evaluate_autoencoder(model, data.parts)["psnr"] == pytest.approx(expected, rel=1e-6)
+    square = cli("eval", str(ae), "--reference", str(folder), "--resolution", "16", "--out", str(tmp_path / "sq"))
+    assert square.returncode == 0, square.stderr
+    assert "images_per_shape" not in json.loads((tmp_path / "sq" / "metrics.json").read_text())["settings"]

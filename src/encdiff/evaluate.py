@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .buckets import format_shape, parse_shape
+from .buckets import format_shape, parse_shape, resolve_buckets
 from .checkpoint import atomic_save_tensors, atomic_write_bytes, read_weights
 from .data import ImageDataset
 from .errors import EncdiffError, count
@@ -457,29 +457,44 @@ def alpha_coverage(alpha: torch.Tensor) -> dict[str, float]:
     return {"transparent": transparent / n, "partial": (n - transparent - opaque) / n, "opaque": opaque / n}
 
 
-def evaluate_autoencoder(autoencoder, images: torch.Tensor, *, net: torch.nn.Module | None = None,
-                         source: str = "images", batch_size: int = 100, cache_dir: str | os.PathLike | None = None,
-                         progress: bool = False) -> dict:
+def evaluate_autoencoder(autoencoder, images: torch.Tensor | Sequence[torch.Tensor], *,
+                         net: torch.nn.Module | None = None, source: str = "images", batch_size: int = 100,
+                         cache_dir: str | os.PathLike | None = None, progress: bool = False) -> dict:
     """PSNR, SSIM and reconstruction FID (reconstructions against the originals) on uint8 images; for RGBA images
     also PSNR/SSIM of the colour and of the alpha channel apart (the features see RGBA on white), and where the alpha
-    error lies (alpha_edges)."""
+    error lies (alpha_edges). `images` may be a list of parts of different shapes (a folder's aspect-ratio buckets):
+    the per-image means are then over every image, and the statistics those of all of them."""
     net = net if net is not None else default_feature_net()
-    recon = reconstruct(autoencoder, images, batch_size, progress)
-    psnr, ssim = psnr_ssim(recon, images)
-    parts = {}
-    if images.shape[1] == 4:
-        parts["psnr_colour"], parts["ssim_colour"] = psnr_ssim(recon[:, :3], images[:, :3])
-        parts["psnr_alpha"], parts["ssim_alpha"] = psnr_ssim(recon[:, 3:], images[:, 3:])
-        parts.update(alpha_edges(recon[:, 3], images[:, 3]))
-    reference = reference_stats(images, net, cache_dir, source, progress=progress)
+    listed = not isinstance(images, torch.Tensor)
+    parts = [p for p in images if len(p)] if listed else [images]
+    recon = [reconstruct(autoencoder, part, batch_size, progress) for part in parts]
+    n = sum(len(part) for part in parts)
+
+    def mean_over_images(channels: slice) -> tuple[float, float]:
+        # psnr_ssim's per-image means, weighted by each part's images: the mean over every image
+        values = [psnr_ssim(r[:, channels], part[:, channels]) for r, part in zip(recon, parts)]
+        return tuple(sum(v[i] * len(part) for v, part in zip(values, parts)) / n for i in range(2))
+
+    psnr, ssim = mean_over_images(slice(None))
+    extra = {}
+    if parts[0].shape[1] == 4:
+        extra["psnr_colour"], extra["ssim_colour"] = mean_over_images(slice(0, 3))
+        extra["psnr_alpha"], extra["ssim_alpha"] = mean_over_images(slice(3, 4))
+        extra.update(alpha_edges(torch.cat([r[:, 3].flatten() for r in recon]),
+                                 torch.cat([part[:, 3].flatten() for part in parts])))
+    reference = reference_stats(parts if listed else images, net, cache_dir, source, progress=progress,
+                                resolution=autoencoder.config.sample_size if listed else None)
     rfid = None
-    if len(images) >= min_images_for_fid(reference.features.shape[1]):
-        mu, sigma = gaussian_stats(extract_features(net, recon, progress=progress, desc="reconstruction features"))
+    if n >= min_images_for_fid(reference.features.shape[1]):
+        features = torch.cat([extract_features(net, r, progress=progress, desc="reconstruction features")
+                              for r in recon])
+        mu, sigma = gaussian_stats(features)
         rfid = frechet_distance(reference.mu, reference.sigma, mu, sigma)
-    return {"psnr": psnr, "ssim": ssim, **parts, "rfid": rfid,
-            "settings": {"images": source, "num_images": len(images), "posterior": "mode",
-                         "ssim_window": "gaussian 11x11, sigma 1.5", "psnr_data_range": 255,
-                         "feature_net": getattr(net, "name", type(net).__name__)}}
+    settings = {"images": source, "num_images": n, "posterior": "mode", "ssim_window": "gaussian 11x11, sigma 1.5",
+                "psnr_data_range": 255, "feature_net": getattr(net, "name", type(net).__name__)}
+    if reference.shape_counts:
+        settings["images_per_shape"] = reference.shape_counts
+    return {"psnr": psnr, "ssim": ssim, **extra, "rfid": rfid, "settings": settings}
 
 
 # --- controlled degradations (sanity checks: FID must grow with each) ------------------------------------
@@ -714,14 +729,25 @@ def run_evaluation(args: "EvalRequest") -> tuple[Path, Path]:
         if not args.reference:
             raise EncdiffError(f"--reference is required to evaluate the autoencoder {target}: the image folder "
                                "(split) to reconstruct")
-        resolution = args.resolution or _single_size(Path(args.reference), "reference")
+        buckets = None
+        if args.resolution is None:
+            sizes = _image_sizes(Path(args.reference))
+            if len(sizes) > 1 or any(w != h for w, h in sizes):
+                # images of several sizes or not square: read as training reads such a folder, each in the
+                # aspect-ratio bucket nearest it at the autoencoder's size (`--buckets auto`), none cropped square
+                resolution = autoencoder.config.sample_size
+                buckets = resolve_buckets(["auto"], resolution, autoencoder.downsample_factor)
+            else:
+                resolution = _single_size(Path(args.reference), "reference")
+        else:
+            resolution = args.resolution
         # read with the autoencoder's channels: an RGBA autoencoder reconstructs the alpha it was trained on
         data = ImageDataset(args.reference, resolution, channels=autoencoder.config.in_channels,
-                            cache_dir=args.cache_dir, workers=args.workers)
-        images = data.images
-        if args.num is not None and args.num < len(images):
-            keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.num]
-            images = images[keep.sort().values]
+                            cache_dir=args.cache_dir, workers=args.workers, buckets=buckets)
+        subset = args.num is not None and args.num < len(data)
+        keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.num].sort().values \
+            if subset else torch.arange(len(data))
+        images = data.images_by_bucket(keep) if buckets else data.images[keep] if subset else data.images
         result = evaluate_autoencoder(autoencoder, images, net=net, source=str(args.reference),
                                                batch_size=args.batch_size, cache_dir=args.cache_dir, progress=True)
         result["settings"].update({"model": str(target), "resolution": resolution, "seed": args.seed})
