@@ -83,8 +83,9 @@ def _train_consistency(config: TrainConfig) -> Path:
     # the kind the teacher samples with: autoguidance (its own guide, e.g. `train --guide-at`) is built in as it is
     kind = "auto" if guidance is not None and teacher.sampling.guidance_kind == "auto" else None
     if guidance is not None and not teacher.num_classes and kind is None:
-        raise EncdiffError(f"guidance {guidance}: the teacher {config.teacher} is unconditional (it has no guide "
-                           "for autoguidance: encdiff set-guide)")
+        raise EncdiffError(f"guidance {guidance}: the teacher {config.teacher} is unconditional; autoguidance is "
+                           "distilled from a teacher that samples with it (encdiff set-guide, then set-sampling "
+                           "--guidance-kind auto)")
     interval = guidance_interval(config, teacher, guidance)
     if config.resolution != teacher.image_size:
         raise EncdiffError(f"resolution {config.resolution}: the teacher {config.teacher} makes "
