@@ -249,7 +249,7 @@ def class_labels(n: int, classes: Sequence[int], weights: Sequence[float] | None
     """`n` class labels from `classes` in proportion to `weights` (None: equal), `interleave`d (so a balanced
     reference gives the same samples as `even`)."""
     picks = interleave(n, [1.0] * len(classes) if weights is None else weights)
-    return torch.tensor(classes, dtype=torch.int64)[picks] if n else torch.zeros(0, dtype=torch.int64)
+    return torch.tensor(classes, dtype=torch.int64)[picks]
 
 
 def class_weights(class_mix: str | None, generator_classes: Sequence[str], requested: Sequence[int],
@@ -362,8 +362,7 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
     result = compare_features(reference, features, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, k=k,
                               seed=seed, where="generated samples")
     in_part_order = None if labels is None else labels[torch.cat(which)]
-    result.update(class_accuracy_report(net, parts[0] if len(parts) == 1 else parts, in_part_order,
-                                        generator.class_names))
+    result.update(class_accuracy_report(net, parts, in_part_order, generator.class_names))
     if parts[0].shape[1] == 4:
         result["alpha_coverage"] = alpha_coverage(torch.cat([part[:, 3].flatten() for part in parts]))
     guidance = sampling.guidance_scale if sampling.guidance_scale != 1 else None
@@ -669,12 +668,17 @@ def _load_reference(args: "EvalRequest", net, resolution: int, where: str,
                            class_counts=counts), data
 
 
-def _reference_keep(n: int, args: "EvalRequest") -> torch.Tensor:
-    """The indices of the n reference images that `--reference-num` keeps: a seeded random subset (folders are
-    often ordered by class), in file order."""
-    if args.reference_num is None or args.reference_num >= n:
+def _seeded_subset(n: int, num: int | None, seed: int) -> torch.Tensor:
+    """The indices of `num` of n images (all for None): a seeded random subset (folders are often ordered by class),
+    in file order."""
+    if num is None or num >= n:
         return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:args.reference_num].sort().values
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num].sort().values
+
+
+def _reference_keep(n: int, args: "EvalRequest") -> torch.Tensor:
+    """The indices of the n reference images that `--reference-num` keeps (`_seeded_subset`)."""
+    return _seeded_subset(n, args.reference_num, args.seed)
 
 
 def _reference_subset(images: torch.Tensor, args: "EvalRequest") -> torch.Tensor:
@@ -744,10 +748,10 @@ def run_evaluation(args: "EvalRequest") -> tuple[Path, Path]:
         # read with the autoencoder's channels: an RGBA autoencoder reconstructs the alpha it was trained on
         data = ImageDataset(args.reference, resolution, channels=autoencoder.config.in_channels,
                             cache_dir=args.cache_dir, workers=args.workers, buckets=buckets)
-        subset = args.num is not None and args.num < len(data)
-        keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.num].sort().values \
-            if subset else torch.arange(len(data))
-        images = data.images_by_bucket(keep) if buckets else data.images[keep] if subset else data.images
+        keep = _seeded_subset(len(data), args.num, args.seed)
+        # all of a one-shape set: the images as read (a memory map for a large folder), not a copy
+        images = data.images_by_bucket(keep) if buckets else data.images if len(keep) == len(data) else \
+            data.images[keep]
         result = evaluate_autoencoder(autoencoder, images, net=net, source=str(args.reference),
                                                batch_size=args.batch_size, cache_dir=args.cache_dir, progress=True)
         result["settings"].update({"model": str(target), "resolution": resolution, "seed": args.seed})
