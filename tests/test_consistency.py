@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import colour_classes, randomize_
 from encdiff import EncdiffError, UNet
 from encdiff.consistency import distillation_grid, distillation_loss, interval_probabilities, pseudo_huber
-from encdiff.denoiser import ConsistencyDenoiser, EDMDenoiser, GaussianDenoiser
+from encdiff.denoiser import ConsistencyDenoiser, EDMDenoiser, FlowConsistencyDenoiser, FlowDenoiser, GaussianDenoiser
 from encdiff.pipeline import DenoiserSpec, Generator, Sampling
 from encdiff.samplers import ode_step, sample_consistency
 from encdiff.schedules import get_sigmas
@@ -40,6 +40,25 @@ def test_the_boundary_condition_holds_exactly_and_large_sigma_matches_edm():
     sigma = torch.tensor([80.0], dtype=torch.float64)
     for ours, theirs in zip(student.scalings(sigma), edm.scalings(sigma)):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-9)  # the teacher's D where the noise is large
+
+
+def test_a_flow_students_boundary_holds_exactly_and_it_keeps_the_flow_teachers_input_and_label():
+    net = randomize_(UNet(TINY))
+    student, flow = FlowConsistencyDenoiser(net), FlowDenoiser(net)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        assert torch.equal(student(x, 0.002, torch.tensor([0, 1, 2, 3])), x)  # f(x; sigma_min) = x, bit for bit
+    for sigma in (0.5, 80.0):
+        sigma = torch.tensor([sigma], dtype=torch.float64)
+        ours, theirs = student.scalings(sigma), flow.scalings(sigma)
+        assert torch.equal(ours[2], theirs[2]) and torch.equal(student.c_noise(sigma), flow.c_noise(sigma))
+        for a, b in zip(ours[:2], theirs[:2]):  # the teacher's D, but for the boundary's shift of sigma_min
+            torch.testing.assert_close(a, b, rtol=5e-3, atol=1e-9)
+    spec = DenoiserSpec(kind="consistency", sigma_data=1.0, preconditioning="flow")
+    assert type(spec.build(net)) is FlowConsistencyDenoiser
+    assert type(DenoiserSpec(kind="consistency").build(net)) is ConsistencyDenoiser  # students before the field
+    with pytest.raises(EncdiffError, match="denoiser.preconditioning"):
+        DenoiserSpec(kind="flow", preconditioning="flow")
 
 
 class ScaleNet(torch.nn.Module):
@@ -363,6 +382,30 @@ def test_an_autoguided_unconditional_teacher_distils_its_autoguidance_into_the_s
     assert (distilled["guidance_kind"], distilled["guidance_scale"]) == ("auto", 2.0)
     described = cli("info", str(tmp_path / "student" / "model"))
     assert "distilled: autoguidance 2 at every sigma built in" in described.stdout, described.stdout
+
+
+def test_a_flow_teacher_distils_into_a_flow_consistency_student(image_folder, tmp_path):
+    """distill takes a flow-matching teacher: the student keeps its preconditioning (recorded in generator.json),
+    starts as the teacher's D, and samples in two evaluations with the guidance built in."""
+    net = randomize_(UNet(TINY))
+    teacher = Generator(net, DenoiserSpec(kind="flow", sigma_data=1.0), None, ["class0", "class1", "class2"],
+                        Sampling(steps=4, guidance_scale=2.0)).save_pretrained(tmp_path / "teacher")
+    result = cli(*distill_args(teacher, image_folder, tmp_path / "student", 2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((tmp_path / "student" / "model" / "generator.json").read_text())
+    assert (info["denoiser"]["kind"], info["denoiser"]["preconditioning"]) == ("consistency", "flow")
+    student = Generator.from_pretrained(tmp_path / "student" / "model")
+    assert type(student.denoiser) is FlowConsistencyDenoiser
+    assert student.images([0, 1], torch.tensor([0, 2])).shape == (2, 3, 16, 16)
+    # Before a step the student is its teacher's D wherever sigma >> sigma_min.
+    fresh = FlowConsistencyDenoiser(net)
+    x, labels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 5, torch.tensor([0, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, 5.0, labels), FlowDenoiser(net)(x, 5.0, labels), rtol=1e-3, atol=1e-3)
+    vp = Generator(randomize_(UNet(TINY)), DenoiserSpec(kind="vp"), None, ["class0", "class1", "class2"],
+                   Sampling(steps=4)).save_pretrained(tmp_path / "vp")
+    refused = cli(*distill_args(vp, image_folder, tmp_path / "vp-student", 2))
+    assert refused.returncode == 2 and "'vp' generator" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_distill_follows_the_teachers_interval_and_resumes_only_with_the_same_guidance(teacher, image_folder,

@@ -260,6 +260,23 @@ class ConsistencyDenoiser(EDMDenoiser):
         return c_skip, c_out, c_in
 
 
+class FlowConsistencyDenoiser(FlowDenoiser):
+    """A consistency function (Song et al. 2023, eq. 5) distilled from a flow-matching teacher: FlowDenoiser's
+    preconditioning with the boundary moved to sigma_min, as ConsistencyDenoiser moves EDM's. With
+    s = sigma - sigma_min,
+
+        c_skip = 1 / (1 + s),  c_out = -s / (1 + s),  c_in = 1 / (1 + sigma),  c_noise = ln(sigma) / 4
+
+    so f(x; sigma_min) = x exactly, and for sigma >> sigma_min f has the teacher's coefficients while c_in and
+    c_noise are exactly the teacher's: its velocity network, copied into the student, starts as the teacher's D
+    (ECT, Geng et al. 2024, sec. 3).
+    """
+
+    def scalings(self, sigma):
+        shifted = sigma - self.sigma_min
+        return 1 / (1 + shifted), -shifted / (1 + shifted), 1 / (1 + sigma)
+
+
 class GuidedDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6 with guidance_scale = 1 + w), in one batched forward pass:
 

@@ -21,7 +21,8 @@ from .autoencoder import Autoencoder, IdentityAutoencoder
 from .buckets import format_shape, parse_shape
 from .checkpoint import CHECKPOINTS, CONFIG, OUR_WEIGHTS, atomic_write_bytes, read_json, shipped_file
 from .errors import check_choice, check_field, check_int, check_number, config_from_dict, count
-from .denoiser import PREDICTIONS, ConsistencyDenoiser, Denoiser, EDMDenoiser, FlowDenoiser, VPDenoiser
+from .denoiser import (PREDICTIONS, ConsistencyDenoiser, Denoiser, EDMDenoiser, FlowConsistencyDenoiser, FlowDenoiser,
+                       VPDenoiser)
 from .images import to_uint8, to_unit
 from .errors import EncdiffError
 from .samplers import SAMPLERS, generate
@@ -36,7 +37,8 @@ GENERATOR_FILE = "generator.json"
 GUIDANCE_KINDS = ("classifier-free", "auto")  # Sampling.guidance_kind
 DECODERS = ("full", "light")  # Sampling.decoder
 DENOISER_KINDS = ("edm", "vp", "flow", "consistency")  # DenoiserSpec.kind
-TRAINED_KINDS = ("edm", "vp", "flow")  # the kinds stage 2 trains (a consistency student is distilled from an edm one)
+TRAINED_KINDS = ("edm", "vp", "flow")  # the kinds stage 2 trains (a consistency student is distilled from one of:)
+CONSISTENCY_PRECONDITIONINGS = ("edm", "flow")  # DenoiserSpec.preconditioning: the teacher kinds distill takes
 
 
 def samplers_for(kind: str) -> tuple[str, ...]:
@@ -59,6 +61,8 @@ class DenoiserSpec:
     schedule: str = "linear"  # vp: the training beta schedule (schedules.TRAIN_SCHEDULES)
     prediction: str = "epsilon"  # vp: what the network predicts: epsilon, v or x0
     options: dict[str, Any] = field(default_factory=dict)  # vp: schedule options (beta_start, ...)
+    preconditioning: str = "edm"  # consistency: its teacher's kind, "edm" or "flow", whose c_in, c_noise and output
+    # form the student keeps with the boundary moved to sigma_min (ConsistencyDenoiser, FlowConsistencyDenoiser)
 
     def __post_init__(self):
         check_choice(self.kind, "denoiser.kind", DENOISER_KINDS)
@@ -68,8 +72,13 @@ class DenoiserSpec:
         check_choice(self.prediction, "denoiser.prediction", PREDICTIONS)
         check_field(isinstance(self.schedule, str), "denoiser.schedule", self.schedule, "a schedule name")
         check_field(isinstance(self.options, dict), "denoiser.options", self.options, "an object")
+        check_choice(self.preconditioning, "denoiser.preconditioning", CONSISTENCY_PRECONDITIONINGS)
+        check_field(self.kind == "consistency" or self.preconditioning == "edm", "denoiser.preconditioning",
+                    self.preconditioning, "'edm' unless the kind is 'consistency' (it names a student's teacher kind)")
 
     def build(self, net: torch.nn.Module) -> Denoiser:
+        if self.kind == "consistency" and self.preconditioning == "flow":
+            return FlowConsistencyDenoiser(net, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
         if self.kind in ("edm", "consistency"):
             kind = EDMDenoiser if self.kind == "edm" else ConsistencyDenoiser
             return kind(net, sigma_data=self.sigma_data, sigma_min=self.sigma_min, sigma_max=self.sigma_max)

@@ -16,7 +16,7 @@ from ..buckets import format_shape
 from ..checkpoint import sha256_file
 from ..consistency import distillation_grid, distillation_loss, interval_probabilities
 from ..errors import EncdiffError, count
-from ..pipeline import Generator, Sampling
+from ..pipeline import CONSISTENCY_PRECONDITIONINGS, Generator, Sampling
 from .config import TrainConfig, generator_data_fields
 from .hooks import evaluation_hook, sample_grid
 from .latents import cached_latents, latent_batches
@@ -75,9 +75,10 @@ def _train_consistency(config: TrainConfig) -> Path:
     if not config.teacher:
         raise EncdiffError("no teacher: pass the generator folder to distil (encdiff distill TEACHER DATA)")
     teacher = Generator.from_pretrained(config.teacher)  # a bad folder fails before the data is decoded
-    if teacher.spec.kind != "edm":
-        raise EncdiffError(f"{config.teacher}: a {teacher.spec.kind!r} generator; distillation needs an EDM teacher "
-                           "(its probability-flow ODE is the student's target)")
+    if teacher.spec.kind not in CONSISTENCY_PRECONDITIONINGS:
+        raise EncdiffError(f"{config.teacher}: a {teacher.spec.kind!r} generator; distillation needs a continuous-sigma "
+                           f"teacher ({' or '.join(CONSISTENCY_PRECONDITIONINGS)}: its probability-flow ODE is the "
+                           "student's target and its preconditioning the student's)")
     guidance = config.guidance if config.guidance is not None else teacher.sampling.guidance_scale
     guidance = None if guidance == 1 else guidance
     # the kind the teacher samples with: autoguidance (its own guide, e.g. `train --guide-at`) is built in as it is
@@ -103,7 +104,7 @@ def _train_consistency(config: TrainConfig) -> Path:
     guide = teacher.spec.build(teacher.guide.to(dist_.device).requires_grad_(False)) if kind == "auto" else None
     latent = isinstance(teacher.autoencoder, Autoencoder)
     autoencoder = teacher.autoencoder.to(dist_.device) if latent else None
-    spec = dataclasses.replace(teacher.spec, kind="consistency")
+    spec = dataclasses.replace(teacher.spec, kind="consistency", preconditioning=teacher.spec.kind)
     torch.manual_seed(config.seed)
     backbone = backbone_name(teacher.unet)
     student_config = teacher.unet.config
