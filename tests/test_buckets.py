@@ -221,6 +221,22 @@ def test_a_generator_trained_on_buckets_is_evaluated_at_every_shape_in_the_data_
     odd = ReferenceStats(stats.features, stats.mu, stats.sigma, stats.key, "odd", 16, None, {"24x8": 270})
     with pytest.raises(EncdiffError, match="holds 24x8 images, a shape the generator was not trained at"):
         evaluate_generator(Generator.from_pretrained(out), odd, 260, steps=2)
+    # A folder of samples of several shapes is read at its own shapes and the reference in them; here the samples are
+    # the reference's own images as training read them, so the two sets are one: FID ~ 0.
+    bucketed = ImageDataset(data, 16, workers=0, progress=False, buckets=[(20, 12), (16, 16), (12, 20)])
+    samples = tmp_path / "samples"
+    for i in range(len(bucketed)):
+        image = bucketed.parts[int(bucketed.bucket_of[i])][int(bucketed.row[i])]
+        (samples / f"c{int(bucketed.labels[i])}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(samples / f"c{int(bucketed.labels[i])}" / f"{i:03d}.png")
+    done = cli("eval", str(samples), "--reference", str(data), "--out", str(tmp_path / "folder"))
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "folder" / "metrics.json").read_text())
+    assert report["settings"]["samples_per_shape"] == shapes and report["settings"]["num_samples"] == 270
+    assert report["fid"] < 1e-2 and report["settings"]["images_per_class"] == {"c0": 135, "c1": 135}
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(samples / "c0" / "big.png")  # 16x16 and 32x32: one ratio
+    refused = cli("eval", str(samples), "--reference", str(data), "--out", str(tmp_path / "refused"))
+    assert refused.returncode == 2 and "one aspect ratio at two sizes" in refused.stderr, refused.stderr
 
 
 def test_an_autoencoder_is_evaluated_on_a_non_square_folder_in_its_buckets(folder, tmp_path):

@@ -355,7 +355,7 @@ def test_eval_image_folder_and_its_mistakes(tmp_path, reference_folder, capsys):
     write_folder(mixed, 3, size=32, seed=5)  # overwrites 3 of the 48x48 files with 32x32 ones
     assert cli.main(["eval", str(mixed), "--reference", str(reference_folder), "--workers", "0"]) == 2
     err = capsys.readouterr().err
-    assert "mismatched image sizes in the samples: 32x32 (3 files" in err and "48x48 (2 files" in err
+    assert "samples of 32x32 (3 files" in err and "48x48 (2 files" in err and "one aspect ratio at two sizes" in err
 
 
 def test_eval_refuses_models_that_are_not_generators(tmp_path, reference_folder, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -389,30 +390,42 @@ def evaluate_generator(generator, reference: ReferenceStats, n: int, *, net: tor
     return result
 
 
-def evaluate_images(images: torch.Tensor, reference: ReferenceStats, *, net: torch.nn.Module | None = None,
-                    source: str = "samples", labels: torch.Tensor | None = None, class_names: Sequence[str] = (),
-                    kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE,
-                    k: int = PR_K, seed: int = 0, progress: bool = False) -> dict:
+def evaluate_images(images: torch.Tensor | Sequence[torch.Tensor], reference: ReferenceStats, *,
+                    net: torch.nn.Module | None = None, source: str = "samples", labels: torch.Tensor | None = None,
+                    class_names: Sequence[str] = (), kid_subsets: int = KID_SUBSETS,
+                    kid_subset_size: int = KID_SUBSET_SIZE, k: int = PR_K, seed: int = 0,
+                    progress: bool = False) -> dict:
     """FID, KID, precision and recall of a set of uint8 images (e.g. a folder of generated images) and, where they
     are labelled (`labels`: indices into `class_names`, a folder's class subfolders) with classes the feature net
     knows, its accuracy per class: for generated images the same figure as a generator's, for real images held out
-    from the feature net's training the rate that figure is to be read against."""
+    from the feature net's training the rate that figure is to be read against. Images of several shapes are a list
+    of parts, one tensor per shape (labels in their order), against a reference read in those shapes
+    (`ReferenceStats.shape_counts`)."""
     net = net if net is not None else default_feature_net()
-    if images.shape[-1] != reference.resolution:
-        raise EncdiffError(f"{source}: images are {images.shape[-2]}x{images.shape[-1]}, the reference "
-                           f"({reference.source}) is {reference.resolution}x{reference.resolution}; compare at one "
-                           "size (encdiff eval --resolution R resizes both)")
-    features = extract_features(net, images, progress=progress, desc="sample features")
+    parts = [images] if isinstance(images, torch.Tensor) else list(images)
+    shapes = [format_shape(tuple(part.shape[-2:])) for part in parts]
+    if reference.shape_counts:
+        unknown = [shape for shape in shapes if shape not in reference.shape_counts]
+        if unknown:
+            raise EncdiffError(f"{source}: images of {', '.join(unknown)}, shapes the reference ({reference.source}) "
+                               f"was not read at ({', '.join(reference.shape_counts)})")
+    elif any(shape != format_shape((reference.resolution,) * 2) for shape in shapes):
+        raise EncdiffError(f"{source}: images are {', '.join(shapes)}, the reference ({reference.source}) is "
+                           f"{reference.resolution}x{reference.resolution}; compare at one size (encdiff eval "
+                           "--resolution R resizes both)")
+    features = torch.cat([extract_features(net, part, progress=progress, desc="sample features") for part in parts])
     result = compare_features(reference, features, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, k=k,
                               seed=seed, where=source)
-    result.update(class_accuracy_report(net, images, labels, class_names))
-    result["settings"] = {"samples": source, "num_samples": len(images), "reference": reference.source,
+    result.update(class_accuracy_report(net, parts, labels, class_names))
+    result["settings"] = {"samples": source, "num_samples": len(features), "reference": reference.source,
                           "reference_images": len(reference.features), "reference_key": reference.key,
                           "kid_subsets": kid_subsets, "kid_subset_size": min(kid_subset_size, len(images),
                                                                              len(reference.features)),
                           "k": k, "seed": seed, "feature_net": getattr(net, "name", type(net).__name__),
                           "feature_dim": reference.features.shape[1],
                           "images_per_class": None if labels is None else class_counts(labels, class_names)}
+    if reference.shape_counts:
+        result["settings"]["samples_per_shape"] = {shape: len(part) for shape, part in zip(shapes, parts)}
     return result
 
 
@@ -613,6 +626,24 @@ def _single_size(folder: Path, what: str) -> int:
     return w
 
 
+def _sample_shapes(folder: Path) -> list[tuple[int, int]] | None:
+    """The (height, width) shapes of a folder of samples, the most common first, when they are several or not
+    square (a bucketed generator's); None for one square size. Two sizes of one aspect ratio cannot be told apart
+    by the buckets' nearest-ratio rule, so they are refused."""
+    sizes = _image_sizes(folder)
+    if len(sizes) <= 1 and all(w == h for w, h in sizes):
+        return None
+    ratios: dict[float, tuple[int, int]] = {}
+    described = lambda size: f"{size[0]}x{size[1]} ({len(sizes[size])} files, e.g. {sizes[size][0].name})"
+    for size in sorted(sizes):
+        other = ratios.setdefault(round(size[0] / size[1], 6), size)
+        if other != size:
+            raise EncdiffError(f"{folder}: samples of {described(other)} and {described(size)}, one aspect ratio at "
+                               "two sizes; evaluate each size apart, or pass --resolution R to resize every image to "
+                               "R x R")
+    return [(h, w) for (w, h) in sorted(sizes, key=lambda size: -len(sizes[size]))]
+
+
 def _eval_kind(path: Path) -> str:
     from .pipeline import folder_kind
     from .data import image_files_under
@@ -651,7 +682,7 @@ def _load_reference(args: "EvalRequest", net, resolution: int, where: str,
         return stats, None
     if not ref.is_dir():
         raise EncdiffError(f"{ref}: reference not found (give an image folder or a reference statistics file)")
-    if args.resolution is None and len(sizes) > 1:
+    if args.resolution is None and (len(sizes) > 1 or any(h != w for h, w in sizes)):
         data = ImageDataset(ref, resolution, cache_dir=args.cache_dir, workers=args.workers, buckets=list(sizes))
         keep = _reference_keep(len(data), args)
         counts = None if data.labels is None else class_counts(data.labels[keep], data.class_names)
@@ -756,10 +787,21 @@ def run_evaluation(args: "EvalRequest") -> tuple[Path, Path]:
                                                batch_size=args.batch_size, cache_dir=args.cache_dir, progress=True)
         result["settings"].update({"model": str(target), "resolution": resolution, "seed": args.seed})
     else:
-        resolution = args.resolution or _single_size(target, "samples")
-        samples = ImageDataset(target, resolution, cache_dir=None, workers=args.workers)
-        reference, _ = _load_reference(args, net, resolution, f"the samples in {target}")
-        result = evaluate_images(samples.images, reference, net=net, source=str(target), labels=samples.labels,
+        shapes = _sample_shapes(target) if args.resolution is None else None
+        if shapes:
+            # samples of several shapes (a bucketed generator's): each read at its own size, the reference in those
+            # shapes, each real image in the one nearest its aspect ratio (as training read it)
+            resolution = round(math.sqrt(shapes[0][0] * shapes[0][1]))
+            samples = ImageDataset(target, resolution, cache_dir=None, workers=args.workers, buckets=shapes)
+            order = torch.cat([torch.nonzero(samples.bucket_of == b).flatten() for b in range(len(samples.shapes))])
+            images, labels = samples.images_by_bucket(order), None if samples.labels is None else samples.labels[order]
+        else:
+            resolution = args.resolution or _single_size(target, "samples")
+            samples = ImageDataset(target, resolution, cache_dir=None, workers=args.workers)
+            images, labels = samples.images, samples.labels
+        reference, _ = _load_reference(args, net, resolution, f"the samples in {target}",
+                                       sizes=samples.shapes if shapes else ())
+        result = evaluate_images(images, reference, net=net, source=str(target), labels=labels,
                                  class_names=samples.class_names, seed=args.seed, progress=True, **common)
     result["settings"]["feature_weights"] = str(args.inception or args.feature_net or "shipped encdiff-featurenet")
     out = Path(args.out or f"eval-{target.name}")
