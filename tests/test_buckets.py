@@ -263,3 +263,11 @@ def test_an_autoencoder_is_evaluated_on_a_non_square_folder_in_its_buckets(folde
     square = cli("eval", str(ae), "--reference", str(folder), "--resolution", "16", "--out", str(tmp_path / "sq"))
     assert square.returncode == 0, square.stderr
     assert "images_per_shape" not in json.loads((tmp_path / "sq" / "metrics.json").read_text())["settings"]
+    # its light decoder trains on the same buckets (and at its size), unless told otherwise
+    planned = cli("train-light-decoder", str(folder), "--autoencoder", str(ae), "--run-dir", str(tmp_path / "light"),
+                  "--dry-run")
+    assert planned.returncode == 0, planned.stderr
+    assert (json.loads(planned.stdout)["buckets"], json.loads(planned.stdout)["resolution"]) == (["auto"], 16)
+    squares = cli("train-light-decoder", str(folder), "--autoencoder", str(ae), "--run-dir", str(tmp_path / "light"),
+                  "--dry-run", "--buckets", "none")
+    assert json.loads(squares.stdout)["buckets"] == []

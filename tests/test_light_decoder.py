@@ -4,6 +4,7 @@ and a generator that decodes with it when asked."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -58,6 +59,12 @@ def test_train_light_decoder_then_sample_through_it(tmp_path):
                  str(tmp_path / "light"), "--adv-weight", "0.5", "--adv-start", "1", "--disc-channels", "8",
                  "--ssim-weight", "0.2", *common])
     assert (tmp_path / "light" / "decoded-00000002.png").is_file()
+    # Without --resolution the run takes its autoencoder's size and channels (not the defaults, which it would refuse).
+    planned = run_encdiff(["train-light-decoder", str(data), "--autoencoder", str(tmp_path / "ae" / "model"),
+                           "--run-dir", str(tmp_path / "planned"), "--dry-run"])
+    config = json.loads(planned.stdout)
+    assert (config["resolution"], config["channels"], config["buckets"]) == (16, 3, [])
+    assert "resolution 16, channels 3 (the autoencoder's)" in planned.stderr
     run_encdiff(["set-light-decoder", str(tmp_path / "ldm" / "model"), str(tmp_path / "light" / "model")])
     generator = Generator.from_pretrained(tmp_path / "ldm" / "model")
     labels = torch.tensor([0, 1])

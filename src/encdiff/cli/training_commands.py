@@ -25,20 +25,23 @@ def cmd_train(args: argparse.Namespace, stage: str) -> int:
         raise EncdiffError("give exactly one of --autoencoder MODEL (latent diffusion) or --pixel")
     overrides = train_overrides(args, stage)
     config = load_config(args.config, args.preset, stage, overrides)
-    if stage in ("autoencoder", "diffusion") and not config.model:
+    if (stage in ("autoencoder", "diffusion") and not config.model) or (stage == "light_decoder" and
+                                                                          config.autoencoder):
         if stage == "diffusion" and args.pixel:
             raise EncdiffError("no model: pass --model NAME or --preset NAME (pixel-space U-Nets are not sized "
                                "from the data; latent diffusion is, with --autoencoder MODEL)")
-        # No preset, model or config file: the data decides (training/sizing.py), and it is said.
+        # No preset, model or config file (a light decoder: always, under any of them): the data and the autoencoder
+        # decide (training/sizing.py), and it is said.
         from ..autoencoder import Autoencoder
         from ..training.sizing import plan_for_folder, survey_folder
 
-        # The diffusion stage's autoencoder, or the one an autoencoder run starts from: they fix size and channels.
-        source = config.autoencoder if stage == "diffusion" else config.init
+        # The diffusion or light-decoder stage's autoencoder, or the one an autoencoder run starts from: they fix
+        # size and channels.
+        source = config.init if stage == "autoencoder" else config.autoencoder
         autoencoder = Autoencoder.from_pretrained(source) if source else None
         plan = plan_for_folder(survey_folder(args.data, exclude=(Path(config.run_dir),)), stage, autoencoder,
                                resolution=overrides.get("resolution"), channels=overrides.get("channels"))
-        config = load_config(args.config, None, stage, overrides, base=plan.values)
+        config = load_config(args.config, args.preset, stage, overrides, base=plan.values)
         # The lines above say the data's choices; what a flag or config file changed is said apart, so the screen
         # never shows a value the run will not train with as the last word.
         trained = json.loads(json.dumps(config_to_json(config)))

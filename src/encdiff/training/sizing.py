@@ -1,5 +1,6 @@
 """Defaults from the data: what `encdiff train-autoencoder FOLDER` and `encdiff train FOLDER` choose when no preset,
-model or config file says otherwise. The folder is surveyed once (every file's class, a seeded sample's sizes and
+model or config file says otherwise (and `encdiff train-light-decoder FOLDER`: its autoencoder's size and channels,
+the folder's buckets). The folder is surveyed once (every file's class, a seeded sample's sizes and
 modes, read from the headers only), and these rules, the only place they are written, size the run:
 
     resolution  the median shorter side, rounded down to a multiple of 16, within 32 .. 256
@@ -189,9 +190,10 @@ def bf16_said(plan: Plan) -> str:
 
 def plan_for_folder(survey: FolderSurvey, stage: str, autoencoder=None, resolution: int | None = None,
                     channels: int | None = None) -> Plan:
-    """The defaults of `stage` ("autoencoder" or "diffusion") for a surveyed folder. `resolution` and `channels`,
-    when the user gave them, replace the rule's; a diffusion stage takes both from its `autoencoder`, and so does an
-    autoencoder stage that starts from one (`--init`: its model is that autoencoder's, the rest is the rule's)."""
+    """The defaults of `stage` ("autoencoder", "diffusion" or "light_decoder") for a surveyed folder. `resolution` and
+    `channels`, when the user gave them, replace the rule's; a diffusion or light-decoder stage takes both from its
+    `autoencoder`, and so does an autoencoder stage that starts from one (`--init`: its model is that autoencoder's,
+    the rest is the rule's). Each takes aspect-ratio buckets where the folder's images are not square."""
     plan = Plan()
     say = plan.lines.append
     say(f"data: {count(survey.images, 'image')}; {survey.classes_line()}")
@@ -230,7 +232,13 @@ def plan_for_folder(survey: FolderSurvey, stage: str, autoencoder=None, resoluti
             f"{AUTOENCODER_STEPS[0]}..{AUTOENCODER_STEPS[1]} steps)")
         return plan
     if autoencoder is None:
-        raise EncdiffError("the diffusion stage sizes its U-Net from the autoencoder: pass --autoencoder MODEL")
+        raise EncdiffError(f"the {stage.replace('_', ' ')} stage is sized from its autoencoder: pass --autoencoder MODEL")
+    if stage == "light_decoder":  # it decodes the autoencoder's latents into the images the autoencoder was made for
+        res, channels = autoencoder.config.sample_size, autoencoder.config.in_channels
+        plan.values.update(resolution=res, channels=channels)
+        say(f"resolution {res}, channels {channels} (the autoencoder's)")
+        buckets_line(plan, survey, res, autoencoder.downsample_factor)
+        return plan
     res = autoencoder.config.sample_size
     side = res // autoencoder.downsample_factor
     model = unet_model(side)
