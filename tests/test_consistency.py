@@ -397,6 +397,7 @@ def test_a_flow_teacher_distils_into_a_flow_consistency_student(image_folder, tm
     student = Generator.from_pretrained(tmp_path / "student" / "model")
     assert type(student.denoiser) is FlowConsistencyDenoiser
     assert student.images([0, 1], torch.tensor([0, 2])).shape == (2, 3, 16, 16)
+    assert "denoiser consistency (of a flow teacher)" in cli("info", str(tmp_path / "student" / "model")).stdout
     # Before a step the student is its teacher's D wherever sigma >> sigma_min.
     fresh = FlowConsistencyDenoiser(net)
     x, labels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 5, torch.tensor([0, 1])

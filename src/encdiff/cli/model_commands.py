@@ -149,7 +149,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         # Loaded, not read raw: info vouches for exactly what `sample` and `eval` accept, with the same message.
         generator = Generator.from_pretrained(path)
         print(f"{path}: generator ({'latent' if generator.downsample_factor > 1 else 'pixel'} diffusion), denoiser "
-              f"{generator.spec.kind}, classes: {', '.join(generator.class_names) or 'none'}")
+              f"{generator.spec.kind}"
+              + (f" (of a {generator.spec.preconditioning} teacher)" if generator.spec.kind == "consistency" else "")
+              + f", classes: {', '.join(generator.class_names) or 'none'}")
         from ..buckets import format_shape
 
         print(f"  sizes (width x height): {', '.join(format_shape(size) for size in generator.sizes)}"
