@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import colour_classes, run_encdiff
+from conftest import colour_classes, randomize_, run_encdiff
 from encdiff import EncdiffError
 from encdiff.autoencoder import Autoencoder
 from encdiff.light_decoder import LightDecoder, LightDecoderConfig
@@ -46,6 +46,36 @@ def test_the_light_decoder_costs_under_a_third_of_the_bundled_shape_and_decodes_
         light.decode(torch.randn(1, 8, 8, 8))
     with pytest.raises(EncdiffError, match="block_out_channels"):
         LightDecoderConfig(block_out_channels=())
+
+
+def test_the_light_decoder_reads_each_image_with_its_own_latent_and_full_decoding_cached_once(tmp_path):
+    """The stage's batches: each (mirrored) image with the posterior mean of that very image and the full decoder's
+    pixels of it, from the run's cache (computed once, reused by the next run over the same data and weights)."""
+    from encdiff.data import ImageDataset
+    from encdiff.images import to_uint8, to_unit
+    from encdiff.training.latents import cached_decodings, cached_latents, image_and_latent_batches
+    from encdiff.training.loop import Distributed
+
+    data = colour_classes(tmp_path / "data", per_class=4, size=16)
+    autoencoder = randomize_(Autoencoder(AUTOENCODERS["tiny"])).eval()
+    folder = autoencoder.save_pretrained(tmp_path / "ae")
+    dataset = ImageDataset(data, 16, workers=0, progress=False)
+    cache = tmp_path / "cache"
+    latents = cached_latents(autoencoder, dataset, cache, str(folder), Distributed())
+    decoded = cached_decodings(autoencoder, latents, dataset, cache, str(folder), Distributed())
+    indices, flips = torch.tensor([5, 0, 9]), torch.tensor([True, False, True])
+    (x, z, teacher), labels = image_and_latent_batches(latents, decoded, dataset)(indices, flips)
+    expected, expected_labels = dataset.batch(indices, flips)
+    with torch.no_grad():
+        torch.testing.assert_close(z, autoencoder.encode(expected), rtol=1e-5, atol=1e-5)
+        full = to_unit(to_uint8(autoencoder.decode(z)))
+    assert torch.equal(x, expected) and torch.equal(labels, expected_labels)
+    assert (teacher - full).abs().max() <= 2 / 255 + 1e-6  # the pixels a generator would write, to one level
+    files = sorted(path.name for path in cache.iterdir())
+    assert len(files) == 2 and files[0].startswith("decoded-") and files[1].startswith("latents-")
+    stamps = [path.stat().st_mtime_ns for path in sorted(cache.iterdir())]
+    again = cached_decodings(autoencoder, latents, dataset, cache, str(folder), Distributed())
+    assert torch.equal(again[0], decoded[0]) and stamps == [p.stat().st_mtime_ns for p in sorted(cache.iterdir())]
 
 
 def test_train_light_decoder_then_sample_through_it(tmp_path):
@@ -111,3 +141,23 @@ def test_set_light_decoder_keeps_the_bundled_float16_and_can_make_it_the_default
     assert written.sampling == teacher.sampling and written.sampling.decoder == "light"
     with safe_open(str(tmp_path / "light" / "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+def test_the_light_decoder_stage_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    data = colour_classes(tmp_path / "data", per_class=4, size=16)
+    folder = randomize_(Autoencoder(AUTOENCODERS["tiny"])).save_pretrained(tmp_path / "ae")
+
+    def light(run_dir, steps):
+        run_encdiff(["train-light-decoder", str(data), "--autoencoder", str(folder), "--run-dir", str(run_dir),
+                     "--steps", str(steps), "--batch-size", "4", "--checkpoint-every", "2", "--keep-last", "5",
+                     "--sample-every", "0", "--workers", "0", "--adv-weight", "0.5", "--adv-start", "1",
+                     "--disc-channels", "8"])
+        return load_file(str(run_dir / "checkpoints" / "step-00000004" / "state.safetensors")) if steps == 4 else None
+
+    whole = light(tmp_path / "whole", 4)
+    light(tmp_path / "split", 2)
+    split = light(tmp_path / "split", 4)
+    assert {k.split(".")[0] for k in whole} >= {"model", "ema", "optimizer", "disc", "disc_optimizer"}
+    assert all(torch.equal(whole[k], split[k]) for k in whole)

@@ -15,6 +15,7 @@ from ..autoencoder import Autoencoder
 from ..buckets import format_shape
 from ..checkpoint import sha256_file
 from ..data import ImageDataset
+from ..images import to_uint8, to_unit
 from ..tensorfile import read_mapped, write_mapped
 from .loop import Distributed
 
@@ -85,9 +86,84 @@ def latent_batches(latents: list[torch.Tensor], dataset: ImageDataset):
     return batch
 
 
+def image_and_latent_batches(latents: list[torch.Tensor], decoded: list[torch.Tensor] | None, dataset: ImageDataset):
+    """`Recipe.batch` for a stage that learns to decode (the light decoder): ((images, latents, full decodings),
+    labels), each image mirrored where its flag says and read with its mirror's latent and decoding (an empty
+    tensor for the decodings where there are none)."""
+    def batch(indices, flips):
+        x, labels = dataset.batch(indices, flips)
+        bucket, rows = dataset.rows_of(indices.cpu())
+        flips = flips.cpu().long()
+        teacher = torch.empty(0) if decoded is None else to_unit(decoded[bucket][rows, flips])
+        return (x, latents[bucket][rows, flips], teacher), labels
+    return batch
+
+
+@torch.inference_mode()
+def decode_latents(autoencoder: Autoencoder, latents: list[torch.Tensor], device, out: list, batch: int = 256,
+                   progress: bool = True) -> list:
+    """The autoencoder's decoding of every cached latent (both mirrors) as uint8 images, the pixels a generator
+    would write from them, into `out` (memory-mapped (N_b, 2, C, H, W) views, one per bucket) batch by batch."""
+    total = sum(-(-len(part) // batch) for part in latents)
+    bar = tqdm(total=total, desc="decoding latents", unit="batch", disable=not progress)
+    for part, view in zip(latents, out):
+        for start in range(0, len(part), batch):
+            z = part[start:start + batch].to(device)
+            images = autoencoder.decode(z.flatten(0, 1))
+            view[start:start + len(z)] = to_uint8(images).unflatten(0, (len(z), 2)).numpy()
+            bar.update()
+    bar.close()
+    return out
+
+
 def latent_key(dataset: ImageDataset, bucket: int) -> str:
     """The tensor name of a bucket's latents in the cache file ("latents" for a set of one shape, as before buckets)."""
     return f"latents.{format_shape(dataset.shapes[bucket])}" if dataset.bucketed else "latents"
+
+
+def _cached(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, what: str,
+            fill, dist_: Distributed) -> list[torch.Tensor]:
+    """The tensors `shapes` of the cache file `path`, written once by rank 0 with `fill(views)` where the file is
+    missing, damaged or of other shapes (said in a warning), then memory-mapped on every rank."""
+    def usable() -> bool:
+        try:
+            tensors = read_mapped(path)[0]
+            found = {name: tuple(tensors[name].shape) for name in shapes}
+        except Exception as e:  # any damage: truncated, not safetensors, no such key
+            warnings.warn(f"{path}: ignoring a damaged {what} cache ({type(e).__name__}); computing it again",
+                          stacklevel=4)
+            return False
+        if found != shapes:
+            warnings.warn(f"{path}: ignoring a {what} cache of shapes {found}; computing it again", stacklevel=4)
+            return False
+        return True
+
+    if dist_.main and not (path.is_file() and usable()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_mapped(path, {name: (dtype, shape) for name, shape in shapes.items()},
+                     lambda views: fill([views[name] for name in shapes]))
+    dist_.barrier()
+    tensors = read_mapped(path)[0]
+    return [tensors[name] for name in shapes]  # memory-mapped: each rank reads the rows its batches touch
+
+
+def _weights_tag(key: str) -> str:
+    ae_folder = Path(key)
+    weights = next((p for p in (ae_folder / "model.safetensors", ae_folder / "diffusion_pytorch_model.safetensors")
+                    if p.is_file()), None)
+    return sha256_file(weights)[:16] if weights else "unknown"
+
+
+def cached_decodings(autoencoder: Autoencoder, latents: list[torch.Tensor], dataset: ImageDataset, cache_dir: Path,
+                     key: str, dist_: Distributed) -> list[torch.Tensor]:
+    """The autoencoder's uint8 decoding of every cached latent (`decode_latents`), cached beside the latents under the
+    same naming: what a stage that learns from the full decoder (the light decoder's teacher term) reads instead of
+    running it at every step."""
+    path = cache_dir / f"decoded-{_weights_tag(key)}-{dataset.content_key[:16]}-{len(dataset)}.safetensors"
+    shapes = {latent_key(dataset, b): (len(part), 2, autoencoder.config.in_channels, h, w)
+              for b, (part, (h, w)) in enumerate(zip(dataset.parts, dataset.shapes))}
+    return _cached(path, shapes, torch.uint8, "decoded-latent",
+                   lambda views: decode_latents(autoencoder, latents, dist_.device, views), dist_)
 
 
 def cached_latents(autoencoder: Autoencoder, dataset: ImageDataset, cache_dir: Path, key: str,
@@ -98,33 +174,9 @@ def cached_latents(autoencoder: Autoencoder, dataset: ImageDataset, cache_dir: P
     The file is named by the autoencoder's weights and by what the images are (`ImageDataset.content_key`, the
     decoded pixels and buckets): replacing an image, or the autoencoder, encodes again. A damaged file is encoded
     again with a warning."""
-    ae_folder = Path(key)
-    weights = next((p for p in (ae_folder / "model.safetensors", ae_folder / "diffusion_pytorch_model.safetensors")
-                    if p.is_file()), None)
-    tag = sha256_file(weights)[:16] if weights else "unknown"
-    path = cache_dir / f"latents-{tag}-{dataset.content_key[:16]}-{len(dataset)}.safetensors"
-
+    path = cache_dir / f"latents-{_weights_tag(key)}-{dataset.content_key[:16]}-{len(dataset)}.safetensors"
     f = autoencoder.downsample_factor
     shapes = {latent_key(dataset, b): (len(part), 2, autoencoder.latent_channels, h // f, w // f)
               for b, (part, (h, w)) in enumerate(zip(dataset.parts, dataset.shapes))}
-
-    def usable() -> bool:
-        try:
-            tensors = read_mapped(path)[0]
-            found = {name: tuple(tensors[name].shape) for name in shapes}
-        except Exception as e:  # any damage: truncated, not safetensors, no such key
-            warnings.warn(f"{path}: ignoring a damaged latent cache ({type(e).__name__}); encoding again", stacklevel=3)
-            return False
-        if found != shapes:
-            warnings.warn(f"{path}: ignoring a latent cache of shapes {found}; encoding again", stacklevel=3)
-            return False
-        return True
-
-    if dist_.main and not (path.is_file() and usable()):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        write_mapped(path, {name: (torch.float32, shape) for name, shape in shapes.items()},
-                     lambda views: encode_dataset(autoencoder, dataset, dist_.device,
-                                                  out=[views[name] for name in shapes]))
-    dist_.barrier()
-    tensors = read_mapped(path)[0]
-    return [tensors[name] for name in shapes]  # memory-mapped: each rank reads the rows its batches touch
+    return _cached(path, shapes, torch.float32, "latent",
+                   lambda views: encode_dataset(autoencoder, dataset, dist_.device, out=views), dist_)

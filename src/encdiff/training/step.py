@@ -35,7 +35,8 @@ def optimizer_step(run: Any, recipe: Any, autocast: bool) -> tuple[torch.Tensor,
         sync = micro == config.grad_accum - 1 or dist_.world_size == 1
         context = ddp_model.no_sync() if not sync else contextlib.nullcontext()
         with context, torch.autocast(dist_.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = recipe.loss(ddp_model, x.to(dist_.device), None if labels is None else labels.to(dist_.device))
+            loss = recipe.loss(ddp_model, to_device(x, dist_.device),
+                               None if labels is None else labels.to(dist_.device))
         # A loss may come with named parts (the autoencoder's terms) to log beside it.
         loss, parts = loss if isinstance(loss, tuple) else (loss, {})
         (loss / config.grad_accum).backward()
@@ -60,6 +61,11 @@ def optimizer_step(run: Any, recipe: Any, autocast: bool) -> tuple[torch.Tensor,
         if hasattr(group.module, "normalize_weights_"):
             group.module.normalize_weights_()  # forced weight normalisation (EDM2 sec. 2.4), on every rank
     return total, parts_total, norms
+
+
+def to_device(x: torch.Tensor | tuple[torch.Tensor, ...], device) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A batch on the device: one tensor, or a tuple of them (a stage that reads images with their latents)."""
+    return tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
 
 
 def autocast_of(config: TrainConfig, dist_: Any) -> bool:
