@@ -78,8 +78,7 @@ def test_latent_diffusion_run_makes_a_class_conditional_generator(autoencoder_ru
     assert torch.equal(generator.images([1], torch.tensor([2]), steps=3)[0], images[1])
 
 
-def test_a_flow_matching_run_makes_a_generator_that_samples_and_refuses_distillation(autoencoder_run, image_folder,
-                                                                                       tmp_path):
+def test_a_flow_matching_run_makes_a_generator_that_samples_and_distils(autoencoder_run, image_folder, tmp_path):
     from encdiff.training import train_consistency
 
     config = TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "flow"), steps=4, checkpoint_every=2,
@@ -93,9 +92,12 @@ def test_a_flow_matching_run_makes_a_generator_that_samples_and_refuses_distilla
     assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8
     log = [json.loads(line) for line in (tmp_path / "flow" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
-    with pytest.raises(EncdiffError, match="a 'flow' generator; distillation needs an EDM teacher"):
-        train_consistency(TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "student"), teacher=str(out),
-                                      steps=2, **COMMON))
+    # its consistency student keeps the flow preconditioning and the teacher's latent space
+    student = Generator.from_pretrained(train_consistency(TrainConfig(
+        data=str(image_folder), run_dir=str(tmp_path / "student"), teacher=str(out), steps=2, **COMMON)))
+    assert (student.spec.kind, student.spec.preconditioning) == ("consistency", "flow")
+    assert type(student.denoiser).__name__ == "FlowConsistencyDenoiser"
+    assert student.images([0, 1], torch.tensor([0, 2])).shape == (2, 3, 16, 16)
 
 
 def cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
