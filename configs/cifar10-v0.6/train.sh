@@ -7,5 +7,6 @@
 #   run(command="mkdir -p /tmp/c && tar -xzf data/cifar10-jpeg.tar.gz -C /tmp/c && PYTHONPATH=src
 #       bash configs/cifar10-v0.6/train.sh /tmp/c/train /tmp/runs $OUT", carry=["data"], timeout_s=600)
 # Checked on a CPU (session 25) with 500 images, SCALE 0.12 and CHECK_FLAGS="--batch-size 16 --no-bf16": every
-# stage ran and the six tar files came to 57 MB.
+# stage ran and the six tar files came to 57 MB; again in session 27 with the flow-matching U-Net (its student a
+# flow consistency student): the same six files, 57 MB, 190 s.
 exec bash "$(dirname "$0")/../train-bundled.sh" "$(dirname "$0")" "$@"
