@@ -1,5 +1,6 @@
 """Latents for stage 2 and after: the autoencoder's latent statistics (its scale/shift), every image's latent and its
-mirror's encoded once and cached in the run folder, and the batches the loop draws from them."""
+mirror's encoded once and cached in the run folder (and, for the light decoder, the full decoder's images of them),
+and the batches the loop draws from them."""
 
 from __future__ import annotations
 
