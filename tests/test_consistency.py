@@ -57,8 +57,9 @@ def test_a_flow_students_boundary_holds_exactly_and_it_keeps_the_flow_teachers_i
     spec = DenoiserSpec(kind="consistency", sigma_data=1.0, preconditioning="flow")
     assert type(spec.build(net)) is FlowConsistencyDenoiser
     assert type(DenoiserSpec(kind="consistency").build(net)) is ConsistencyDenoiser  # students before the field
-    with pytest.raises(EncdiffError, match="denoiser.preconditioning"):
-        DenoiserSpec(kind="flow", preconditioning="flow")
+    for kind, preconditioning in (("flow", "flow"), ("edm", "edm"), ("consistency", "vp")):
+        with pytest.raises(EncdiffError, match="denoiser.preconditioning"):
+            DenoiserSpec(kind=kind, preconditioning=preconditioning)
 
 
 class ScaleNet(torch.nn.Module):

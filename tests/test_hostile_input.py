@@ -419,6 +419,7 @@ MALFORMED = [  # (change to generator.json, words of the refusal)
     (lambda i: {**i, "denoiser": {**i["denoiser"], "sigma_max": 0}}, "denoiser.sigma_max"),
     (lambda i: {**i, "denoiser": {**i["denoiser"], "kind": "score"}}, "denoiser.kind"),
     (lambda i: {**i, "denoiser": {**i["denoiser"], "colour": 1}}, "unknown field 'colour'"),
+    (lambda i: {**i, "denoiser": {**i["denoiser"], "preconditioning": "flow"}}, "denoiser.preconditioning"),
     (lambda i: {**i, "format_version": 99}, "format_version 99"),
 ]
 

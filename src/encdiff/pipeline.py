@@ -61,8 +61,9 @@ class DenoiserSpec:
     schedule: str = "linear"  # vp: the training beta schedule (schedules.TRAIN_SCHEDULES)
     prediction: str = "epsilon"  # vp: what the network predicts: epsilon, v or x0
     options: dict[str, Any] = field(default_factory=dict)  # vp: schedule options (beta_start, ...)
-    preconditioning: str = "edm"  # consistency: its teacher's kind, "edm" or "flow", whose c_in, c_noise and output
-    # form the student keeps with the boundary moved to sigma_min (ConsistencyDenoiser, FlowConsistencyDenoiser)
+    preconditioning: str | None = None  # consistency: its teacher's kind, "edm" or "flow", whose c_in, c_noise and
+    # output form the student keeps with the boundary moved to sigma_min (ConsistencyDenoiser, FlowConsistencyDenoiser;
+    # None: edm, the students from before the field); the other kinds: None
 
     def __post_init__(self):
         check_choice(self.kind, "denoiser.kind", DENOISER_KINDS)
@@ -72,9 +73,10 @@ class DenoiserSpec:
         check_choice(self.prediction, "denoiser.prediction", PREDICTIONS)
         check_field(isinstance(self.schedule, str), "denoiser.schedule", self.schedule, "a schedule name")
         check_field(isinstance(self.options, dict), "denoiser.options", self.options, "an object")
-        check_choice(self.preconditioning, "denoiser.preconditioning", CONSISTENCY_PRECONDITIONINGS)
-        check_field(self.kind == "consistency" or self.preconditioning == "edm", "denoiser.preconditioning",
-                    self.preconditioning, "'edm' unless the kind is 'consistency' (it names a student's teacher kind)")
+        if self.preconditioning is not None:
+            check_field(self.kind == "consistency", "denoiser.preconditioning", self.preconditioning,
+                        "null unless the kind is 'consistency' (it names a student's teacher kind)")
+            check_choice(self.preconditioning, "denoiser.preconditioning", CONSISTENCY_PRECONDITIONINGS)
 
     def build(self, net: torch.nn.Module) -> Denoiser:
         if self.kind == "consistency" and self.preconditioning == "flow":

@@ -150,7 +150,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         generator = Generator.from_pretrained(path)
         print(f"{path}: generator ({'latent' if generator.downsample_factor > 1 else 'pixel'} diffusion), denoiser "
               f"{generator.spec.kind}"
-              + (f" (of a {generator.spec.preconditioning} teacher)" if generator.spec.kind == "consistency" else "")
+              + (f" (of a {generator.spec.preconditioning or 'edm'} teacher)" if generator.spec.kind == "consistency" else "")
               + f", classes: {', '.join(generator.class_names) or 'none'}")
         from ..buckets import format_shape
 
