@@ -148,10 +148,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     if kind == "generator":
         # Loaded, not read raw: info vouches for exactly what `sample` and `eval` accept, with the same message.
         generator = Generator.from_pretrained(path)
+        teacher = f" (of a {generator.spec.preconditioning or 'edm'} teacher)" if generator.spec.kind == "consistency" \
+            else ""
         print(f"{path}: generator ({'latent' if generator.downsample_factor > 1 else 'pixel'} diffusion), denoiser "
-              f"{generator.spec.kind}"
-              + (f" (of a {generator.spec.preconditioning or 'edm'} teacher)" if generator.spec.kind == "consistency" else "")
-              + f", classes: {', '.join(generator.class_names) or 'none'}")
+              f"{generator.spec.kind}{teacher}, classes: {', '.join(generator.class_names) or 'none'}")
         from ..buckets import format_shape
 
         print(f"  sizes (width x height): {', '.join(format_shape(size) for size in generator.sizes)}"

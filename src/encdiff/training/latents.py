@@ -91,12 +91,13 @@ def image_and_latent_batches(latents: list[torch.Tensor], decoded: list[torch.Te
     """`Recipe.batch` for a stage that learns to decode (the light decoder): ((images, latents, full decodings),
     labels), each image mirrored where its flag says and read with its mirror's latent and decoding (an empty
     tensor for the decodings where there are none)."""
+    read_latents = latent_batches(latents, dataset)
+    read_decoded = None if decoded is None else latent_batches(decoded, dataset)  # stored as the latents are
+
     def batch(indices, flips):
         x, labels = dataset.batch(indices, flips)
-        bucket, rows = dataset.rows_of(indices.cpu())
-        flips = flips.cpu().long()
-        teacher = torch.empty(0) if decoded is None else to_unit(decoded[bucket][rows, flips])
-        return (x, latents[bucket][rows, flips], teacher), labels
+        teacher = torch.empty(0) if read_decoded is None else to_unit(read_decoded(indices, flips)[0])
+        return (x, read_latents(indices, flips)[0], teacher), labels
     return batch
 
 
