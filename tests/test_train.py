@@ -81,10 +81,18 @@ def test_latent_diffusion_run_makes_a_class_conditional_generator(autoencoder_ru
 def test_a_flow_matching_run_makes_a_generator_that_samples_and_distils(autoencoder_run, image_folder, tmp_path):
     from encdiff.training import train_consistency
 
+    # `denoiser="flow"` alone is the flow-matching objective: its loss and SD3's logit-normal t
     config = TrainConfig(data=str(image_folder), run_dir=str(tmp_path / "flow"), steps=4, checkpoint_every=2,
-                         autoencoder=str(autoencoder_run), denoiser="flow", weighting="flow",
-                         loss_options={"p_mean": 0.0, "p_std": 1.0}, **COMMON)
+                         autoencoder=str(autoencoder_run), denoiser="flow", **COMMON)
+    assert (config.weighting, config.loss_options) == ("flow", {"p_mean": 0.0, "p_std": 1.0})
     out = train_diffusion(config)
+    stored = json.loads((tmp_path / "flow" / "config.json").read_text())
+    assert (stored["weighting"], stored["loss_options"]) == ("flow", {"p_mean": 0.0, "p_std": 1.0})
+    # a guide for it trains with the same objective (before, EDM's weighting, whatever the generator's kind)
+    from encdiff.training.guide import guide_defaults
+
+    guide = load_config(None, None, "diffusion", {}, base=guide_defaults(out))
+    assert (guide.denoiser, guide.weighting, guide.loss_options) == ("flow", "flow", {"p_mean": 0.0, "p_std": 1.0})
     denoiser = json.loads((out / "generator.json").read_text())["denoiser"]
     assert (denoiser["kind"], denoiser["preconditioning"]) == ("flow", None)  # a student's field only
     generator = Generator.from_pretrained(out)
@@ -99,6 +107,22 @@ def test_a_flow_matching_run_makes_a_generator_that_samples_and_distils(autoenco
     assert (student.spec.kind, student.spec.preconditioning) == ("consistency", "flow")
     assert type(student.denoiser).__name__ == "FlowConsistencyDenoiser"
     assert student.images([0, 1], torch.tensor([0, 2])).shape == (2, 3, 16, 16)
+
+
+def test_the_objective_follows_the_denoiser_unless_a_field_says_otherwise():
+    """EDM's weighting and levels by default; flow matching's for `denoiser = "flow"`; a given option wins; a layer
+    naming another denoiser leaves the objective an earlier layer (a folder's plan) set for EDM behind."""
+    assert (TrainConfig().weighting, TrainConfig().loss_options) == ("edm", {})
+    assert TrainConfig(denoiser="flow", loss_options={"p_std": 1.4}).loss_options == {"p_mean": 0.0, "p_std": 1.4}
+    assert TrainConfig(denoiser="flow", weighting="edm").weighting == "edm"
+    plan = {"sigma_data": 1.0, "loss_options": {"p_mean": -0.5, "p_std": 1.2}}
+    assert load_config(None, None, "diffusion", {}, base=plan).loss_options == {"p_mean": -0.5, "p_std": 1.2}
+    flow = load_config(None, None, "diffusion", {"denoiser": "flow"}, base=plan)
+    assert (flow.weighting, flow.loss_options) == ("flow", {"p_mean": 0.0, "p_std": 1.0})
+    told = load_config(None, None, "diffusion", {"denoiser": "flow", "loss_options": {"p_mean": 0.5}}, base=plan)
+    assert told.loss_options == {"p_mean": 0.5, "p_std": 1.0}
+    with pytest.raises(EncdiffError, match="config field 'loss_options' = 3"):
+        TrainConfig(loss_options=3)
 
 
 def cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -29,6 +29,17 @@ LR_SCHEDULES = ("constant", "cosine", "inv_sqrt")  # after the warm-up (loop.lr_
 # The most noises drawn per training image (Immiscible Diffusion's candidates): all are held at once, and the kept
 # one's length shrinks with their number (denoiser.nearest_noise); the papers' choices are far below it.
 MAX_NOISE_CANDIDATES = 64
+# The objective a denoiser kind trains with where the config leaves it out: its loss weighting, and the options of
+# the lognormal noise level (ln sigma ~ N(p_mean, p_std^2)) not given in loss_options. EDM: its Table 1 weighting and
+# levels (the function defaults of denoiser.py). Flow: the conditional flow-matching loss (Lipman et al. 2023, eq. 23)
+# at SD3's logit-normal t, logit t ~ N(0, 1) (Esser et al. 2024, sec. 3.1; ln sigma = logit t), the recipe measured
+# against EDM on CIFAR-10 (BENCHMARKS.md, "Flow matching at the same budget"), so that `--denoiser flow` alone trains
+# flow matching. VP keeps the weighting it always had.
+OBJECTIVES: dict[str, tuple[str, dict[str, float]]] = {
+    "edm": ("edm", {}),
+    "vp": ("edm", {}),
+    "flow": ("flow", {"p_mean": 0.0, "p_std": 1.0}),
+}
 
 
 @dataclass(frozen=True)
@@ -86,13 +97,14 @@ class TrainConfig:
     # stage 2: diffusion
     backbone: str = "unet"  # "unet" (ADM-style, presets.UNETS) or "edm2" (magnitude-preserving, presets.MP_UNETS)
     uncertainty: bool = False  # weigh the loss by the backbone's learned u(sigma) (EDM2 eq. 8; edm2 backbone)
-    denoiser: str = "edm"  # "edm", "vp" or "flow" (DenoiserSpec.kind; flow trains with weighting "flow", its loss)
+    denoiser: str = "edm"  # "edm", "vp" or "flow" (DenoiserSpec.kind); it chooses the objective's defaults (OBJECTIVES)
     prediction: str = "epsilon"  # vp: epsilon, v or x0
     train_schedule: str = "linear"  # vp: beta schedule
     noise_level: str = "lognormal"  # how sigma is drawn (denoiser.NOISE_LEVELS)
-    weighting: str = "edm"  # loss weight lambda(sigma) (denoiser.LOSS_WEIGHTS)
+    weighting: str | None = None  # loss weight lambda(sigma) (denoiser.LOSS_WEIGHTS); None: the denoiser's (OBJECTIVES)
     sigma_data: float = 0.5  # edm: data standard deviation (0.5 for pixels in [-1, 1]; 1 for encdiff's unit-variance latents)
-    loss_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # noise-level/weighting options, e.g. p_mean, p_std
+    loss_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # noise-level/weighting options, e.g.
+    # p_mean, p_std; one left out is the denoiser's (OBJECTIVES)
     label_dropout: float = 0.1  # probability of training on the null class (classifier-free guidance)
     noise_candidates: int = 1  # noises drawn per image, the nearest kept (Immiscible Diffusion, KNN); 1: plain noise
     guide_at: float | None = None  # the run's post-hoc EMA this far into it becomes its guide (needs phema_every)
@@ -181,6 +193,13 @@ class TrainConfig:
         check_choice(self.denoiser, "denoiser", TRAINED_KINDS)
         check_choice(self.prediction, "prediction", PREDICTIONS)
         check_choice(self.noise_level, "noise_level", tuple(NOISE_LEVELS))
+        check_field(isinstance(self.loss_options, dict), "loss_options", self.loss_options,
+                    "a table of option names and numbers, e.g. { p_mean = 0, p_std = 1 }")
+        weighting, level_options = OBJECTIVES[self.denoiser]
+        if self.weighting is None:
+            object.__setattr__(self, "weighting", weighting)
+        if self.noise_level == "lognormal":
+            object.__setattr__(self, "loss_options", {**level_options, **self.loss_options})
         check_choice(self.weighting, "weighting", tuple(LOSS_WEIGHTS))
         check_choice(self.train_schedule, "train_schedule", tuple(TRAIN_SCHEDULES))
         check_choice(self.solver, "solver", ODE_SOLVERS)
@@ -303,7 +322,8 @@ def load_config(path: str | None, preset_name: str | None, stage: str, overrides
     file < command-line flags. `model_overrides` is merged field by field while the model stays the one it was made
     for: a TOML that sets `model_overrides = {dropout = 0.1}` over a guide's half widths keeps the half widths (it
     replaced the whole dict, so the guide trained at the preset's full widths); a layer that names another `model`
-    leaves the earlier overrides behind."""
+    leaves the earlier overrides behind, and one that names another `denoiser` the earlier `weighting` and
+    `loss_options` (a folder's plan sets EDM's noise levels: `--denoiser flow` over it trains flow matching's)."""
     values: dict[str, Any] = dict(base or {})
 
     def update(layer: dict[str, Any]) -> None:
@@ -312,6 +332,10 @@ def load_config(path: str | None, preset_name: str | None, stage: str, overrides
             layer = {**layer, "model_overrides": {**ours, **theirs}}
         elif layer.get("model", values.get("model")) != values.get("model") and "model_overrides" not in layer:
             values.pop("model_overrides", None)  # made for another model
+        if layer.get("denoiser", values.get("denoiser", "edm")) != values.get("denoiser", "edm"):
+            for name in ("weighting", "loss_options"):  # made for another objective: the new denoiser's instead
+                if name not in layer:
+                    values.pop(name, None)
         values.update(layer)
 
     if preset_name:

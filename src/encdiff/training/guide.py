@@ -54,7 +54,9 @@ def guide_defaults(generator_folder: str | Path) -> dict[str, Any]:
                   ema_halflife_images=50_000.0, label_dropout=0.1 if generator.num_classes else 0.0)
     if backbone == "edm2":  # EDM2 config E, as the version 0.4 main model (configs/cifar10-v0.4/diffusion.toml)
         values.update(uncertainty=True, lr=1e-2, betas=[0.9, 0.99], warmup_steps=200, lr_schedule="inv_sqrt",
-                      lr_decay_steps=GUIDE_STEPS // 4, loss_options={"p_mean": -0.5, "p_std": 1.2})
+                      lr_decay_steps=GUIDE_STEPS // 4)
+        if spec.kind == "edm":  # its noise levels for unit-variance latents; another kind keeps its own (OBJECTIVES)
+            values["loss_options"] = {"p_mean": -0.5, "p_std": 1.2}
     else:
         values.update(lr=6e-4, warmup_steps=200)
     return values
