@@ -332,7 +332,8 @@ def load_config(path: str | None, preset_name: str | None, stage: str, overrides
             layer = {**layer, "model_overrides": {**ours, **theirs}}
         elif layer.get("model", values.get("model")) != values.get("model") and "model_overrides" not in layer:
             values.pop("model_overrides", None)  # made for another model
-        if layer.get("denoiser", values.get("denoiser", "edm")) != values.get("denoiser", "edm"):
+        denoiser = values.get("denoiser", TrainConfig.denoiser)
+        if layer.get("denoiser", denoiser) != denoiser:
             for name in ("weighting", "loss_options"):  # made for another objective: the new denoiser's instead
                 if name not in layer:
                     values.pop(name, None)
