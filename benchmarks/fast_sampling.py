@@ -6,9 +6,9 @@
     PYTHONPATH=src python benchmarks/fast_sampling.py --device cuda --precision bf16   # the GPU row (issue 22)
 
 Rows, each noise (or latents) to the same output on both sides, batch 100 unless told:
-- the consistency student at its own defaults (2 evaluations, its default decoder) against diffusers' EDM
-  DPM-Solver++(2M) loop over the teacher's weights at the teacher's steps and guidance scale (20 steps, every step
-  guided: 40 evaluations), float32 as diffusers runs on a CPU;
+- the consistency student at its own defaults (2 evaluations, its default decoder) against diffusers'
+  DPM-Solver++(2M) loop (EDM's; the flow-sigma one for a flow teacher) over the teacher's weights at the teacher's
+  steps and guidance scale (20 steps, every step guided: 40 evaluations), float32 as diffusers runs on a CPU;
 - the same student through the full decoder, and through the light one where it has one;
 - one teacher U-Net evaluation of the batch: encdiff's Denoiser in encdiff's precision against diffusers' float32
   (its UNet2DModel holding the same weights; for a magnitude-preserving teacher, which diffusers has no class for, its
@@ -46,12 +46,7 @@ from encdiff.backbones import backbone_name
 from encdiff.pipeline import Generator, bundled_path
 from encdiff.precision import autocast, cpu_info, inference_precision, native_bf16
 
-from networks import diffusers_loop, diffusers_unet, diffusers_vae
-
-try:
-    from diffusers import EDMDPMSolverMultistepScheduler
-except ImportError as e:  # a benchmark dependency, not a runtime one
-    raise SystemExit(f"this benchmark compares against diffusers: pip install 'encdiff[test]' ({e})")
+from networks import diffusers_loop, diffusers_unet, diffusers_vae, peer_scheduler
 
 SPREAD = 1.3  # max / min of a row's pair ratios above which the row is not to be trusted
 
@@ -144,8 +139,7 @@ def main() -> None:
     seeds = list(range(batch))
     their_unet, their_name = their_network(teacher, device)
     their_vae = diffusers_vae(teacher.autoencoder).to(device)
-    scheduler = EDMDPMSolverMultistepScheduler(sigma_data=teacher.spec.sigma_data, solver_order=2,
-                                               final_sigmas_type="zero")
+    scheduler = peer_scheduler(teacher.spec)
     w = teacher.sampling.guidance_scale
 
     def their_precision_context():

@@ -33,7 +33,7 @@ from encdiff import Autoencoder, UNet, presets
 from encdiff.pipeline import DenoiserSpec, Generator
 
 try:
-    from diffusers import AutoencoderKL, EDMDPMSolverMultistepScheduler, UNet2DModel
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler, UNet2DModel
 except ImportError as e:  # a benchmark dependency, not a runtime one
     raise SystemExit(f"this benchmark compares against diffusers: pip install 'encdiff[test]' ({e})")
 
@@ -157,6 +157,17 @@ def sampling_steps(batch: int, guidance: float | None, steps: int = 20) -> dict[
     return {"encdiff": encdiff_run, "diffusers": diffusers_run}
 
 
+def peer_scheduler(spec: DenoiserSpec):
+    """The DPM-Solver++(2M) a diffusers user would sample this denoiser with: the EDM one on Karras' grid, and for a
+    flow-matching model (version 0.6's teacher) the flow-sigma one over the velocity. The same steps and network
+    evaluations either way; the peer's loop is there for its cost (its timestep is diffusers' convention, not the
+    conditioning encdiff's network was trained on, so its images are not the teacher's)."""
+    if spec.kind == "flow":
+        return DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0,
+                                           solver_order=2, final_sigmas_type="zero")
+    return EDMDPMSolverMultistepScheduler(sigma_data=spec.sigma_data, solver_order=2, final_sigmas_type="zero")
+
+
 def diffusers_pair(unet: UNet, autoencoder: Autoencoder) -> tuple[UNet2DModel, AutoencoderKL]:
     """diffusers' U-Net and VAE holding our networks' weights."""
     return diffusers_unet(unet), diffusers_vae(autoencoder)
@@ -203,12 +214,11 @@ def diffusers_loop(their_unet, their_vae, ae_config, scheduler, labels, steps: i
 
 def student_steps(student_folder: str, batch: int, steps: int = 2) -> dict[str, Callable[[], None]]:
     """The distilled student's `steps`-evaluation sampling (encdiff) against the teacher it came from, sampled as
-    diffusers does it: its EDM DPM-Solver++(2M) loop at the teacher's defaults (20 steps, guidance 3, 40 NFE)."""
+    diffusers does it: its DPM-Solver++(2M) loop at the teacher's steps and scale, every step guided (40 NFE)."""
     student = Generator.from_pretrained(student_folder)
     teacher = Generator.bundled()
     their_unet, their_vae = diffusers_pair(teacher.unet, teacher.autoencoder)
-    scheduler = EDMDPMSolverMultistepScheduler(sigma_data=teacher.spec.sigma_data, solver_order=2,
-                                               final_sigmas_type="zero")
+    scheduler = peer_scheduler(teacher.spec)
     labels = torch.arange(batch) % 10
 
     def encdiff_run():
