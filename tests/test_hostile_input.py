@@ -534,12 +534,12 @@ def test_a_sampler_that_does_not_fit_the_model_is_refused(capsys):
     library and the CLI alike (the server and page: tests/test_server.py)."""
     with pytest.raises(EncdiffError, match="'dpmpp_2m' does not fit a 'consistency' generator.*use consistency"):
         Generator.bundled(student=True).images([0], torch.tensor([0]), sampler="dpmpp_2m")
-    with pytest.raises(EncdiffError, match="'consistency' does not fit a 'edm' generator: use one of euler"):
+    with pytest.raises(EncdiffError, match="'consistency' does not fit a 'flow' generator: use one of euler"):
         Generator.bundled().images([0], torch.tensor([0]), sampler="consistency")
     code, out, err = run_main("sample", "--fast", "--sampler", "dpmpp_2m", "--num", "1", capsys=capsys)
     one_line(code, err, "does not fit a 'consistency' generator")
     code, out, err = run_main("sample", "--sampler", "consistency", "--num", "1", capsys=capsys)
-    one_line(code, err, "does not fit a 'edm' generator")
+    one_line(code, err, "does not fit a 'flow' generator")
 
 
 @pytest.mark.parametrize("args, message", [

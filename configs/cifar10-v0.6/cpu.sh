@@ -16,7 +16,7 @@ mkdir -p "$RUNS" "$OUT"
 
 if [[ $STAGE == ae || $STAGE == all ]]; then
   # 8x8x16 latents at 32/64/64 (chosen among four at equal cost), L1 + SSIM, PatchGAN from step 1,200; shipped in the
-  # repository as candidates/cifar10-v0.4-autoencoder until version 0.6 ships (rFID 1.99 on the 10k test images).
+  # repository as src/encdiff/weights/cifar10/autoencoder since version 0.6 ships (rFID 1.99 on the 10k test images).
   encdiff train-autoencoder "$DATA/train" --config configs/cifar10-v0.4/autoencoder.toml --run-dir "$RUNS/ae"
 fi
 AE=${AE:-$RUNS/ae/model}
@@ -28,7 +28,7 @@ if [[ $STAGE == unet || $STAGE == all ]]; then
   encdiff train "$DATA/train" --autoencoder "$AE" --config "$CFG/diffusion.toml" --run-dir "$RUNS/unet" \
     --no-bf16 --batch-size 512 --lr 1e-3 --warmup-steps 100 --steps 4360 --phema-every 0 --sample-every 0 \
     --log-every 100 --checkpoint-every 40 --keep-last 2
-  encdiff export "$RUNS/unet" "$OUT/gen" --at-step 4360
+  encdiff export "$RUNS/unet" "$OUT/gen" --at-step 4360 --half
 fi
 
 if [[ $STAGE == light || $STAGE == all ]]; then
@@ -46,6 +46,6 @@ if [[ $STAGE == student || $STAGE == all ]]; then
   # the best 2k FID of 4, 5 and 6 with either decoder).
   encdiff distill "$OUT/gen" "$DATA/train" --config configs/cifar10/distill.toml --run-dir "$RUNS/student" \
     --guidance "${STUDENT_GUIDANCE:-5}" --no-bf16
-  encdiff export "$RUNS/student" "$OUT/student" --sigmas 80 3.2
+  encdiff export "$RUNS/student" "$OUT/student" --half --sigmas 80 3.2
   encdiff set-light-decoder "$OUT/student" "$RUNS/light/model" --default
 fi
