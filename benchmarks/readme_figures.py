@@ -58,7 +58,7 @@ def editing_figure(data: Path) -> Path:
                              ["input", "s=0", "s=0.4", "s=0.6", "s=0.8", "mask", "inpaint", "inverted", "as dog"]))
     c = generator.unet.config  # the latent's shape is the model's: 8x8x8 for version 0.5, 8x8x16 since 0.6
     ends = [torch.randn(1, c.in_channels, c.sample_size, c.sample_size, generator=torch.Generator().manual_seed(s))
-            .double() * 80 for s in (3, 11)]
+            .double() * generator.denoiser.sigma_max for s in (3, 11)]
     strip = editing.regenerate(generator, editing.interpolate_noise(*ends, 9),
                                torch.tensor([generator.class_index("horse")] * 9), guidance_scale=3.0, steps=30)
     rows.append(labelled_row(strip, ["seed 3"] + [""] * 7 + ["seed 11"]))
